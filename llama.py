@@ -1,0 +1,230 @@
+"""
+The Llama-3 decoder (Grattafiori et al. 2024, "The Llama 3 Herd of Models"), written from
+scratch: RMSNorm, rotary position embeddings (with the optional "llama3" frequency scaling),
+grouped-query attention through `scaled_dot_product_attention`, SwiGLU, and a preallocated
+KV cache.
+
+Dragonfly feeds it *embeddings* (image crops spliced in front of the text), so `forward`
+takes embeddings plus explicit position ids; `embed` turns token ids into embeddings.
+
+RoPE layout: Hugging Face stores q/k projections permuted for the "rotate-half" form (the two
+halves of each head are the pairs), while Meta's `consolidated.pth` pairs adjacent channels.
+We load Hugging Face names (`model.layers.*`, `lm_head`), so we rotate halves.
+
+The released Dragonfly config has `rope_scaling: null`: the model runs Llama-3.1 *without*
+the llama3 scaling. We read it from the config, never assume it.
+"""
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    vocab_size: int = 128256
+    ffn_dim: int = 14336
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[dict] = None
+    max_seq_len: int = 8192
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "LlamaConfig":
+        """From a Hugging Face LlamaConfig dict; absent fields take Hugging Face's defaults.
+        transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of
+        `rope_theta` + `rope_scaling`; both spellings are read."""
+        d = cls()
+        rope = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        return cls(dim=hf.get("hidden_size", d.dim), n_layers=hf.get("num_hidden_layers", d.n_layers),
+                   n_heads=hf.get("num_attention_heads", d.n_heads),
+                   n_kv_heads=hf.get("num_key_value_heads") or hf.get("num_attention_heads", d.n_heads),
+                   vocab_size=hf.get("vocab_size", d.vocab_size), ffn_dim=hf.get("intermediate_size", d.ffn_dim),
+                   norm_eps=hf.get("rms_norm_eps", d.norm_eps), rope_theta=hf.get("rope_theta") or rope.get("rope_theta", d.rope_theta),
+                   rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", d.max_seq_len),
+                   tie_embeddings=hf.get("tie_word_embeddings", d.tie_embeddings))
+
+
+def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
+    """Inverse frequencies theta^(-2i/d), i < d/2, with the llama3 rescaling when configured:
+    long wavelengths (beyond original_context/low_freq_factor) are divided by `factor`, short
+    ones (below original_context/high_freq_factor) kept, and the band between interpolated."""
+    d = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    s = cfg.rope_scaling
+    if not s or s.get("rope_type", s.get("type")) in (None, "default"):
+        return inv_freq
+    if s.get("rope_type", s.get("type")) != "llama3":
+        raise ValueError(f"unsupported rope_scaling {s}; only 'llama3' is implemented")
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_ctx = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_ctx / wavelen - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short waves
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cos_sin(inv_freq, positions):
+    """cos, sin tables of shape (B, 1, T, head_dim) for integer positions (B, T)."""
+    angles = positions[..., None].float() * inv_freq  # (B, T, d/2), float32 like the reference
+    angles = torch.cat([angles, angles], dim=-1)       # rotate-half layout: halves are pairs
+    return angles.cos()[:, None], angles.sin()[:, None]
+
+
+def apply_rope(x, cos, sin):
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()  # normalise in float32, as the reference does, then cast back
+        return self.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class KVCache(nn.Module):
+    """Keys and values for every position written so far, preallocated to `max_len`, so that
+    decoding one token costs one new row per layer instead of recomputing the sequence."""
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int, dtype, device=None):
+        super().__init__()
+        shape = (batch, n_kv_heads, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k, v):
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, asked to write up to {end}")
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.cache: Optional[KVCache] = None
+
+    def forward(self, x, cos, sin, start: int = 0, mask=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, h, T, d)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.cache is not None:
+            k, v = self.cache.update(start, k, v)  # (B, kv, start+T, d)
+        # A fresh causal prefill takes the fused causal path; otherwise `mask` says what is visible.
+        causal = mask is None and start == 0 and T > 1
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.ffn = FeedForward(cfg)
+
+    def forward(self, x, cos, sin, start=0, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class Llama(nn.Module):
+    def __init__(self, cfg: LlamaConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, tokens):
+        return self.embed_tokens(tokens)
+
+    def forward(self, x, positions=None, start: int = 0, mask=None, last_only: bool = False):
+        """x: embeddings (B, T, dim) written at cache slots start..start+T-1; positions (B, T):
+        RoPE position ids (default start..start+T-1; they differ from slots under left padding);
+        mask: None for plain causal attention, else bool (B, 1, T, start+T), True = may attend.
+        Returns logits (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`."""
+        B, T, _ = x.shape
+        if positions is None:
+            positions = torch.arange(start, start + T, device=x.device).expand(B, T)
+        cos, sin = rope_cos_sin(rope_frequencies(self.cfg, x.device), positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, start, mask)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.norm(x))
+
+    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
+        p = self.lm_head.weight
+        for layer in self.layers:
+            layer.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim,
+                                       dtype or p.dtype, device or p.device)
+
+    def clear_cache(self):
+        for layer in self.layers:
+            layer.attn.cache = None
+
+
+# Our parameter names -> Hugging Face Llama names (after the optional `language_model.` prefix).
+_RENAMES = [
+    (r"^embed_tokens\.", "model.embed_tokens."),
+    (r"^norm\.", "model.norm."),
+    (r"^lm_head\.", "lm_head."),
+    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
+    (r"^layers\.(\d+)\.ffn\.", r"model.layers.\1.mlp."),
+]
+
+
+def checkpoint_key(name: str) -> str:
+    """Name of our parameter `name` in a Hugging Face Llama checkpoint, without a prefix."""
+    for pattern, repl in _RENAMES:
+        name, n = re.subn(pattern, repl, name)
+        if n:
+            return name
+    raise KeyError(name)

@@ -1,0 +1,83 @@
+"""
+Token reduction for the zoomed-in crops.
+
+v2 (Dragonfly v2 paper, §3 "mean pooling"; SPEC §2.7): every medium and high crop keeps its CLS
+token and average-pools its g x g patch-token grid to a smaller grid — 24x24 -> 6x6 with
+kernel 4, stride 4 in the release. The paper's ablations pool to 3x3 ... 12x12 (9 ... 144 tokens).
+Pooling commutes with the linear projection, so it may run before or after it.
+
+v1 (Dragonfly v1 paper, §3.2 "zoom-in patch selection"; SPEC §3): no pooling; instead each crop
+gets a *summary* (the mean of its projected tokens), and each medium crop keeps the k high crops
+of its region whose summaries have the largest dot product with its own summary.
+Two definitions of "region" exist: the paper's spatial one (the high crops lying inside the
+medium crop) and the released code's index runs (high crops [6i, 6i+6) of the row-major list),
+which is what v1 checkpoints were trained with.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def mean_pool(tokens, grid: int, keep_cls: bool = True):
+    """(N, 1 + g*g, D) crop tokens -> (N, [1 +] grid*grid, D): CLS first (if kept), then the
+    average of each (g/grid)^2 block of patch tokens, row-major."""
+    N, T, D = tokens.shape
+    g = math.isqrt(T - 1)
+    if g * g != T - 1:
+        raise ValueError(f"expected CLS + a square grid of tokens, got {T} tokens")
+    if g % grid:
+        raise ValueError(f"cannot mean-pool a {g}x{g} token grid to {grid}x{grid}: {grid} must divide {g}")
+    cls, patches = tokens[:, :1], tokens[:, 1:]
+    if grid != g:
+        k = g // grid
+        patches = patches.transpose(1, 2).reshape(N, D, g, g)               # (N, D, g, g)
+        patches = F.avg_pool2d(patches, kernel_size=k, stride=k)            # (N, D, grid, grid)
+        patches = patches.flatten(2).transpose(1, 2)                        # (N, grid*grid, D)
+    return torch.cat([cls, patches], dim=1) if keep_cls else patches
+
+
+def summary(tokens):
+    """(N, T, D) -> (N, D): a crop's summary embedding, the mean of its projected tokens."""
+    return tokens.mean(dim=1)
+
+
+def release_regions(n_high: int, n_medium: int):
+    """The released v1 code's regions: consecutive runs of the row-major high-crop list
+    ([0..5], [6..11], ... for 24 high crops and 4 medium crops), whatever the grid shapes."""
+    run = n_high // n_medium
+    return [list(range(i * run, (i + 1) * run)) for i in range(n_medium)]
+
+
+def spatial_regions(high_grid, medium_grid):
+    """The paper's regions: high crop (row r, col c) of a (cols, rows) grid belongs to the medium
+    crop whose area holds its centre. Both grids are (cols, rows); indices are row-major."""
+    hc, hr = high_grid
+    mc, mr = medium_grid
+    regions = [[] for _ in range(mc * mr)]
+    for r in range(hr):
+        for c in range(hc):
+            # centre (c + 0.5) / hc, scaled to medium columns, in integer arithmetic
+            m_col, m_row = (2 * c + 1) * mc // (2 * hc), (2 * r + 1) * mr // (2 * hr)
+            regions[m_row * mc + m_col].append(r * hc + c)
+    return regions
+
+
+def select_region_topk(medium_summary, high_summary, regions, k: int):
+    """For medium crop i, the k high crops of regions[i] with the largest dot product against
+    its summary. Returns the chosen high-crop indices in ascending order (the release keeps the
+    original order of the crops it keeps). medium_summary (M, D), high_summary (H, D)."""
+    chosen = []
+    for i, region in enumerate(regions):
+        idx = torch.tensor(region, device=high_summary.device)
+        scores = high_summary[idx] @ medium_summary[i]  # (len(region),)
+        chosen.append(idx[scores.topk(min(k, len(region))).indices])
+    return torch.cat(chosen).sort().values
+
+
+def select_global_topk(medium_summary, high_summary, k_total: int):
+    """The paper's 'global selection' ablation (v1 Table 5): the medium summaries retrieve
+    k_total high crops from the whole set. A high crop's score is its best dot product with
+    any medium summary; the k_total best are kept in ascending order."""
+    scores = (high_summary @ medium_summary.T).amax(dim=1)  # (H,)
+    return scores.topk(min(k_total, len(scores))).indices.sort().values

@@ -1,0 +1,169 @@
+"""
+Reading and writing checkpoint files in the formats the models were released in.
+
+A checkpoint directory holds either one file (`model.safetensors`, `pytorch_model.bin`) or
+shards listed by an index (`model.safetensors.index.json`, `pytorch_model.bin.index.json`,
+whose `weight_map` maps every tensor name to its shard). The released Dragonfly weights are
+pickled `.bin` shards; pickles are only ever opened with `torch.load(weights_only=True)`.
+
+Loading copies one shard at a time into an already-allocated model (built on the meta device,
+then materialised in the target dtype), so peak memory is the model plus one memory-mapped shard,
+never a full float32 copy. Every error names the tensor and the file it came from.
+
+`python weights.py SRC DST` converts a `.bin` directory to safetensors, shard by shard.
+"""
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def checkpoint_files(path) -> list:
+    """The weight files of a checkpoint directory (or the file itself), in shard order."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory or file")
+    for name in INDEX_FILES:
+        if (path / name).exists():
+            try:
+                weight_map = json.loads((path / name).read_text())["weight_map"]
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f"{path / name}: not a valid index file ({e})") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not (path / f).exists()]
+            if missing:
+                raise CheckpointError(f"{path / name} lists {missing[0]}, which is not in {path}")
+            return [path / f for f in files]
+    for name in SINGLE_FILES:
+        if (path / name).exists():
+            return [path / name]
+    raise CheckpointError(f"{path}: no weights found (expected one of {INDEX_FILES + SINGLE_FILES})")
+
+
+def iter_file(file: Path):
+    """Yield (name, tensor) for one weight file, one tensor at a time: safetensors are read
+    tensor by tensor and `.bin` pickles are memory-mapped, so a shard is never held whole."""
+    try:
+        if file.suffix == ".safetensors":
+            with safe_open(file, framework="pt") as f:
+                for k in f.keys():
+                    yield k, f.get_tensor(k)
+            return
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
+    yield from state.items()
+
+
+def read_shapes(path) -> dict:
+    """{tensor name: shape} over all shards, reading headers only where the format allows."""
+    shapes = {}
+    for file in checkpoint_files(path):
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="pt") as f:
+                    shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+            except Exception as e:
+                raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
+        else:
+            shapes.update({k: tuple(t.shape) for k, t in iter_file(file)})
+    return shapes
+
+
+@torch.no_grad()
+def load_into(module: torch.nn.Module, path, names: dict, ignore=lambda key: False):
+    """Copy checkpoint tensors into `module`, one shard at a time.
+    names: {our parameter name: checkpoint key}. A checkpoint key that is neither mapped nor
+    ignored, a shape mismatch, and a parameter the checkpoint lacks each raise CheckpointError."""
+    params = dict(module.named_parameters())
+    by_key = {key: ours for ours, key in names.items()}
+    loaded = set()
+    for file in checkpoint_files(path):
+        for key, tensor in iter_file(file):
+            if key not in by_key:
+                if ignore(key):
+                    continue
+                raise CheckpointError(f"{file}: unexpected weight {key!r} (not part of this model)")
+            p = params[by_key[key]]
+            if tuple(tensor.shape) != tuple(p.shape):
+                raise CheckpointError(f"{file}: {key} has shape {tuple(tensor.shape)}, "
+                                      f"the model expects {tuple(p.shape)}")
+            p.copy_(tensor)
+            loaded.add(key)
+    missing = sorted(set(by_key) - loaded)
+    if missing:
+        raise CheckpointError(f"{path}: missing {len(missing)} weight(s), first {missing[0]!r}")
+
+
+def save(state: dict, path, max_shard_bytes: int = 5 * 2**30):
+    """Write {name: tensor} as safetensors shards + index (a single file when it fits)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t.detach().cpu().contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], path / "model.safetensors", metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, path / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def convert_to_safetensors(src, dst):
+    """A released `.bin` checkpoint directory -> the same checkpoint as safetensors. Shards map
+    one to one, so memory stays at one shard; config and tokenizer files are copied alongside."""
+    src, dst = Path(src), Path(dst)
+    files = checkpoint_files(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    weight_map, total = {}, 0
+    for i, file in enumerate(files):
+        state = {k: t.contiguous() for k, t in iter_file(file)}
+        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+        save_file(state, dst / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in state})
+        total += sum(t.numel() * t.element_size() for t in state.values())
+        print(f"{file.name} -> {name} ({len(state)} tensors)", file=sys.stderr)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for other in os.listdir(src):
+        if other.endswith((".json", ".model", ".txt")) and other not in INDEX_FILES and not (dst / other).exists():
+            shutil.copy2(src / other, dst / other)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3:
+        sys.exit("usage: python weights.py SRC_DIR DST_DIR   (convert .bin shards to safetensors)")
+    try:
+        convert_to_safetensors(sys.argv[1], sys.argv[2])
+    except CheckpointError as e:
+        sys.exit(f"error: {e}")
