@@ -1,0 +1,25 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+GOLDEN = ROOT / "tests" / "golden"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tiny_v2():
+    """A random Dragonfly at the released v2 geometry (336 px crops, 41 crops, 2098 image
+    positions) but tiny widths, so a forward pass takes a fraction of a second."""
+    import llama
+    import model
+    import vit
+    torch.manual_seed(0)
+    cfg = model.v2_config(vit.ViTConfig(336, 14, 64, 2, 1, 128),
+                          llama.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=128256))
+    return model.Dragonfly(cfg).eval()

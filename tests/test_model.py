@@ -1,0 +1,140 @@
+"""model.py: the image block layout, generation, and checkpoint round trips (random tiny models;
+numbers against the reference implementation are in test_golden.py)."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import model
+import weights
+
+
+@pytest.fixture(scope="module")
+def crops(tiny_v2):
+    rng = np.random.default_rng(0)
+    return tiny_v2.crop_image(Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)))
+
+
+def test_release_image_block_is_2098_positions():
+    assert model.image_positions(model.v2_config()) == 2098  # (577+1) + 40 * (37+1)
+
+
+def test_v1_image_block_is_867_positions():
+    assert model.image_positions(model.v1_config()) == 867   # 17 crops * (50+1)
+
+
+def test_image_block_ends_every_crop_with_the_separator(tiny_v2, crops):
+    block = tiny_v2.image_block(torch.from_numpy(crops.pixels)[None])[0]  # (2098, 64)
+    assert block.shape == (2098, 64)
+    sep = tiny_v2.llm.embed_tokens.weight[model.SEPARATOR_ID]
+    ends = [577] + [578 + 38 * i + 37 for i in range(40)]
+    for e in ends:
+        assert torch.equal(block[e], sep)
+    assert not torch.equal(block[576], sep)
+
+
+def greedy_by_recomputing(m, prompt, pixels, n):
+    seq = list(prompt)
+    for _ in range(n):
+        logits, _ = m(torch.tensor([seq]), pixels)
+        seq.append(int(logits[0, -1].argmax()))
+    return seq[len(prompt):]
+
+
+def generated(m, prompts, images, n, **kw):
+    steps = list(m.generate(prompts, images, max_new_tokens=n, **kw))
+    return torch.stack([s[0] for s in steps], 1).tolist()
+
+
+def test_kv_cache_generation_equals_recomputing_the_sequence(tiny_v2, crops):
+    prompt = [128000, 882, 11, 1268]
+    cached = generated(tiny_v2, [prompt], [crops], 6)[0]
+    assert cached == greedy_by_recomputing(tiny_v2, prompt, torch.from_numpy(crops.pixels)[None], 6)
+
+
+def test_text_only_generation_equals_recomputing(tiny_v2):
+    prompt = [128000, 15339, 1917]
+    assert generated(tiny_v2, [prompt], None, 6)[0] == greedy_by_recomputing(tiny_v2, prompt, None, 6)
+
+
+def test_batched_prompts_of_different_lengths_match_one_at_a_time(tiny_v2, crops):
+    a, b = [128000, 882, 11, 1268, 527], [128000, 40]
+    batch = generated(tiny_v2, [a, b], [crops, None], 5)
+    assert batch[0] == generated(tiny_v2, [a], [crops], 5)[0]
+    assert batch[1] == generated(tiny_v2, [b], None, 5)[0]
+
+
+def test_logprobs_are_log_softmax_of_the_chosen_token(tiny_v2):
+    prompt = [128000, 15339]
+    (token, logprob), = list(tiny_v2.generate([prompt], None, max_new_tokens=1))
+    logits, _ = tiny_v2(torch.tensor([prompt]))
+    expected = torch.log_softmax(logits[0, -1].float(), -1)[token[0]]
+    torch.testing.assert_close(logprob[0], expected, atol=1e-5, rtol=0)
+
+
+def test_generation_stops_at_a_stop_token(tiny_v2):
+    first = generated(tiny_v2, [[128000, 15339]], None, 1)[0][0]
+    assert len(list(tiny_v2.generate([[128000, 15339]], None, max_new_tokens=10, stop_ids={first}))) == 1
+
+
+def test_tiny_top_p_is_greedy_and_sampling_is_seeded(tiny_v2):
+    prompt = [[128000, 15339, 1917]]
+    assert generated(tiny_v2, prompt, None, 4, temperature=1.0, top_p=1e-6) == generated(tiny_v2, prompt, None, 4)
+    run = lambda: generated(tiny_v2, prompt, None, 4, temperature=1.0, generator=torch.Generator().manual_seed(3))
+    assert run() == run()
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny_v2):
+    with pytest.raises(ValueError, match="context"):
+        list(tiny_v2.generate([[128000] * (tiny_v2.cfg.llm.max_seq_len + 1)], None, max_new_tokens=1))
+
+
+def test_save_and_load_round_trip_gives_identical_logits(tiny_v2, crops, tmp_path):
+    tiny_v2.save_pretrained(tmp_path, dtype=torch.float32)
+    loaded = model.Dragonfly.from_pretrained(tmp_path)
+    tokens, pixels = torch.tensor([[128000, 40, 1097]]), torch.from_numpy(crops.pixels)[None]
+    assert torch.equal(tiny_v2(tokens, pixels)[0], loaded(tokens, pixels)[0])
+
+
+def test_loading_from_meta_allocates_in_the_target_dtype(tiny_v2, tmp_path):
+    tiny_v2.save_pretrained(tmp_path)
+    loaded = model.Dragonfly.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in loaded.parameters())
+
+
+def broken_checkpoint(m, path, edit):
+    from safetensors.torch import load_file, save_file
+    m.save_pretrained(path)
+    state = load_file(path / "model.safetensors")
+    edit(state)
+    save_file(state, path / "model.safetensors")
+
+
+def test_missing_weight_is_named(tiny_v2, tmp_path):
+    broken_checkpoint(tiny_v2, tmp_path, lambda s: s.pop("vision_embed_tokens.bias"))
+    with pytest.raises(weights.CheckpointError, match="vision_embed_tokens.bias"):
+        model.Dragonfly.from_pretrained(tmp_path)
+
+
+def test_shape_mismatch_names_key_and_file(tiny_v2, tmp_path):
+    def edit(s):
+        s["language_model.model.norm.weight"] = torch.ones(65)
+    broken_checkpoint(tiny_v2, tmp_path, edit)
+    with pytest.raises(weights.CheckpointError, match=r"model.safetensors: language_model.model.norm.weight has shape \(65,\)"):
+        model.Dragonfly.from_pretrained(tmp_path)
+
+
+def test_unexpected_weight_is_named(tiny_v2, tmp_path):
+    def edit(s):
+        s["language_model.model.extra.weight"] = torch.ones(3)
+    broken_checkpoint(tiny_v2, tmp_path, edit)
+    with pytest.raises(weights.CheckpointError, match="unexpected weight 'language_model.model.extra.weight'"):
+        model.Dragonfly.from_pretrained(tmp_path)
+
+
+def test_unreadable_weight_file_is_named(tiny_v2, tmp_path):
+    tiny_v2.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(weights.CheckpointError, match="model.safetensors: cannot read"):
+        model.Dragonfly.from_pretrained(tmp_path)
