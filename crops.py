@@ -1,0 +1,257 @@
+"""Multi-resolution crops: the image side of Dragonfly, before the vision encoder.
+
+One image becomes a stack of CLIP-sized crops at three resolutions (v2 paper §3.1,
+v1 paper §3.1, SPEC §2.1-2.4): a *low* crop (the whole image squashed to size x size), *medium* tiles
+(the whole image resized to a best-fit grid of 4 tiles) and *high* tiles ("zoom in":
+a finer grid). Order: [low] + medium row-major + high row-major.
+
+v2 (released Llama-3.1-8B-Dragonfly-v2, size 336): medium grid chosen among
+(2,2), (1,4), (4,1) by the LLaVA-NeXT best-fit rule; high grid = 3 x the medium grid,
+so 1 + 4 + 36 = 41 crops. v1 (SPEC §3, size 224): the high grid is chosen by best fit on
+its own among (6,4), (4,6), (3,8), (8,3), (2,12), (12,2), so 1 + 4 + 24 = 29 crops; the
+zoom-in selection of 12 of the 24 happens later, in the model.
+
+Release facts reproduced here (togethercomputer/Dragonfly, processing_dragonfly.py,
+`process_anyres_image`): the whole original image is resized with PIL's default filter
+(bicubic) straight to the grid resolution -- no padding, aspect ratio not kept -- then cut
+into tiles; each tile goes through CLIPImageProcessor (shortest edge -> size, centre crop,
+/255, CLIP mean/std). Grids are written (cols, rows) and resolutions (width, height).
+The level flags give the v2 paper's resolution ablations (§4.3: L, M, H, L+M, L+H, L+M+H).
+
+Quirks of the rules, kept because the checkpoints were trained with them:
+- best fit caps "effective" pixels at the image's own area, so an image smaller than every
+  candidate keeps the first grid whatever its shape (a 300x75 strip gets medium (2,2));
+- v1's high grid ignores the medium grid: a square image gets medium (2,2) but high (6,4),
+  and v1 small images always get (6,4). The release's zoom-in region i = high crops
+  [6i, 6i+6) is then high row i, not medium tile i's quadrant (SPEC §3).
+"""
+import argparse
+import sys
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class CropConfig:
+    size: int = 336                       # crop side = the vision encoder's input side
+    medium_grids: tuple = ((2, 2), (1, 4), (4, 1))   # (cols, rows) candidates
+    high_grids: tuple | None = None       # None: high_scale x medium (v2); else best fit (v1)
+    high_scale: int = 3
+    low: bool = True                      # which levels are kept: the paper's L/M/H ablations
+    medium: bool = True
+    high: bool = True
+
+
+V2 = CropConfig(size=336)
+V1 = CropConfig(size=224, high_grids=((6, 4), (4, 6), (3, 8), (8, 3), (2, 12), (12, 2)))
+
+
+@dataclass
+class Crops:
+    pixels: np.ndarray      # (N, 3, S, S) float32, [low] + medium + high, enabled levels only
+    medium_grid: tuple      # (cols, rows) chosen, reported even when the level is disabled
+    high_grid: tuple        # (cols, rows)
+    counts: tuple           # (n_low, n_medium, n_high)
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _to_8bit(img):
+    """High-bit-depth modes -> 'L'. PIL's own convert clips them to 0..255, which turns a
+    16-bit photo white and a [0, 1] float image black; we rescale instead."""
+    a = np.asarray(img)
+    if img.mode == "F":
+        a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if a.size and a.max() <= 1.0:
+            a = a * 255.0                  # float images in [0, 1]
+    elif img.mode.startswith("I;16") or (a.size and a.max() > 255):
+        a = np.clip(a.astype(np.float64), 0, 65535) / 257.0   # 16-bit range -> 8-bit
+    return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))   # 2-D uint8 -> "L"
+
+
+def load_image(src, background=None, exif_transpose=False) -> Image.Image:
+    """Open a path (or take a PIL image) and return it as RGB.
+
+    Default = the release's `Image.open(path).convert('RGB')`: transparency is dropped
+    (the colour under a transparent pixel shows), palette/CMYK/1-bit/LA use PIL's plain
+    conversion, EXIF orientation is ignored. `background=(r, g, b)` composites alpha onto
+    that colour instead (what transformers 5 does, with white); `exif_transpose=True`
+    applies the EXIF rotation. 16-bit / 32-bit / float images are rescaled to 8 bits
+    (see _to_8bit) -- the one deliberate departure, where the release saturates.
+    An unreadable file raises ValueError naming it.
+    """
+    if isinstance(src, Image.Image):
+        img = ImageOps.exif_transpose(src) if exif_transpose else src
+        return _to_rgb(img, "<PIL image>", background)
+    name = str(src)
+    try:
+        with Image.open(name) as img:
+            img.load()                      # decode now so a truncated file fails here
+            if exif_transpose:
+                img = ImageOps.exif_transpose(img)
+            return _to_rgb(img, name, background)
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {name}") from None
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {name}: {e}") from None
+
+
+def _to_rgb(img, name, background):
+    if img.width < 1 or img.height < 1:
+        raise ValueError(f"image {name} is empty ({img.width}x{img.height})")
+    with warnings.catch_warnings():         # P images with byte transparency warn on convert
+        warnings.simplefilter("ignore")
+        if img.mode in ("I", "F") or img.mode.startswith("I;16"):
+            img = _to_8bit(img)
+        try:
+            if background is not None and ("A" in img.getbands() or "transparency" in img.info):
+                rgba = img.convert("RGBA")
+                base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+                return Image.alpha_composite(base, rgba).convert("RGB")
+            return img.convert("RGB")
+        except ValueError as e:
+            raise ValueError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
+
+
+# ---------------------------------------------------------------------------- best fit
+
+def select_best_resolution(image_size, candidates):
+    """LLaVA-NeXT best fit (SPEC §2.2): among (W, H) candidates keep the one showing the
+    most original pixels once the image is fitted inside it (never more than the image
+    has); ties go to the candidate wasting the least area, then to the earlier one."""
+    w, h = image_size
+    best, best_effective, best_wasted = None, -1, float("inf")
+    for W, H in candidates:
+        scale = min(W / w, H / h)
+        effective = min(int(w * scale) * int(h * scale), w * h)
+        wasted = W * H - effective
+        if effective > best_effective or (effective == best_effective and wasted < best_wasted):
+            best, best_effective, best_wasted = (W, H), effective, wasted
+    return best
+
+
+def _best_grid(image_size, grids, size):
+    W, H = select_best_resolution(image_size, [(c * size, r * size) for c, r in grids])
+    return W // size, H // size
+
+
+# ---------------------------------------------------------------------------- CLIP preprocessing
+
+def _clip_table():
+    # HF rescales in float64 then casts to float32, then normalises in float32; as every
+    # step is per value, a (3, 256) table reproduces it bit for bit.
+    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
+    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
+    return (x[None, :] - mean[:, None]) / std[:, None]
+
+
+_CLIP_TABLE = _clip_table()   # (3, 256) float32
+
+
+def _normalize(tiles):
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 CLIP-normalised."""
+    out = np.empty((tiles.shape[0], 3) + tiles.shape[1:3], np.float32)
+    for c in range(3):
+        out[:, c] = _CLIP_TABLE[c][tiles[..., c]]
+    return out
+
+
+def preprocess(img, size=336):
+    """CLIPImageProcessor (PIL path) on one image -> (3, size, size) float32: bicubic
+    resize of the shortest edge to `size` (long edge = int(size * long / short)), centre
+    crop with offsets (dim - size) // 2, /255, CLIP mean/std."""
+    img = load_image(img)
+    w, h = img.size
+    if w <= h:
+        new = (size, int(size * h / w))
+    else:
+        new = (int(size * w / h), size)
+    img = img.resize(new, Image.BICUBIC)
+    left, top = (new[0] - size) // 2, (new[1] - size) // 2
+    a = np.asarray(img)[top:top + size, left:left + size]
+    return _normalize(a[None])[0]
+
+
+# ---------------------------------------------------------------------------- the crops
+
+def _tiles(img, grid, size):
+    """Resize the whole image to grid * size (bicubic, no padding), cut row-major tiles."""
+    cols, rows = grid
+    a = np.asarray(img.resize((cols * size, rows * size), Image.BICUBIC))
+    return a.reshape(rows, size, cols, size, 3).transpose(0, 2, 1, 3, 4).reshape(-1, size, size, 3)
+
+
+def make_crops(img, cfg=V2) -> Crops:
+    """The low / medium / high crops of one image (SPEC §2.1-2.4; v1: §3)."""
+    img = load_image(img)
+    S = cfg.size
+    medium_grid = _best_grid(img.size, cfg.medium_grids, S)
+    if cfg.high_grids is None:
+        high_grid = (medium_grid[0] * cfg.high_scale, medium_grid[1] * cfg.high_scale)
+    else:
+        high_grid = _best_grid(img.size, cfg.high_grids, S)
+    parts, counts = [], []
+    for keep, grid in ((cfg.low, (1, 1)), (cfg.medium, medium_grid), (cfg.high, high_grid)):
+        # tiles are already S x S, so the CLIP processor's resize and crop are identities
+        parts.append(_tiles(img, grid, S) if keep else np.empty((0, S, S, 3), np.uint8))
+        counts.append(len(parts[-1]))
+    pixels = _normalize(np.concatenate(parts))   # (N, 3, S, S)
+    return Crops(pixels, medium_grid, high_grid, tuple(counts))
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def draw_grids(img, medium_grid, high_grid):
+    """The original image with the medium grid (thick) and high grid (thin) drawn on it."""
+    canvas = img.copy()
+    if max(canvas.size) < 512:               # tiny images: enlarge so the lines are visible
+        k = -(-512 // max(canvas.size))
+        canvas = canvas.resize((canvas.width * k, canvas.height * k), Image.NEAREST)
+    draw = ImageDraw.Draw(canvas)
+    w, h = canvas.size
+    for (cols, rows), colour, width in ((high_grid, (0, 255, 255), 1),
+                                        (medium_grid, (255, 0, 0), max(3, min(w, h) // 150))):
+        for i in range(1, cols):
+            x = round(i * w / cols)
+            draw.line([(x, 0), (x, h)], fill=colour, width=width)
+        for j in range(1, rows):
+            y = round(j * h / rows)
+            draw.line([(0, y), (w, y)], fill=colour, width=width)
+    return canvas
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Show Dragonfly's medium/high crop grids on an image.")
+    p.add_argument("image")
+    p.add_argument("--out", help="write the image with the grids drawn on it (PNG)")
+    p.add_argument("--v1", action="store_true", help="v1 rules (224px, best-fit high grid)")
+    args = p.parse_args(argv)
+    cfg = V1 if args.v1 else V2
+    try:
+        img = load_image(args.image)
+        crops = make_crops(img, cfg)
+        if args.out:
+            draw_grids(img, crops.medium_grid, crops.high_grid).save(args.out, format="PNG")
+    except (ValueError, OSError) as e:
+        print(f"crops.py: {e}", file=sys.stderr)
+        return 1
+    S, (mc, mr), (hc, hr) = cfg.size, crops.medium_grid, crops.high_grid
+    print(f"image {img.width}x{img.height}  ({'v1' if args.v1 else 'v2'}, crop {S})")
+    print(f"low     {S}x{S}  grid 1x1")
+    print(f"medium  {mc * S}x{mr * S}  grid {mc}x{mr}")
+    print(f"high    {hc * S}x{hr * S}  grid {hc}x{hr}")
+    n = crops.counts
+    print(f"crops   {n[0]} + {n[1]} + {n[2]} = {sum(n)}")
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
