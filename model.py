@@ -32,6 +32,14 @@ from llama import checkpoint_key as llama_key
 from vit import ViTConfig, VisionTransformer
 from vit import checkpoint_key as vit_key
 
+# Buffers older transformers versions saved next to the weights: recomputed here, never loaded.
+SAVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")
+
+
+def saved_buffer(key: str) -> bool:
+    return key.endswith(SAVED_BUFFERS)
+
+
 IMAGE_ID = 128002      # <|reserved_special_token_0|>: placeholder at image positions
 SEPARATOR_ID = 128003  # <|reserved_special_token_1|>: after every crop
 
@@ -65,15 +73,22 @@ def crop_tokens(cfg: DragonflyConfig, grid: Optional[int]) -> int:
     return n + 1 if cfg.keep_cls else n
 
 
+def image_token_ids(cfg: DragonflyConfig) -> list:
+    """The image block as `input_ids`: the placeholder at every image position, the separator
+    after every crop (the release's processor builds this list; the model replaces placeholders)."""
+    c = cfg.crops
+    n_high = (c.high_grids[0][0] * c.high_grids[0][1]) if c.high_grids else 4 * c.high_scale ** 2
+    if cfg.zoom_select:
+        n_high = min(n_high, 4 * cfg.zoom_k)
+    ids = []
+    for present, count, grid in [(c.low, 1, cfg.low_pool), (c.medium, 4, cfg.medium_pool), (c.high, n_high, cfg.high_pool)]:
+        ids += present * count * ([IMAGE_ID] * crop_tokens(cfg, grid) + [SEPARATOR_ID] * cfg.separators)
+    return ids
+
+
 def image_positions(cfg: DragonflyConfig) -> int:
     """Length of the image block: 2098 for the released v2, 867 for v1 (SPEC §2.8, §3)."""
-    c, sep = cfg.crops, int(cfg.separators)
-    n_medium = 4  # every medium grid candidate is 4 tiles
-    n_high = (n_medium * cfg.crops.high_scale ** 2) if c.high_grids is None else c.high_grids[0][0] * c.high_grids[0][1]
-    if cfg.zoom_select:
-        n_high = min(n_high, n_medium * cfg.zoom_k)
-    return (c.low * (crop_tokens(cfg, cfg.low_pool) + sep) + c.medium * n_medium * (crop_tokens(cfg, cfg.medium_pool) + sep)
-            + c.high * n_high * (crop_tokens(cfg, cfg.high_pool) + sep))
+    return len(image_token_ids(cfg))
 
 
 class Dragonfly(nn.Module):
@@ -98,7 +113,9 @@ class Dragonfly(nn.Module):
                 levels.append((tokens[:, i:i + count], grid))
                 i += count
         if cfg.zoom_select and c.high and c.medium:
-            levels[-1] = (self.zoom_select(levels[-2][0], levels[-1][0], medium_grid, high_grid), levels[-1][1])
+            (medium, _), (high, grid) = levels[-2], levels[-1]
+            idx = self.select_high(medium, high, medium_grid, high_grid)                # (B, 4k)
+            levels[-1] = (high[torch.arange(B, device=idx.device)[:, None], idx], grid)  # (B, 4k, T, dim)
         sep = self.llm.embed(torch.tensor([SEPARATOR_ID], device=pixels.device))  # (1, dim)
         block = []
         for level, grid in levels:                               # (B, n, T, dim)
@@ -111,22 +128,26 @@ class Dragonfly(nn.Module):
             block.append(x.reshape(b, -1, D))
         return torch.cat(block, dim=1)
 
-    def zoom_select(self, medium, high, medium_grid, high_grid):
-        """v1 zoom-in selection: keep k high crops per medium crop. medium (B, 4, T, D),
-        high (B, H, T, D) -> (B, 4k, T, D), kept crops in their original order."""
+    def select_high(self, medium, high, medium_grid=None, high_grid=None):
+        """v1 zoom-in selection: which high crops to keep, k per medium crop (global: 4k in all).
+        medium (B, 4, T, D), high (B, H, T, D) projected tokens -> indices (B, 4k), ascending.
+        The grids (per image, (cols, rows)) are needed only for the paper's spatial regions."""
         cfg = self.cfg
         m_sum, h_sum = pool.summary(medium.flatten(0, 1)), pool.summary(high.flatten(0, 1))
-        m_sum, h_sum = m_sum.unflatten(0, medium.shape[:2]), h_sum.unflatten(0, high.shape[:2])
-        kept = []
+        m_sum, h_sum = m_sum.unflatten(0, medium.shape[:2]), h_sum.unflatten(0, high.shape[:2])  # (B, 4|H, D)
+        chosen = []
         for b in range(high.shape[0]):
             if cfg.zoom_select == "global":
-                idx = pool.select_global_topk(m_sum[b], h_sum[b], cfg.zoom_k * medium.shape[1])
+                chosen.append(pool.select_global_topk(m_sum[b], h_sum[b], cfg.zoom_k * medium.shape[1]))
+                continue
+            if cfg.zoom_select == "release":
+                regions = pool.release_regions(high.shape[1], medium.shape[1])
+            elif medium_grid is None or high_grid is None:
+                raise ValueError("spatial zoom selection needs the medium and high grids of each image")
             else:
-                regions = (pool.release_regions(high.shape[1], medium.shape[1]) if cfg.zoom_select == "release"
-                           else pool.spatial_regions(high_grid[b], medium_grid[b]))
-                idx = pool.select_region_topk(m_sum[b], h_sum[b], regions, cfg.zoom_k)
-            kept.append(high[b, idx])
-        return torch.stack(kept)
+                regions = pool.spatial_regions(high_grid[b], medium_grid[b])
+            chosen.append(pool.select_region_topk(m_sum[b], h_sum[b], regions, cfg.zoom_k))
+        return torch.stack(chosen)
 
     def crop_image(self, image):
         """A path or PIL image -> `crops.Crops`: pixels (N, 3, S, S) and the chosen grids."""
@@ -145,7 +166,7 @@ class Dragonfly(nn.Module):
             x = torch.cat([image, x], dim=1)  # the image block comes first (SPEC §2.8)
         if P + tokens.shape[1] > self.cfg.llm.max_seq_len:
             raise ValueError(f"sequence of {P + tokens.shape[1]} positions exceeds the context of {self.cfg.llm.max_seq_len}")
-        logits = self.llm(x)[:, P:]
+        logits = self.llm(x, logits_from=P)
         if labels is None:
             return logits, None
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -186,7 +207,7 @@ class Dragonfly(nn.Module):
             mask = mask[:, None]                                            # (B, 1, L, L)
         self.llm.setup_cache(B, L + max_new_tokens)
         try:
-            logits = self.llm(x, positions, start=0, mask=mask, last_only=True)[:, -1]
+            logits = self.llm(x, positions, start=0, mask=mask, logits_from=-1)[:, -1]
             done = torch.zeros(B, dtype=torch.bool, device=device)
             stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
             for step in range(max_new_tokens):
@@ -231,23 +252,20 @@ class Dragonfly(nn.Module):
         if "dragonfly_nano" in hf:  # settings of a model trained here (ablation presets)
             cfg = config_from_dict(hf["dragonfly_nano"], vcfg, llm)
         model = build(cfg, dtype, device)
-        weights.load_into(model, path, model.checkpoint_names())
+        weights.load_into(model, path, model.checkpoint_names(), ignore=saved_buffer)
         return model.eval()
 
     @classmethod
     def from_backbones(cls, clip_dir, llama_dir, cfg: DragonflyConfig = None, dtype=torch.float32, device="cpu"):
         """A fresh Dragonfly before training: OpenAI's CLIP vision tower and a Hugging Face
         Llama checkpoint, joined by a newly initialised projection."""
-        vcfg = vit_lib.config_from_weights(weights.read_shapes(clip_dir), "vision_model.")
-        llm = LlamaConfig.from_hf(json.loads((Path(llama_dir) / "config.json").read_text()))
-        cfg = replace(cfg or (v1_config() if vcfg.patch_size == 32 else v2_config()), vit=vcfg, llm=llm)
+        vision, llm = load_clip_vision(clip_dir, dtype, device), load_llama(llama_dir, dtype, device)
+        cfg = replace(cfg or (v1_config() if vision.cfg.patch_size == 32 else v2_config()), vit=vision.cfg, llm=llm.cfg)
         model = build(cfg, dtype, device)
+        model.vision, model.llm = vision, llm
         with torch.no_grad():
             model.projection.weight.normal_(0, cfg.vit.width ** -0.5)
             model.projection.bias.zero_()
-        weights.load_into(model.vision, clip_dir, {n: "vision_model." + vit_key(n) for n, _ in model.vision.named_parameters()},
-                          ignore=lambda k: not k.startswith("vision_model."))
-        weights.load_into(model.llm, llama_dir, {n: llama_key(n) for n, _ in model.llm.named_parameters()})
         return model
 
     def save_pretrained(self, path, dtype=torch.bfloat16):
@@ -270,11 +288,26 @@ class Dragonfly(nn.Module):
         (path / "config.json").write_text(json.dumps(hf, indent=2))
 
 
-def build(cfg: DragonflyConfig, dtype, device) -> Dragonfly:
+def build(cfg, dtype, device, cls=None):
     """Construct on the meta device (no memory), then allocate once in the target dtype."""
     with torch.device("meta"):
-        model = Dragonfly(cfg).to(dtype)
+        model = (cls or Dragonfly)(cfg).to(dtype)
     return model.to_empty(device=device)
+
+
+def load_clip_vision(clip_dir, dtype=torch.float32, device="cpu") -> VisionTransformer:
+    """The vision tower of an OpenAI CLIP checkpoint (`vision_model.*`; the text tower is skipped)."""
+    vision = build(vit_lib.config_from_weights(weights.read_shapes(clip_dir), "vision_model."), dtype, device, VisionTransformer)
+    weights.load_into(vision, clip_dir, {n: "vision_model." + vit_key(n) for n, _ in vision.named_parameters()},
+                      ignore=lambda k: not k.startswith("vision_model.") or saved_buffer(k))
+    return vision.eval()
+
+
+def load_llama(llama_dir, dtype=torch.float32, device="cpu") -> Llama:
+    """A Hugging Face Llama checkpoint (`model.*`, `lm_head.weight`)."""
+    llm = build(LlamaConfig.from_hf(json.loads((Path(llama_dir) / "config.json").read_text())), dtype, device, Llama)
+    weights.load_into(llm, llama_dir, {n: llama_key(n) for n, _ in llm.named_parameters()}, ignore=saved_buffer)
+    return llm.eval()
 
 
 def sample(logits, temperature: float, top_p: float, generator=None):
