@@ -183,20 +183,19 @@ class Llama(nn.Module):
     def embed(self, tokens):
         return self.embed_tokens(tokens)
 
-    def forward(self, x, positions=None, start: int = 0, mask=None, last_only: bool = False):
+    def forward(self, x, positions=None, start: int = 0, mask=None, logits_from: int = 0):
         """x: embeddings (B, T, dim) written at cache slots start..start+T-1; positions (B, T):
         RoPE position ids (default start..start+T-1; they differ from slots under left padding);
         mask: None for plain causal attention, else bool (B, 1, T, start+T), True = may attend.
-        Returns logits (B, T, vocab), or (B, 1, vocab) for the last position when `last_only`."""
+        Returns logits (B, T - logits_from, vocab): only positions logits_from.. (e.g. -1 for the
+        last one) go through the vocabulary projection, the largest matmul at long prompts."""
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(rope_frequencies(self.cfg, x.device), positions)
         for layer in self.layers:
             x = layer(x, cos, sin, start, mask)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.norm(x))
+        return self.lm_head(self.norm(x[:, logits_from:]))
 
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
         p = self.lm_head.weight
