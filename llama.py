@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 @dataclass
@@ -163,8 +164,14 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.ffn = FeedForward(cfg)
+        self.grad_checkpoint = False  # train.py: recompute this block's activations in backward
 
     def forward(self, x, cos, sin, start=0, mask=None):
+        if self.grad_checkpoint and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, cos, sin, start, mask, use_reentrant=False)
+        return self._forward(x, cos, sin, start, mask)
+
+    def _forward(self, x, cos, sin, start=0, mask=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
         return x + self.ffn(self.ffn_norm(x))
 
@@ -177,7 +184,12 @@ class Llama(nn.Module):
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
+        self.tie_weights()
+
+    def tie_weights(self):
+        """Share the input embedding with the output projection when the config says so
+        (moving a module to a new device or dtype unties them; call again after)."""
+        if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
     def embed(self, tokens):

@@ -15,6 +15,7 @@ Paper vs release: the paper counts 2016 image tokens (no CLS, no separators); th
 whose weights we load, keeps CLS and adds separators. We follow the release (SPEC §2.8).
 """
 import json
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
@@ -57,6 +58,10 @@ class DragonflyConfig:
     separators: bool = True           # one separator embedding after each crop
     zoom_select: Optional[str] = None  # v1: "release" | "spatial" | "global" selection of high crops
     zoom_k: int = 3                    # high crops kept per medium crop (v1)
+    # Ablations of the v2 paper, Table 1 (presets.py); the defaults are the release.
+    vit_low: Optional[ViTConfig] = None  # dual encoder: the low crop gets its own ViT + projection
+    resampler: bool = False              # Perceiver Resampler instead of mean pooling (medium/high)
+    resampler_depth: int = 3
 
 
 def v2_config(vit: ViTConfig = None, llm: LlamaConfig = None) -> DragonflyConfig:
@@ -73,16 +78,28 @@ def crop_tokens(cfg: DragonflyConfig, grid: Optional[int]) -> int:
     return n + 1 if cfg.keep_cls else n
 
 
+def crop_levels(cfg: DragonflyConfig) -> list:
+    """(level, crops, grid side kept) of each level present, in crops.py order. Crops are those
+    the ViT sees (before v1's zoom-in selection); the side is the pooled grid, else the encoder's."""
+    c = cfg.crops
+    n_medium = math.prod(c.medium_grids[0])  # every candidate grid of a set has as many tiles
+    n_high = math.prod(c.high_grids[0]) if c.high_grids else n_medium * c.high_scale ** 2
+    levels = [("low", 1, cfg.low_pool or (cfg.vit_low or cfg.vit).grid),
+              ("medium", n_medium, cfg.medium_pool or cfg.vit.grid),
+              ("high", n_high, cfg.high_pool or cfg.vit.grid)]
+    return [level for level, present in zip(levels, (c.low, c.medium, c.high)) if present]
+
+
 def image_token_ids(cfg: DragonflyConfig) -> list:
     """The image block as `input_ids`: the placeholder at every image position, the separator
     after every crop (the release's processor builds this list; the model replaces placeholders)."""
-    c = cfg.crops
-    n_high = (c.high_grids[0][0] * c.high_grids[0][1]) if c.high_grids else 4 * c.high_scale ** 2
-    if cfg.zoom_select:
-        n_high = min(n_high, 4 * cfg.zoom_k)
+    levels = crop_levels(cfg)
+    n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
     ids = []
-    for present, count, grid in [(c.low, 1, cfg.low_pool), (c.medium, 4, cfg.medium_pool), (c.high, n_high, cfg.high_pool)]:
-        ids += present * count * ([IMAGE_ID] * crop_tokens(cfg, grid) + [SEPARATOR_ID] * cfg.separators)
+    for name, count, grid in levels:
+        if name == "high" and cfg.zoom_select and n_medium:
+            count = min(count, n_medium * cfg.zoom_k)
+        ids += count * ([IMAGE_ID] * crop_tokens(cfg, grid) + [SEPARATOR_ID] * cfg.separators)
     return ids
 
 
@@ -98,20 +115,44 @@ class Dragonfly(nn.Module):
         self.vision = VisionTransformer(cfg.vit)
         self.projection = nn.Linear(cfg.vit.width, cfg.llm.dim)  # "vision_embed_tokens" in the release
         self.llm = Llama(cfg.llm)
+        # v2 Table 1 ablations: a second encoder for the low crop, a learned token reduction
+        self.vision_low = VisionTransformer(cfg.vit_low) if cfg.vit_low else None
+        self.projection_low = nn.Linear(cfg.vit_low.width, cfg.llm.dim) if cfg.vit_low else None
+        self.resampler = new_resampler(cfg) if cfg.resampler else None
 
     # ---- the image block -------------------------------------------------------------------
+    def encode(self, pixels):
+        """pixels (B, N, 3, S, S) -> projected tokens of each level present [(B, n, T, dim)], in
+        crops.py order. The shared ViT sees all its crops in one batched call."""
+        cfg, B = self.cfg, pixels.shape[0]
+        levels = crop_levels(cfg)
+        counts = [n for _, n, _ in levels]
+        if sum(counts) != pixels.shape[1]:
+            raise ValueError(f"this config expects {sum(counts)} crops per image, got {pixels.shape[1]}")
+        out = []
+        if self.vision_low is not None and levels[0][0] == "low":  # dual encoder: own ViT + projection
+            out.append(self.projection_low(self.vision_low(pixels[:, 0], layer=cfg.vision_layer))[:, None])
+            pixels, levels, counts = pixels[:, 1:], levels[1:], counts[1:]  # (B, 1, 577, dim) done
+        if not counts:
+            return out
+        x = pixels.flatten(0, 1)
+        if x.shape[-1] != cfg.vit.image_size:  # dual encoder: B/32 sees the sub-images at 224 (v2 §4.2)
+            x = F.interpolate(x, size=cfg.vit.image_size, mode="bicubic", antialias=True, align_corners=False)
+        tokens = self.vision(x, layer=cfg.vision_layer)                      # (B*N, 577, 1024)
+        if self.resampler is None:
+            return out + list(self.projection(tokens).unflatten(0, (B, -1)).split(counts, dim=1))  # (B, n, 577, 4096)
+        for (name, _, _), part in zip(levels, tokens.unflatten(0, (B, -1)).split(counts, dim=1)):
+            if name != "low":  # the resampler reads a crop's patch tokens; CLS is kept as with pooling
+                latents = self.resampler(part[:, :, 1:].flatten(0, 1)).unflatten(0, part.shape[:2])
+                part = torch.cat([part[:, :, :1], latents], dim=2)           # (B, n, 1 + 36, 1024)
+            out.append(self.projection(part))
+        return out
+
     def image_block(self, pixels, medium_grid=None, high_grid=None):
         """pixels (B, N, 3, S, S), the crops of B images in crops.py order -> (B, P, dim)."""
         cfg, c = self.cfg, self.cfg.crops
-        B, N = pixels.shape[:2]
-        tokens = self.vision(pixels.flatten(0, 1), layer=cfg.vision_layer)  # (B*N, 577, 1024)
-        tokens = self.projection(tokens).unflatten(0, (B, N))                # (B, N, 577, 4096)
-        levels, i = [], 0
-        for present, count, grid in [(c.low, 1, cfg.low_pool), (c.medium, 4, cfg.medium_pool),
-                                     (c.high, N - c.low - 4 * c.medium, cfg.high_pool)]:
-            if present:
-                levels.append((tokens[:, i:i + count], grid))
-                i += count
+        B = pixels.shape[0]
+        levels = [(tokens, grid) for tokens, (_, _, grid) in zip(self.encode(pixels), crop_levels(cfg))]
         if cfg.zoom_select and c.high and c.medium:
             (medium, _), (high, grid) = levels[-2], levels[-1]
             idx = self.select_high(medium, high, medium_grid, high_grid)                # (B, 4k)
@@ -121,8 +162,8 @@ class Dragonfly(nn.Module):
         for level, grid in levels:                               # (B, n, T, dim)
             b, n, T, D = level.shape
             x = level.flatten(0, 1)
-            if grid is not None or not cfg.keep_cls:
-                x = pool.mean_pool(x, grid or cfg.vit.grid, keep_cls=cfg.keep_cls)
+            if T != 1 + grid * grid or not cfg.keep_cls:
+                x = pool.mean_pool(x, grid, keep_cls=cfg.keep_cls)
             if cfg.separators:
                 x = torch.cat([x, sep.to(x.dtype).expand(x.shape[0], 1, D)], dim=1)
             block.append(x.reshape(b, -1, D))
@@ -232,7 +273,11 @@ class Dragonfly(nn.Module):
             part, rest = name.split(".", 1)
             names[name] = {"vision": lambda r: "image_encoder.vision_model." + vit_key(r),
                            "projection": lambda r: "vision_embed_tokens." + r,
-                           "llm": lambda r: "language_model." + llama_key(r)}[part](rest)
+                           "llm": lambda r: "language_model." + llama_key(r),
+                           # ablation modules (not in any release): our own names
+                           "vision_low": lambda r: "low_image_encoder.vision_model." + vit_key(r),
+                           "projection_low": lambda r: "low_vision_embed_tokens." + r,
+                           "resampler": lambda r: "resampler." + r}[part](rest)
         return names
 
     @classmethod
@@ -256,16 +301,30 @@ class Dragonfly(nn.Module):
         return model.eval()
 
     @classmethod
-    def from_backbones(cls, clip_dir, llama_dir, cfg: DragonflyConfig = None, dtype=torch.float32, device="cpu"):
+    def from_backbones(cls, clip_dir, llama_dir, cfg: DragonflyConfig = None, dtype=torch.float32, device="cpu",
+                       clip_low_dir=None):
         """A fresh Dragonfly before training: OpenAI's CLIP vision tower and a Hugging Face
-        Llama checkpoint, joined by a newly initialised projection."""
+        Llama checkpoint, joined by a newly initialised projection. A dual-encoder config also
+        needs `clip_low_dir`, the low crop's CLIP (ViT-L/14@336 in the v2 paper)."""
         vision, llm = load_clip_vision(clip_dir, dtype, device), load_llama(llama_dir, dtype, device)
         cfg = replace(cfg or (v1_config() if vision.cfg.patch_size == 32 else v2_config()), vit=vision.cfg, llm=llm.cfg)
+        vision_low = None
+        if cfg.vit_low is not None:
+            if clip_low_dir is None:
+                raise ValueError("model.py: a dual-encoder config needs clip_low_dir, the low crop's CLIP checkpoint")
+            vision_low = load_clip_vision(clip_low_dir, dtype, device)
+            cfg = replace(cfg, vit_low=vision_low.cfg)
         model = build(cfg, dtype, device)
         model.vision, model.llm = vision, llm
+        if vision_low is not None:
+            model.vision_low = vision_low
+        if model.resampler is not None:  # new weights: a normal initialisation, not build's empty memory
+            model.resampler = new_resampler(cfg).to(device=device, dtype=dtype)
         with torch.no_grad():
-            model.projection.weight.normal_(0, cfg.vit.width ** -0.5)
-            model.projection.bias.zero_()
+            for proj in (model.projection, model.projection_low):
+                if proj is not None:
+                    proj.weight.normal_(0, proj.in_features ** -0.5)
+                    proj.bias.zero_()
         return model
 
     def save_pretrained(self, path, dtype=torch.bfloat16):
@@ -288,11 +347,23 @@ class Dragonfly(nn.Module):
         (path / "config.json").write_text(json.dumps(hf, indent=2))
 
 
+def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
+    """The v2 Table 1 resampler: depth 3, one latent per pooled token (6x6 = 36), at the ViT's
+    width, before the projection (IDEFICS resamples the vision features, not the LLM inputs)."""
+    if cfg.medium_pool != cfg.high_pool or not cfg.high_pool:
+        raise ValueError(f"resampler: medium_pool and high_pool set its latents and must agree, got {cfg.medium_pool}, {cfg.high_pool}")
+    return pool.PerceiverResampler(cfg.vit.width, cfg.resampler_depth, cfg.high_pool ** 2, heads=cfg.vit.heads)
+
+
 def build(cfg, dtype, device, cls=None):
     """Construct on the meta device (no memory), then allocate once in the target dtype."""
     with torch.device("meta"):
         model = (cls or Dragonfly)(cfg).to(dtype)
-    return model.to_empty(device=device)
+    model = model.to_empty(device=device)
+    for m in model.modules():
+        if isinstance(m, Llama):
+            m.tie_weights()
+    return model
 
 
 def load_clip_vision(clip_dir, dtype=torch.float32, device="cpu") -> VisionTransformer:
@@ -334,4 +405,10 @@ def config_from_dict(d: dict, vcfg: ViTConfig, llm: LlamaConfig) -> DragonflyCon
     c = dict(d["crops"])
     c = crops_lib.CropConfig(**{k: tuple(map(tuple, v)) if k.endswith("grids") and v is not None else v
                                 for k, v in c.items()})
-    return DragonflyConfig(**{**d, "crops": c, "vit": vcfg, "llm": llm})
+    vit_low = ViTConfig(**d["vit_low"]) if d.get("vit_low") else None
+    return DragonflyConfig(**{**d, "crops": c, "vit": vcfg, "llm": llm, "vit_low": vit_low})
+
+
+if __name__ == "__main__":  # `python model.py --describe PRESET`: the experiment presets live in presets.py
+    import presets
+    presets.main()
