@@ -352,3 +352,19 @@ def meteor(candidates, references):
     gts = {i: [" ".join(r) for r in refs] for i, (_, refs) in enumerate(pairs)}
     score, _ = Meteor().compute_score(gts, res)
     return float(score)
+
+
+def anls(prediction: str, answers, threshold=0.5) -> float:
+    """DocVQA's average normalized Levenshtein similarity, for one question: the best answer's
+    1 - edit distance / longer length, zeroed unless above 0.5 (Biten et al. 2019)."""
+    best, p = 0.0, " ".join(prediction.lower().split())
+    for a in answers:
+        a = " ".join(a.lower().split())
+        row = list(range(len(a) + 1))
+        for i, cp in enumerate(p, 1):
+            prev, row[0] = row[0], i
+            for j, ca in enumerate(a, 1):
+                prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (cp != ca))
+        sim = 1 - row[-1] / max(len(p), len(a), 1)
+        best = max(best, sim if sim > threshold else 0.0)
+    return best

@@ -1,0 +1,257 @@
+"""
+Evaluate a Dragonfly checkpoint on a benchmark: batched greedy answers, then the paper's metric.
+
+    python eval.py --checkpoint path/to/Llama-3.1-8B-Dragonfly-v2 --task textvqa \
+        --data textvqa_val.jsonl --images path/to/textvqa --out results/textvqa
+
+--data is JSONL, one question a line: {"id", "image", "question", "answers": [...]} plus
+"choices" (multiple choice) and "type" ("closed"/"open", biomedical). `data/benchmarks/convert.py`
+writes it from the public releases. Images resolve against --images, else the JSONL's folder.
+
+Answers are appended to OUT/predictions.jsonl batch by batch, so an interrupted run resumes where
+it stopped: ids already answered are skipped (ids that failed, e.g. on an unreadable image, are
+tried again). OUT/metrics.json holds the scores, in percent, over the answered questions, and
+the count of failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes);
+metrics are those of SPEC §5, implemented in metrics.py.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import metrics as M
+
+SHORT = "{question}\nAnswer the question using a single word or phrase."
+CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
+
+
+@dataclass(frozen=True)
+class Task:
+    prompt: str          # filled with {question} and, for multiple choice, {options}
+    metric: str          # a key of SCORERS below
+    max_new_tokens: int
+
+
+TASKS = {
+    "textvqa": Task(SHORT, "vqa", 16),
+    "vqav2": Task(SHORT, "vqa", 16),
+    "vizwiz": Task("{question}\nWhen the provided information is insufficient, respond with 'Unanswerable'.\n"
+                   "Answer the question using a single word or phrase.", "vqa", 16),
+    "chartqa": Task(SHORT, "relaxed", 16),
+    "docvqa": Task(SHORT, "anls", 32),
+    "scienceqa": Task(CHOICE, "choice", 8),
+    "ai2d": Task(CHOICE, "choice", 8),
+    "mmbench": Task(CHOICE, "choice", 8),
+    "pope": Task("{question} Answer yes or no.", "pope", 8),
+    "vqa-rad": Task(SHORT, "biomedical", 32),
+    "slake": Task(SHORT, "biomedical", 32),
+    "pathvqa": Task(SHORT, "biomedical", 32),
+    "coco": Task("Provide a one-sentence caption for the provided image.", "caption", 48),
+    "flickr30k": Task("Provide a one-sentence caption for the provided image.", "caption", 48),
+    "zoom": Task(SHORT, "exact", 16),  # the synthetic zoom-in demo, held-out split in data/zoom/
+}
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_prompt(task: Task, record: dict) -> str:
+    options = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(record.get("choices") or []))
+    return task.prompt.format(question=record.get("question", ""), options=options)
+
+
+# ---- scoring: records + {id: prediction text} -> metrics, no model needed --------------------
+def _mean(xs) -> float:
+    return 100 * sum(xs) / len(xs) if xs else float("nan")
+
+
+def _exact(prediction: str, answers) -> bool:
+    """The zoom demo: right when the VQA-normalised answer equals a normalised reference."""
+    return M.normalize_vqa_answer(prediction) in {M.normalize_vqa_answer(a) for a in answers}
+
+
+def _choice(rs, ps):
+    picked = [M.extract_choice(p, len(r["choices"]), r["choices"]) for r, p in zip(rs, ps)]  # letter or None
+    return {"accuracy": _mean([c == r["answers"][0] for r, c in zip(rs, picked)]),
+            "unparsed": sum(c is None for c in picked)}
+
+
+def _biomedical(rs, ps):
+    closed = [(r, p) for r, p in zip(rs, ps) if r.get("type") == "closed"]
+    open_ = [(r, p) for r, p in zip(rs, ps) if r.get("type") != "closed"]
+    return {"closed_accuracy": _mean([M.closed_accuracy(p, r["answers"][0]) for r, p in closed]),
+            "open_token_f1": _mean([max(M.token_f1(p, a) for a in r["answers"]) for r, p in open_]),
+            "n_closed": len(closed), "n_open": len(open_)}
+
+
+def _caption(rs, ps):
+    cands, refs = {r["id"]: [p] for r, p in zip(rs, ps)}, {r["id"]: r["answers"] for r in rs}
+    out = {f"bleu_{n}": 100 * b for n, b in enumerate(M.bleu(cands, refs), 1)}
+    out.update(cider_d=100 * M.cider_d(cands, refs), rouge_l=100 * M.rouge_l(cands, refs))
+    try:
+        out["meteor"] = 100 * M.meteor(cands, refs)
+    except RuntimeError as e:  # METEOR runs a Java jar
+        print(f"warning: METEOR skipped: {e}", file=sys.stderr)
+        out["meteor"] = None
+    return out
+
+
+SCORERS = {
+    "vqa": lambda rs, ps: {"accuracy": _mean([M.vqa_accuracy(p, r["answers"]) for r, p in zip(rs, ps)])},
+    "relaxed": lambda rs, ps: {"relaxed_accuracy": _mean([M.relaxed_accuracy(p, r["answers"][0]) for r, p in zip(rs, ps)])},
+    "anls": lambda rs, ps: {"anls": _mean([M.anls(p, r["answers"]) for r, p in zip(rs, ps)])},
+    "exact": lambda rs, ps: {"accuracy": _mean([_exact(p, r["answers"]) for r, p in zip(rs, ps)])},
+    "pope": lambda rs, ps: {k: 100 * v if isinstance(v, float) else v
+                            for k, v in M.pope_metrics(ps, [r["answers"][0] for r in rs]).items()},
+    "choice": _choice,
+    "biomedical": _biomedical,
+    "caption": _caption,
+}
+
+
+def score(task: str, records: list, predictions: dict) -> dict:
+    """Metrics of `task` over the records that have a prediction ({id: text}), in percent."""
+    answered = [r for r in records if r["id"] in predictions]
+    scores = SCORERS[TASKS[task].metric](answered, [predictions[r["id"]] for r in answered]) if answered else {}
+    return {"task": task, "n": len(answered), **scores}
+
+
+# ---- running the model --------------------------------------------------------------------
+def load_records(path: Path) -> list:
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            r["id"] = str(r["id"])
+            r["answers"] = list(r.get("answers", []))
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{n}: not a benchmark record ({e}); see data/benchmarks/convert.py") from None
+        records.append(r)
+    return records
+
+
+def read_predictions(path: Path) -> dict:
+    """id -> the last entry written for it ({"id", "prediction"} or {"id", "error"})."""
+    done = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:  # a line cut short by an interrupted run
+                continue
+            done[str(entry["id"])] = entry
+    return done
+
+
+def greedy(model, tok, prompts, crops, max_new_tokens) -> list:
+    """Batched greedy answers; each row ends at its first stop id, the batch when all have."""
+    ids = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    for token, _ in model.generate(prompts, crops, max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids):
+        for i, t in enumerate(token.tolist()):
+            stopped[i] = stopped[i] or t in tok.stop_ids
+            if not stopped[i]:
+                ids[i].append(t)
+    return [tok.decode(x).strip() for x in ids]
+
+
+def answer_batch(model, tok, task, batch, image_root, max_new_tokens) -> list:
+    """Entries for predictions.jsonl; a record whose image or prompt fails gets an "error"."""
+    entries, ready = [], []
+    for r in batch:
+        try:
+            crops = model.crop_image(image_root / r["image"]) if r.get("image") else None
+            ready.append((r, tok.encode_prompt(build_prompt(task, r)), crops))
+        except ValueError as e:
+            entries.append({"id": r["id"], "error": str(e)})
+    try:
+        texts = greedy(model, tok, [p for _, p, _ in ready], [c for _, _, c in ready], max_new_tokens) if ready else []
+    except ValueError:  # one prompt too long for the context: answer the others alone
+        texts = []
+        for r, p, c in ready:
+            try:
+                texts += greedy(model, tok, [p], [c], max_new_tokens)
+            except ValueError as e:
+                texts.append(e)
+    for (r, _, _), text in zip(ready, texts):
+        if isinstance(text, Exception):
+            entries.append({"id": r["id"], "error": str(text)})
+        else:
+            entries.append({"id": r["id"], "question": r.get("question"), "prediction": text, "answers": r["answers"]})
+    return entries
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="Dragonfly checkpoint directory")
+    p.add_argument("--task", required=True, help="one of: " + ", ".join(TASKS))
+    p.add_argument("--data", required=True, help="benchmark JSONL")
+    p.add_argument("--images", help="image root (default: the JSONL's folder)")
+    p.add_argument("--out", help="results folder (default: results/TASK)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, help="default: the task's")
+    p.add_argument("--limit", type=int, help="only the first N questions")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
+    task, data = TASKS[args.task], Path(args.data)
+    if not Path(args.checkpoint).is_dir():
+        raise ValueError(f"checkpoint directory {args.checkpoint} not found")
+    if not data.is_file():
+        raise ValueError(f"benchmark file {data} not found (convert one with python -m data.benchmarks.convert)")
+    records = load_records(data)[:args.limit]
+    image_root = Path(args.images) if args.images else data.parent
+    out = Path(args.out or Path("results") / args.task)
+    out.mkdir(parents=True, exist_ok=True)
+    pred_file = out / "predictions.jsonl"
+    done = read_predictions(pred_file)
+    todo = [r for r in records if "prediction" not in done.get(r["id"], {})]
+    print(f"{args.task}: {len(records)} questions, {len(records) - len(todo)} already answered in {pred_file}",
+          file=sys.stderr)
+
+    if todo:
+        from tqdm import tqdm
+
+        from model import Dragonfly
+        from tokenizer import Tokenizer
+        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        tok = Tokenizer.from_file(args.checkpoint)
+        model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        max_new = args.max_new_tokens or task.max_new_tokens
+        with open(pred_file, "a") as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
+            for i in range(0, len(todo), args.batch_size):
+                for entry in answer_batch(model, tok, task, todo[i:i + args.batch_size], image_root, max_new):
+                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    done[entry["id"]] = entry
+                f.flush()
+                bar.update(len(todo[i:i + args.batch_size]))
+
+    predictions = {i: e["prediction"] for i, e in done.items() if "prediction" in e}
+    failed = [r["id"] for r in records if r["id"] not in predictions]
+    result = {**score(args.task, records, predictions), "failed": len(failed),
+              "checkpoint": str(args.checkpoint), "data": str(data)}
+    for i in failed[:5]:
+        print(f"failed {i}: {done.get(i, {}).get('error', 'not answered')}", file=sys.stderr)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

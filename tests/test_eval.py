@@ -1,0 +1,145 @@
+"""eval.py: prompts, scoring per task family on hand-made predictions, and a resumable run of a
+tiny random Dragonfly."""
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as ev
+import model
+
+
+def recs(*rows):
+    return [{"id": str(i), **row} for i, row in enumerate(rows)]
+
+
+def test_every_task_scores_with_a_known_metric():
+    assert all(t.metric in ev.SCORERS for t in ev.TASKS.values())
+
+
+def test_multiple_choice_prompt_letters_the_options():
+    prompt = ev.build_prompt(ev.TASKS["scienceqa"], {"question": "Which is north?", "choices": ["Utah", "Texas"]})
+    assert prompt == "Which is north?\nA. Utah\nB. Texas\nAnswer with the option's letter from the given choices directly."
+
+
+def test_short_answer_prompt_asks_for_a_phrase():
+    assert ev.build_prompt(ev.TASKS["textvqa"], {"question": "What brand?"}) == \
+        "What brand?\nAnswer the question using a single word or phrase."
+
+
+def test_vqa_accuracy_needs_three_humans_for_full_credit():
+    rs = recs({"answers": ["dakota"] * 10}, {"answers": ["red"] * 2 + ["blue"] * 8})
+    out = ev.score("textvqa", rs, {"0": "Dakota", "1": "red"})
+    assert out["n"] == 2 and out["accuracy"] == pytest.approx(100 * (1 + 0.6) / 2)
+
+
+def test_chartqa_accepts_numbers_within_five_percent():
+    rs = recs({"answers": ["100"]}, {"answers": ["100"]}, {"answers": ["Yes"]})
+    assert ev.score("chartqa", rs, {"0": "104", "1": "106", "2": "yes"})["relaxed_accuracy"] == pytest.approx(200 / 3)
+
+
+def test_docvqa_anls_gives_partial_credit_for_near_misses():
+    assert ev.anls("invoice", ["Invoice"]) == 1.0
+    assert ev.anls("invoce", ["invoice"]) == pytest.approx(6 / 7)
+    assert ev.anls("bill", ["invoice"]) == 0.0
+    assert ev.score("docvqa", recs({"answers": ["a", "invoice"]}), {"0": "invoice"})["anls"] == 100
+
+
+def test_pope_reports_f1_with_yes_as_positive():
+    rs = recs({"answers": ["yes"]}, {"answers": ["yes"]}, {"answers": ["no"]}, {"answers": ["no"]})
+    out = ev.score("pope", rs, {"0": "Yes, there is.", "1": "No.", "2": "No", "3": "yes"})
+    assert out["accuracy"] == 50 and out["precision"] == 50 and out["recall"] == 50 and out["f1"] == 50
+
+
+def test_choice_accuracy_reads_letters_and_counts_unparsed_answers():
+    rs = recs({"choices": ["cat", "dog"], "answers": ["B"]}, {"choices": ["cat", "dog"], "answers": ["A"]},
+              {"choices": ["cat", "dog"], "answers": ["A"]})
+    out = ev.score("ai2d", rs, {"0": "B", "1": "The answer is (A).", "2": "I am not sure"})
+    assert out["accuracy"] == pytest.approx(200 / 3) and out["unparsed"] == 1
+
+
+def test_biomedical_splits_closed_accuracy_from_open_token_f1():
+    rs = recs({"answers": ["Yes"], "type": "closed"}, {"answers": ["No"], "type": "closed"},
+              {"answers": ["right lower lobe"], "type": "open"})
+    out = ev.score("vqa-rad", rs, {"0": "yes", "1": "yes", "2": "lower lobe"})
+    assert out["closed_accuracy"] == 50 and out["n_closed"] == 2 and out["n_open"] == 1
+    assert out["open_token_f1"] == pytest.approx(100 * 0.8)  # P = 1, R = 2/3
+
+
+def test_captioning_scores_a_perfect_caption_fully_and_skips_meteor_without_java(monkeypatch):
+    def no_java(*_):
+        raise RuntimeError("metrics.meteor: needs `java` on PATH")
+    monkeypatch.setattr(ev.M, "meteor", no_java)
+    rs = recs({"answers": ["a dog runs on the grass", "a brown dog running"]},
+              {"answers": ["two cats sleep on a sofa", "cats sleeping"]})
+    out = ev.score("coco", rs, {"0": "a dog runs on the grass", "1": "two cats sleep on a sofa"})
+    assert out["bleu_4"] == pytest.approx(100) and out["rouge_l"] == pytest.approx(100)
+    assert out["cider_d"] > 0 and out["meteor"] is None
+
+
+def test_zoom_is_exact_match_after_normalisation():
+    rs = recs({"answers": ["red"]}, {"answers": ["7"]}, {"answers": ["red"]})
+    assert ev.score("zoom", rs, {"0": "Red.", "1": "seven", "2": "dark red"})["accuracy"] == pytest.approx(200 / 3)
+
+
+def test_only_answered_records_are_scored():
+    out = ev.score("zoom", recs({"answers": ["red"]}, {"answers": ["blue"]}), {"1": "blue"})
+    assert out["n"] == 1 and out["accuracy"] == 100
+
+
+def test_unknown_task_lists_the_tasks(tmp_path):
+    with pytest.raises(ValueError, match="unknown task 'gqa'.*textvqa.*zoom"):
+        ev.main(["--checkpoint", str(tmp_path), "--task", "gqa", "--data", str(tmp_path / "x.jsonl")])
+
+
+# ---- end to end --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoint(tiny_v2, tmp_path_factory):
+    llama_models = pytest.importorskip("llama_models")
+    path = tmp_path_factory.mktemp("ckpt")
+    small = model.Dragonfly(replace(tiny_v2.cfg, llm=replace(tiny_v2.cfg.llm, max_seq_len=2200)))
+    small.load_state_dict(tiny_v2.state_dict())
+    small.save_pretrained(path, dtype=torch.float32)
+    shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", path / "tokenizer.model")
+    return path
+
+
+def test_rerun_skips_answered_ids_and_keeps_going_past_a_bad_image(checkpoint, tmp_path):
+    rng = np.random.default_rng(0)
+    for name, size in [("a.png", (90, 160)), ("b.png", (200, 120))]:
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / name)
+    rows = [{"id": "q1", "image": "a.png", "question": "What colour is the big square?", "answers": ["red"]},
+            {"id": "q2", "image": "b.png", "question": "How many?", "answers": ["2"]},
+            {"id": "q3", "image": "missing.png", "question": "What shape?", "answers": ["round"]}]
+    data = tmp_path / "bench.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["--checkpoint", str(checkpoint), "--task", "zoom", "--data", str(data), "--out", str(tmp_path / "out"),
+            "--batch-size", "2", "--max-new-tokens", "3", "--device", "cpu"]
+
+    first = ev.main(args)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert [e["id"] for e in lines if "prediction" in e] == ["q1", "q2"]
+    assert [e["id"] for e in lines if "error" in e] == ["q3"]
+    assert first["n"] == 2 and first["failed"] == 1
+
+    second = ev.main(args)
+    again = [json.loads(line) for line in (tmp_path / "out" / "predictions.jsonl").read_text().splitlines()]
+    assert again[:len(lines)] == lines and [e["id"] for e in again[len(lines):]] == ["q3"]  # only the failure retried
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text()) == second
+    assert second["n"] == 2 and second["accuracy"] == first["accuracy"]
+
+
+def test_batched_answers_equal_answers_one_at_a_time(checkpoint, tmp_path):
+    from tokenizer import Tokenizer
+    tok, m = Tokenizer.from_file(checkpoint), model.Dragonfly.from_pretrained(checkpoint)
+    rng = np.random.default_rng(2)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "c.png")
+    crops = m.crop_image(tmp_path / "c.png")
+    prompts = [tok.encode_prompt(q) for q in ["Hi", "What is written on the small red sign in the corner?"]]
+    together = ev.greedy(m, tok, prompts, [crops, crops], max_new_tokens=4)  # the short prompt is left-padded
+    assert together == [ev.greedy(m, tok, [p], [crops], max_new_tokens=4)[0] for p in prompts]
