@@ -238,3 +238,9 @@ def test_meteor_of_identical_captions_is_high():
     except RuntimeError as e:
         pytest.skip(str(e))
     assert 0.9 < score <= 1.0
+
+
+def test_anls_gives_partial_credit_for_near_misses():
+    assert metrics.anls("invoice", ["Invoice"]) == 1.0
+    assert metrics.anls("invoce", ["invoice"]) == pytest.approx(6 / 7)
+    assert metrics.anls("bill", ["invoice"]) == 0.0
