@@ -41,6 +41,10 @@ def saved_buffer(key: str) -> bool:
     return key.endswith(SAVED_BUFFERS)
 
 
+# Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
+# the ablation modules included (presets.py counts their FLOPs the same way).
+PARTS = {"vision": ("vision", "vision_low"), "projection": ("projection", "projection_low", "resampler"), "llm": ("llm",)}
+
 IMAGE_ID = 128002      # <|reserved_special_token_0|>: placeholder at image positions
 SEPARATOR_ID = 128003  # <|reserved_special_token_1|>: after every crop
 
@@ -397,7 +401,7 @@ def sample(logits, temperature: float, top_p: float, generator=None):
 
 def config_to_dict(cfg: DragonflyConfig) -> dict:
     d = asdict(cfg)
-    del d["vit"], d["llm"]  # those are recorded by the weights and the Hugging Face fields
+    del d["llm"]  # recorded by the Hugging Face fields; the ViT is kept, its heads can't be inferred
     return d
 
 
@@ -406,9 +410,10 @@ def config_from_dict(d: dict, vcfg: ViTConfig, llm: LlamaConfig) -> DragonflyCon
     c = crops_lib.CropConfig(**{k: tuple(map(tuple, v)) if k.endswith("grids") and v is not None else v
                                 for k, v in c.items()})
     vit_low = ViTConfig(**d["vit_low"]) if d.get("vit_low") else None
+    vcfg = ViTConfig(**d["vit"]) if d.get("vit") else vcfg
     return DragonflyConfig(**{**d, "crops": c, "vit": vcfg, "llm": llm, "vit_low": vit_low})
 
 
 if __name__ == "__main__":  # `python model.py --describe PRESET`: the experiment presets live in presets.py
     import presets
-    presets.main()
+    raise SystemExit(presets.main())
