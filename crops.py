@@ -46,6 +46,7 @@ class CropConfig:
     low: bool = True                      # which levels are kept: the paper's L/M/H ablations
     medium: bool = True
     high: bool = True
+    from_low: bool = False                # v2 Table 3: tiles cut from the low crop, not the original
 
 
 V2 = CropConfig(size=336)
@@ -196,10 +197,12 @@ def make_crops(img, cfg=V2) -> Crops:
         high_grid = (medium_grid[0] * cfg.high_scale, medium_grid[1] * cfg.high_scale)
     else:
         high_grid = _best_grid(img.size, cfg.high_grids, S)
+    # "Medium-Resolution from Low-Resolution" (v2 Table 3) zooms into the S x S image, not the original
+    source = img.resize((S, S), Image.BICUBIC) if cfg.from_low else img
     parts, counts = [], []
-    for keep, grid in ((cfg.low, (1, 1)), (cfg.medium, medium_grid), (cfg.high, high_grid)):
+    for keep, grid, src in ((cfg.low, (1, 1), img), (cfg.medium, medium_grid, source), (cfg.high, high_grid, source)):
         # tiles are already S x S, so the CLIP processor's resize and crop are identities
-        parts.append(_tiles(img, grid, S) if keep else np.empty((0, S, S, 3), np.uint8))
+        parts.append(_tiles(src, grid, S) if keep else np.empty((0, S, S, 3), np.uint8))
         counts.append(len(parts[-1]))
     pixels = _normalize(np.concatenate(parts))   # (N, 3, S, S)
     return Crops(pixels, medium_grid, high_grid, tuple(counts))

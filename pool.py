@@ -12,10 +12,15 @@ of its region whose summaries have the largest dot product with its own summary.
 Two definitions of "region" exist: the paper's spatial one (the high crops lying inside the
 medium crop) and the released code's index runs (high crops [6i, 6i+6) of the row-major list),
 which is what v1 checkpoints were trained with.
+
+The learned alternative (v2 paper Table 1, "Perceiver Resampler"; Alayrac et al. 2022, Flamingo
+§2.1): a fixed set of learned latents cross-attends to a crop's tokens and becomes its summary,
+36 latents deep 3 as in the paper's IDEFICS-based baseline.
 """
 import math
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 
@@ -81,3 +86,45 @@ def select_global_topk(medium_summary, high_summary, k_total: int):
     any medium summary; the k_total best are kept in ascending order."""
     scores = (high_summary @ medium_summary.T).amax(dim=1)  # (H,)
     return scores.topk(min(k_total, len(scores))).indices.sort().values
+
+
+class ResamplerLayer(nn.Module):
+    """Pre-LN cross-attention of the latents over [crop tokens; latents] (Flamingo appends the
+    latents to the keys so they also attend to each other), then a pre-LN MLP."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.norm_media, self.norm_latents = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+        self.mlp = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, mlp_ratio * dim, bias=False), nn.GELU(),
+                                 nn.Linear(mlp_ratio * dim, dim, bias=False))
+
+    def forward(self, latents, media):
+        N, L, D = latents.shape
+        lat = self.norm_latents(latents)
+        context = torch.cat([self.norm_media(media), lat], dim=1)            # (N, T + L, D)
+        split = lambda t: t.unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (N, h, *, D/h)
+        k, v = self.kv(context).chunk(2, dim=-1)
+        y = F.scaled_dot_product_attention(split(self.q(lat)), split(k), split(v))  # (N, h, L, D/h)
+        latents = latents + self.out(y.transpose(1, 2).reshape(N, L, D))
+        return latents + self.mlp(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """(N, T, D) crop tokens -> (N, n_latents, D): a learned token reduction in place of mean
+    pooling. Whatever T, the output length is n_latents (36 = a 6x6 pool's budget)."""
+
+    def __init__(self, dim: int, depth: int = 3, n_latents: int = 36, heads: int = 8, mlp_ratio: int = 4):
+        super().__init__()
+        self.latents = nn.Parameter(torch.randn(n_latents, dim) * dim ** -0.5)
+        self.layers = nn.ModuleList(ResamplerLayer(dim, heads, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens):
+        x = self.latents.to(tokens.dtype).expand(tokens.shape[0], -1, -1)  # (N, 36, D)
+        for layer in self.layers:
+            x = layer(x, tokens)
+        return self.norm(x)

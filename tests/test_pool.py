@@ -68,3 +68,23 @@ def test_global_topk_may_take_all_crops_from_one_region():
 
 def test_summary_is_the_mean_token():
     assert pool.summary(torch.tensor([[[1.0, 2.0], [3.0, 6.0]]])).tolist() == [[2.0, 4.0]]
+
+
+def test_resampler_turns_any_crop_into_36_latents():
+    r = pool.PerceiverResampler(32, depth=3, n_latents=36, heads=4)
+    assert r(torch.randn(2, 576, 32)).shape == (2, 36, 32)
+    assert r(torch.randn(3, 49, 32)).shape == (3, 36, 32)
+    assert len(r.layers) == 3
+
+
+def test_resampler_ignores_token_order_within_a_crop():
+    # no positions inside the resampler: the latents attend to a set of tokens
+    torch.manual_seed(0)
+    r, x = pool.PerceiverResampler(16, depth=2, n_latents=4, heads=2), torch.randn(1, 10, 16)
+    torch.testing.assert_close(r(x), r(x[:, torch.randperm(10)]), atol=1e-5, rtol=1e-5)
+
+
+def test_resampler_crops_do_not_see_each_other():
+    torch.manual_seed(0)
+    r, x = pool.PerceiverResampler(16, depth=2, n_latents=4, heads=2), torch.randn(2, 10, 16)
+    torch.testing.assert_close(r(x)[:1], r(x[:1]), atol=1e-6, rtol=1e-6)
