@@ -37,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 import crops
 import llama
 import model as M
+import presets
 import vit
 from data import ShardedSampler, VLDataset, collate
 from tokenizer import Tokenizer
@@ -163,10 +164,14 @@ def find_tokenizer(cfg: TrainConfig) -> Path:
 
 
 def freeze(model, trainable):
-    """requires_grad only on the trained parts. The ViT blocks after the feature layer and its
-    final LayerNorm never run (Dragonfly reads the penultimate layer), so they stay frozen too."""
-    for name, module in [("projection", model.projection), ("vision", model.vision), ("llm", model.llm)]:
-        module.requires_grad_(name in trainable)
+    """requires_grad only on the trained parts (model.PARTS maps each switch of v2 Table 10 to
+    its modules). The ViT blocks after the feature layer and its final LayerNorm never run
+    (Dragonfly reads the penultimate layer), so they stay frozen too."""
+    model.requires_grad_(False)
+    for switch in trainable:
+        for name in M.PARTS[switch]:
+            if getattr(model, name, None) is not None:
+                getattr(model, name).requires_grad_(True)
     layer, n_blocks = model.cfg.vision_layer, model.cfg.vit.layers
     for block in model.vision.blocks[layer if layer >= 0 else n_blocks + 1 + layer:]:
         block.requires_grad_(False)
@@ -197,17 +202,6 @@ def lr_at(step, total, cfg: TrainConfig):
         return (step + 1) / warm
     progress = (step - warm) / max(1, total - warm)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def flops_per_token(model, trainable) -> float:
-    """Training FLOPs per sequence position: 6N for trained weights (forward + both backward
-    matmuls), 4N for frozen weights that gradients still flow through (forward + input grads),
-    2N for frozen weights before the first trained one (forward only). Attention scores ignored."""
-    n = {k: sum(p.numel() for p in getattr(model, k).parameters()) for k in ("vision", "projection", "llm")}
-    passes = {k: 6 if k in trainable else 2 for k in n}
-    if "projection" in trainable or "vision" in trainable:
-        passes["llm"] = max(passes["llm"], 4)
-    return sum(passes[k] * n[k] for k in n)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
@@ -284,7 +278,6 @@ def main(argv=None):
     freeze(model, cfg.trainable)
     for block in [*model.vision.blocks, *model.llm.layers]:
         block.grad_checkpoint = cfg.grad_checkpoint
-    fpt = flops_per_token(model, cfg.trainable)
     if world > 1:
         model = shard(model, device, dtype)
     model.train()
@@ -383,7 +376,9 @@ def main(argv=None):
                    "tokens_per_s": positions * world / dt, "skipped": dict(skipped), "truncated": truncated}
             if device.type == "cuda":
                 peak = {torch.bfloat16: 989e12, torch.float32: 67e12}[dtype]  # H100 SXM dense
-                rec["mfu"] = fpt * positions / dt / peak
+                flops = sum(presets.train_flops_per_sample(mcfg, p["tokens"].shape[1], cfg.trainable, image="pixels" in p)
+                            * len(p["tokens"]) for p in parts)
+                rec["mfu"] = flops * world / dt / peak
                 rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             log.write(json.dumps(rec) + "\n")
             log.flush()
