@@ -201,13 +201,17 @@ class Llama(nn.Module):
         mask: None for plain causal attention, else bool (B, 1, T, start+T), True = may attend.
         Returns logits (B, T - logits_from, vocab): only positions logits_from.. (e.g. -1 for the
         last one) go through the vocabulary projection, the largest matmul at long prompts."""
+        return self.lm_head(self.hidden(x, positions, start, mask)[:, logits_from:])
+
+    def hidden(self, x, positions=None, start: int = 0, mask=None):
+        """The final (normalised) hidden states (B, T, dim), before the vocabulary projection."""
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
         cos, sin = rope_cos_sin(rope_frequencies(self.cfg, x.device), positions)
         for layer in self.layers:
             x = layer(x, cos, sin, start, mask)
-        return self.lm_head(self.norm(x[:, logits_from:]))
+        return self.norm(x)
 
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
         p = self.lm_head.weight

@@ -199,10 +199,12 @@ class Dragonfly(nn.Module):
         return crops_lib.make_crops(crops_lib.load_image(image), self.cfg.crops)
 
     # ---- the language model over [image block][text] ----------------------------------------
-    def forward(self, tokens, pixels=None, labels=None, grids=(None, None)):
+    def forward(self, tokens, pixels=None, labels=None, grids=(None, None), reduction="mean"):
         """tokens (B, T) text ids starting with <|begin_of_text|>; pixels (B, N, 3, S, S) or None.
-        Returns logits over the text positions (B, T, vocab) and, with labels (B, T; -100 =
-        ignored), the mean next-token cross-entropy: position t predicts labels[t + 1]."""
+        Without labels: (logits over the text positions (B, T, vocab), None).
+        With labels (B, T; -100 = ignored): (None, next-token cross-entropy, position t predicting
+        labels[t + 1], "mean" or "sum" over the supervised positions). Only those positions go
+        through the vocabulary projection: (B, T, 128256) float32 logits would dominate memory."""
         x = self.llm.embed(tokens)
         P = 0
         if pixels is not None:
@@ -211,11 +213,13 @@ class Dragonfly(nn.Module):
             x = torch.cat([image, x], dim=1)  # the image block comes first (SPEC §2.8)
         if P + tokens.shape[1] > self.cfg.llm.max_seq_len:
             raise ValueError(f"sequence of {P + tokens.shape[1]} positions exceeds the context of {self.cfg.llm.max_seq_len}")
-        logits = self.llm(x, logits_from=P)
+        h = self.llm.hidden(x)[:, P:]                      # (B, T, dim)
         if labels is None:
-            return logits, None
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return logits, loss
+            return self.llm.lm_head(h), None
+        targets = labels[:, 1:]
+        supervised = targets != -100
+        logits = self.llm.lm_head(h[:, :-1][supervised])   # (n supervised, vocab)
+        return None, F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
 
     @torch.no_grad()
     def generate(self, prompts, images=None, max_new_tokens=128, temperature=0.0, top_p=1.0,

@@ -30,7 +30,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-import torch.nn.functional as F
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -107,10 +106,10 @@ def parse_config(argv=None) -> TrainConfig:
 def tiny_config(low_only=False) -> M.DragonflyConfig:
     """The zoom demo's model: 112 px crops (medium 224, high 672), a 4-block ViT, a 2-layer
     Llama with the real Llama-3 vocabulary and tied embeddings so the checkpoint stays small."""
-    cfg = M.v2_config(vit.ViTConfig(112, 14, 96, 4, 2, 384),
+    cfg = M.v2_config(vit.ViTConfig(112, 14, 64, 3, 1, 256),
                       llama.LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
                                         tie_embeddings=True, max_seq_len=1024))
-    cfg = replace(cfg, crops=replace(crops.V2, size=112), medium_pool=2, high_pool=2)
+    cfg = replace(cfg, crops=replace(crops.V2, size=112), medium_pool=4, high_pool=4)
     if low_only:
         cfg = replace(cfg, crops=replace(cfg.crops, medium=False, high=False))
     return cfg
@@ -349,10 +348,8 @@ def main(argv=None):
                 model.set_requires_gradient_sync(i == len(parts) - 1)
             pixels = p.get("pixels")
             with autocast:
-                logits, _ = model(p["tokens"].to(device), None if pixels is None else pixels.to(device),
-                                  grids=p.get("grids") or (None, None))
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), p["labels"][:, 1:].flatten().to(device),
-                                   ignore_index=-100, reduction="sum")
+                _, loss = model(p["tokens"].to(device), None if pixels is None else pixels.to(device),
+                                p["labels"].to(device), grids=p.get("grids") or (None, None), reduction="sum")
             # normalise by the global step's token count; FSDP averages gradients over ranks
             (loss * world / n_tokens.clamp(min=1)).backward()
             loss_sum += loss.detach()

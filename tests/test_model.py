@@ -138,3 +138,16 @@ def test_unreadable_weight_file_is_named(tiny_v2, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(weights.CheckpointError, match="model.safetensors: cannot read"):
         model.Dragonfly.from_pretrained(tmp_path)
+
+
+def test_loss_is_next_token_cross_entropy_on_supervised_positions_only(tiny_v2):
+    tokens = torch.tensor([[128000, 40, 1097, 264, 8415], [128000, 9906, 11, 1917, 0]])
+    labels = torch.tensor([[-100, -100, 1097, 264, -100], [-100, 9906, -100, 1917, 0]])
+    with torch.no_grad():
+        logits, _ = tiny_v2(tokens)
+        ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
+                                                ignore_index=-100, reduction="sum")
+        _, total = tiny_v2(tokens, labels=labels, reduction="sum")
+        _, mean = tiny_v2(tokens, labels=labels)
+    torch.testing.assert_close(total, ref)
+    torch.testing.assert_close(mean, ref / 5)
