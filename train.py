@@ -109,7 +109,7 @@ def tiny_config(low_only=False) -> M.DragonflyConfig:
     cfg = M.v2_config(vit.ViTConfig(112, 14, 64, 3, 1, 256),
                       llama.LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
                                         tie_embeddings=True, max_seq_len=1024))
-    cfg = replace(cfg, crops=replace(crops.V2, size=112), medium_pool=4, high_pool=4)
+    cfg = replace(cfg, crops=replace(crops.V2, size=112), low_pool=4, medium_pool=4, high_pool=4)
     if low_only:
         cfg = replace(cfg, crops=replace(cfg.crops, medium=False, high=False))
     return cfg
@@ -130,13 +130,16 @@ def setup_distributed():
 
 
 def init_weights(model):
-    """A fresh model's initialisation (GPT-2 style): N(0, 0.02) matrices and embeddings, zero
-    biases, unit norms. PyTorch's default N(0, 1) embedding would start the loss far above ln(vocab)."""
+    """A fresh model's initialisation: matrices N(0, 1/fan_in) (so activations keep their scale
+    at any width; GPT-2's fixed 0.02 suits width ~768 and starves a 32-wide model of signal),
+    embeddings N(0, 0.02) (the initial loss is then ~ln(vocab)), zero biases, unit norms."""
     for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv2d)):
-            torch.nn.init.normal_(m.weight, std=0.02)
-            if getattr(m, "bias", None) is not None:
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
+            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
+            if m.bias is not None:
                 torch.nn.init.zeros_(m.bias)
+        elif isinstance(m, torch.nn.Embedding):
+            torch.nn.init.normal_(m.weight, std=0.02)
     return model
 
 

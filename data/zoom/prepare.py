@@ -27,7 +27,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script
 from data.formats import format_chat  # noqa: E402
 
 SIZE = 672
-DISTRACTORS = (0, 0)   # how many dark non-digit marks, (min, max)
 QUESTIONS = ("What digit is written in the image?",
              "Which digit appears in this picture?",
              "Read the small digit in the image. Which one is it?")
@@ -67,7 +66,7 @@ def draw_sample(rng: random.Random, digit: int | None = None):
     box = (x + left, y + top, x + right, y + bottom)
 
     placed = [box]
-    for _ in range(rng.randint(*DISTRACTORS)):               # distractors: not digits
+    for _ in range(rng.randint(2, 3)):                       # distractors: not digits
         for _attempt in range(50):
             cx, cy, r = rng.randint(20, SIZE - 20), rng.randint(20, SIZE - 20), rng.randint(4, 8)
             mark = (cx - r, cy - r, cx + r, cy + r)
