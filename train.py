@@ -207,7 +207,7 @@ def lr_at(step, total, cfg: TrainConfig):
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
-def save_checkpoint(out: Path, step, model, optim, sampler_state, rank):
+def save_checkpoint(out: Path, step, model, optim, scheduler, sampler_state, rank):
     """model + optimizer through torch.distributed.checkpoint (sharded), the rest per rank;
     written to step_N.tmp and renamed, and `latest` is replaced atomically afterwards."""
     final, tmp = out / f"step_{step:07d}", out / f"step_{step:07d}.tmp"
@@ -216,7 +216,7 @@ def save_checkpoint(out: Path, step, model, optim, sampler_state, rank):
     barrier()
     msd, osd = get_state_dict(model, optim)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    extra = {"step": step, "sampler": sampler_state, "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+    extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
              "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
     torch.save(extra, tmp / f"extra_rank{rank}.pt")
     barrier()
@@ -229,13 +229,14 @@ def save_checkpoint(out: Path, step, model, optim, sampler_state, rank):
     barrier()
 
 
-def load_checkpoint(out: Path, model, optim, rank):
+def load_checkpoint(out: Path, model, optim, scheduler, rank):
     path = out / (out / "latest").read_text().strip()
     msd, osd = get_state_dict(model, optim)
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     extra = torch.load(path / f"extra_rank{rank}.pt", weights_only=False)
+    scheduler.load_state_dict(extra["scheduler"])
     torch.set_rng_state(extra["rng"]["torch"])
     np.random.set_state(extra["rng"]["numpy"])
     random.setstate(extra["rng"]["python"])
@@ -302,11 +303,8 @@ def main(argv=None):
 
     step = 0
     if cfg.resume and (out / "latest").exists():
-        step, sampler_state = load_checkpoint(out, model, optim, rank)
+        step, sampler_state = load_checkpoint(out, model, optim, scheduler, rank)
         sampler.load_state(sampler_state)
-        scheduler.last_epoch = step
-        for g, lr in zip(optim.param_groups, scheduler.get_lr()):
-            g["lr"] = lr
         if rank == 0:
             print(f"resumed from step {step}", file=sys.stderr)
 
@@ -391,7 +389,7 @@ def main(argv=None):
             dist.all_reduce(flag)
             interrupted = bool(flag.item())
         if interrupted or step % cfg.save_every == 0 or step == total:
-            save_checkpoint(out, step, model, optim, sampler_state, rank)
+            save_checkpoint(out, step, model, optim, scheduler, sampler_state, rank)
         if interrupted:
             if rank == 0:
                 print(f"\nstopped at step {step}; continue with --resume", file=sys.stderr)
