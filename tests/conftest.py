@@ -23,3 +23,19 @@ def tiny_v2():
     cfg = model.v2_config(vit.ViTConfig(336, 14, 64, 2, 1, 128),
                           llama.LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=128, vocab_size=128256))
     return model.Dragonfly(cfg).eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tiny_v2, tmp_path_factory):
+    """tiny_v2 saved as a checkpoint directory with Meta's Llama-3 tokenizer.model, its context
+    cut to 2200 positions so that a long prompt overflows it."""
+    from dataclasses import replace
+    import shutil
+    import model
+    llama_models = pytest.importorskip("llama_models")
+    path = tmp_path_factory.mktemp("ckpt")
+    small = model.Dragonfly(replace(tiny_v2.cfg, llm=replace(tiny_v2.cfg.llm, max_seq_len=2200)))
+    small.load_state_dict(tiny_v2.state_dict())
+    small.save_pretrained(path, dtype=torch.float32)
+    shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", path / "tokenizer.model")
+    return path

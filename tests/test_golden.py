@@ -8,7 +8,6 @@ rounding differs from ours by ~1e-6)."""
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import model
 import pool

@@ -1,14 +1,10 @@
 """sample.py as a user runs it: streaming, --json, and one-line errors for bad input."""
 import json
-import shutil
 import subprocess
 import sys
-from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 import model
@@ -16,16 +12,10 @@ from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_v2, tmp_path_factory):
-    llama_models = pytest.importorskip("llama_models")
-    path = tmp_path_factory.mktemp("ckpt")
-    small = model.Dragonfly(replace(tiny_v2.cfg, llm=replace(tiny_v2.cfg.llm, max_seq_len=2200)))
-    small.load_state_dict(tiny_v2.state_dict())
-    small.save_pretrained(path, dtype=torch.float32)
-    shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", path / "tokenizer.model")
+def checkpoint(checkpoint_dir):
     rng = np.random.default_rng(1)
-    Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(path / "image.png")
-    return path
+    Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)).save(checkpoint_dir / "image.png")
+    return checkpoint_dir
 
 
 def run(*args):
