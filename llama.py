@@ -215,6 +215,11 @@ class Llama(nn.Module):
 
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
         p = self.lm_head.weight
+        if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings:
+            # Each decoded token is one product with the (vocab, dim) output matrix, the largest
+            # read of the step; CPU BLAS runs it ~1.4x faster on column-major storage (bench.py).
+            # Same values, same shape: only the memory order changes, once.
+            p.data = p.data.t().contiguous().t()
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim,
                                        dtype or p.dtype, device or p.device)

@@ -93,7 +93,10 @@ def test_save_and_load_round_trip_gives_identical_logits(tiny_v2, crops, tmp_pat
     tiny_v2.save_pretrained(tmp_path, dtype=torch.float32)
     loaded = model.Dragonfly.from_pretrained(tmp_path)
     tokens, pixels = torch.tensor([[128000, 40, 1097]]), torch.from_numpy(crops.pixels)[None]
-    assert torch.equal(tiny_v2(tokens, pixels)[0], loaded(tokens, pixels)[0])
+    assert all(torch.equal(p, q) for p, q in zip(tiny_v2.parameters(), loaded.parameters()))
+    # generate() may have stored tiny_v2's output matrix column-major (llama.setup_cache): equal
+    # values, but BLAS may sum in another order, so logits agree to float32 rounding, not bitwise
+    torch.testing.assert_close(tiny_v2(tokens, pixels)[0], loaded(tokens, pixels)[0], atol=1e-5, rtol=0)
 
 
 def test_loading_from_meta_allocates_in_the_target_dtype(tiny_v2, tmp_path):
