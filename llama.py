@@ -139,8 +139,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # (B, kv, start+T, d)
+        if T == 1:
+            # One new token: the query heads sharing a kv head become rows of one product against
+            # that head's cache, (B, kv, heads/kv, d), instead of copying the cache per head.
+            y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
+            return self.o_proj(y.reshape(B, 1, -1))
         # A fresh causal prefill takes the fused causal path; otherwise `mask` says what is visible.
-        causal = mask is None and start == 0 and T > 1
+        causal = mask is None and start == 0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -50,7 +50,10 @@ PRESETS = {
 
 def quick_gelu(x):
     # CLIP was trained with this sigmoid approximation of GELU; the exact GELU changes outputs.
-    return x * torch.sigmoid(1.702 * x)
+    if torch.is_grad_enabled():
+        return x * torch.sigmoid(1.702 * x)
+    # inference: one temporary instead of three (the MLP activations are the ViT's largest tensors)
+    return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 
 class Attention(nn.Module):
