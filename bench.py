@@ -6,6 +6,7 @@ not depend on their values. Times are medians over --repeats runs after --warmup
     python bench.py                                                  # small model, CPU
     python bench.py --config full --device cuda --dtype bfloat16     # the released 8B shape
     python bench.py --json out/bench.json
+    python bench.py --config full --write-checkpoint /tmp/df8b && python bench.py --load-memory /tmp/df8b
 
 What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   crops    crops.make_crops on the PIL image: best-fit grids, bicubic resizes, 41 tiles, CLIP
@@ -132,6 +133,63 @@ def time_generate(model, prompt, crops=None, new_tokens=64):
     return t1 - t0, (t2 - t1) / new_tokens, ids
 
 
+def write_random_checkpoint(path, cfg) -> int:
+    """A checkpoint in the release's layout (config.json, two pickled .bin shards + index) with
+    `cfg`'s shapes and constant values, written shard by shard; returns its size in bytes."""
+    import json
+    from pathlib import Path
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        names = Dragonfly(cfg).checkpoint_names()
+        shapes = {names[n]: p.shape for n, p in Dragonfly(cfg).named_parameters()}
+    keys, weight_map, total = list(shapes), {}, 0
+    for i, part in enumerate([keys[:len(keys) // 2], keys[len(keys) // 2:]]):
+        name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
+        shard = {k: torch.full(shapes[k], 0.01, dtype=torch.bfloat16) for k in part}
+        torch.save(shard, path / name)
+        total += sum(t.numel() * 2 for t in shard.values())
+        weight_map.update({k: name for k in part})
+        del shard
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    c = cfg.llm
+    (path / "config.json").write_text(json.dumps({
+        "architectures": ["DragonflyForCausalLM"], "model_type": "dragonfly", "hidden_size": c.dim,
+        "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
+        "num_key_value_heads": c.n_kv_heads, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
+        "rope_scaling": None, "max_position_embeddings": c.max_seq_len, "vocab_size": c.vocab_size,
+        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "text_config": {"model_type": "llama"}}))
+    return total
+
+
+def load_memory(path, dtype=torch.bfloat16) -> dict:
+    """Load a checkpoint with Dragonfly.from_pretrained while sampling this process's memory
+    (Linux /proc): peak resident anonymous memory (what loading needs) and peak resident total,
+    which also counts pages of the memory-mapped weight files (page cache, reclaimable)."""
+    import threading
+    peak, done = {"RssAnon": 0, "VmRSS": 0}, threading.Event()
+
+    def watch():
+        while not done.is_set():
+            for line in open("/proc/self/status"):
+                key = line.split(":")[0]
+                if key in peak:
+                    peak[key] = max(peak[key], int(line.split()[1]) * 1024)
+            time.sleep(0.02)
+    thread = threading.Thread(target=watch)
+    thread.start()
+    t0 = time.perf_counter()
+    model = Dragonfly.from_pretrained(path, dtype=dtype)
+    seconds = time.perf_counter() - t0
+    done.set()
+    thread.join()
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {"seconds": round(seconds, 1), "model_gib": round(size / 2**30, 2),
+            "peak_anon_gib": round(peak["RssAnon"] / 2**30, 2), "peak_rss_gib": round(peak["VmRSS"] / 2**30, 2),
+            "anon_over_model": round(peak["RssAnon"] / size, 2), "rss_over_model": round(peak["VmRSS"] / size, 2)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=list(CONFIGS))
@@ -144,7 +202,16 @@ def main(argv=None):
     p.add_argument("--context-tokens", type=int, default=16, help="decode steps timed at each context length")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="also write the numbers to this file")
+    p.add_argument("--write-checkpoint", metavar="DIR", help="write a random checkpoint of --config's shape "
+                   "in the release's .bin layout (full: ~16 GB) and exit")
+    p.add_argument("--load-memory", metavar="DIR", help="measure the memory of loading DIR in bfloat16 and exit")
     args = p.parse_args(argv)
+    if args.write_checkpoint:
+        print(f"{write_random_checkpoint(args.write_checkpoint, CONFIGS[args.config]()) / 2**30:.2f} GiB written")
+        return
+    if args.load_memory:
+        print(json.dumps(load_memory(args.load_memory)))
+        return
     torch.set_num_threads(args.threads)
     cfg, cuda = CONFIGS[args.config](), torch.device(args.device).type == "cuda"
     contexts = [int(n) for n in args.contexts.split(",") if n]
