@@ -104,12 +104,15 @@ def parse_config(argv=None) -> TrainConfig:
 
 
 def tiny_config(low_only=False) -> M.DragonflyConfig:
-    """The zoom demo's model: 112 px crops (medium 224, high 672), a 4-block ViT, a 2-layer
-    Llama with the real Llama-3 vocabulary and tied embeddings so the checkpoint stays small."""
-    cfg = M.v2_config(vit.ViTConfig(112, 14, 64, 3, 1, 256),
+    """The zoom demo's model: 56 px crops (medium 112, high 336) cut into 7 px patches, a 3-block
+    ViT read at block 2, a 2-layer Llama with the real Llama-3 vocabulary and tied embeddings so
+    the checkpoint stays small. The medium and high crops pool their 8x8 grids to 2x2: the zoom
+    data repeat the answer all over the page, so averaging loses nothing and the LLM reads
+    258 image positions instead of 738."""
+    cfg = M.v2_config(vit.ViTConfig(56, 7, 64, 3, 1, 256),
                       llama.LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
                                         tie_embeddings=True, max_seq_len=1024))
-    cfg = replace(cfg, crops=replace(crops.V2, size=112), low_pool=4, medium_pool=4, high_pool=4)
+    cfg = replace(cfg, crops=replace(crops.V2, size=56), low_pool=4, medium_pool=2, high_pool=2)
     if low_only:
         cfg = replace(cfg, crops=replace(cfg.crops, medium=False, high=False))
     return cfg

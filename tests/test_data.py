@@ -5,6 +5,7 @@ import random
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -258,12 +259,14 @@ def test_zoom_prepare_is_deterministic_and_readable_by_the_dataset(tok, tmp_path
     assert tok.decode(sample["labels"][sample["labels"] != IGNORE].tolist())[0] in "0123456789"
 
 
-def test_zoom_digit_lies_inside_the_image():
+def test_zoom_pages_look_the_same_to_the_low_crop_whatever_the_digit():
     from data.zoom import prepare as zoom
-    for k in range(20):
-        img, digit, (x0, y0, x1, y1) = zoom.draw_sample(random.Random(k))
-        assert img.size == (672, 672) and 0 <= digit <= 9
-        assert 0 <= x0 < x1 <= 672 and 0 <= y0 < y1 <= 672 and 15 <= y1 - y0 <= 19
+    for k in range(5):
+        pages = [zoom.draw_sample(random.Random(k), digit=d) for d in range(10)]   # same layout and colours
+        assert all(img.size == (336, 336) and digit == d for d, (img, digit, _) in enumerate(pages))
+        assert pages[0][2].any() and len({int(ink.sum()) for _, _, ink in pages}) == 1   # equal ink per glyph
+        means = [tuple(np.asarray(img).reshape(-1, 3).sum(0)) for img, _, _ in pages]
+        assert len(set(means)) == 1
 
 
 def test_llava_prepare_writes_release_records_and_counts_missing_images(tmp_path):

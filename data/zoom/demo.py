@@ -2,10 +2,10 @@
 
     python data/zoom/demo.py            # ~15 min on 2 CPU cores
 
-1. generates the synthetic Zoom dataset (prepare.py: a ~17 px digit somewhere in a 672 px image);
+1. generates the synthetic Zoom dataset (prepare.py: a 336 px page printed in one 5x6 px digit);
 2. trains the `tiny` model twice with the same budget (same data, steps, batch, lr, seed):
-   low resolution only (the paper's "L": one 112 px view of the whole image), and
-   low + medium + high (the paper's "L+M+H": + 4 crops of 224 px and 36 crops of 672 px);
+   low resolution only (the paper's "L": one 56 px view of the whole page), and
+   low + medium + high (the paper's "L+M+H": + 4 crops of 112 px and 36 crops of 336 px);
 3. scores both on the held-out split with `eval.py --task zoom`;
 4. writes data/zoom/results.json and data/zoom/results.png (accuracy bars + loss curves).
 
@@ -74,8 +74,8 @@ def main(argv=None):
     p.add_argument("--ship", action="store_true", help="copy the L+M+H model to checkpoints/zoom-tiny")
     args = p.parse_args(argv)
     out, t0 = Path(args.out), time.time()
-    if not (HERE / "test.jsonl").exists():
-        run(["data/zoom/prepare.py", "--out", str(HERE), "--train", "4000", "--test", "500", "--seed", "0"])
+    # always regenerated (~10 s, byte-identical): stale files from an older prepare.py would be reused otherwise
+    run(["data/zoom/prepare.py", "--out", str(HERE), "--train", "4000", "--test", "500", "--seed", "0"])
     results = {}
     for name, flags in VARIANTS.items():
         run_dir = out / ("low" if flags else "zoom")
