@@ -348,7 +348,7 @@ class Dragonfly(nn.Module):
                 "num_key_value_heads": c.n_kv_heads, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
                 "rope_scaling": c.rope_scaling, "max_position_embeddings": c.max_seq_len,
                 "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings}
-        hf = {"architectures": ["DragonflyForCausalLM"], "model_type": "dragonfly", **text,
+        hf = {"architectures": ["DragonflyForCausalLM"], **text, "model_type": "dragonfly",
               "bos_token_id": 128000, "eos_token_id": 128001, "text_config": text,
               "torch_dtype": str(dtype).removeprefix("torch."),
               "dragonfly_nano": config_to_dict(self.cfg)}

@@ -154,3 +154,12 @@ def test_loss_is_next_token_cross_entropy_on_supervised_positions_only(tiny_v2):
         _, mean = tiny_v2(tokens, labels=labels)
     torch.testing.assert_close(total, ref)
     torch.testing.assert_close(mean, ref / 5)
+
+
+def test_saved_config_has_the_release_fields(tiny_v2, tmp_path):
+    import json
+    tiny_v2.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["architectures"] == ["DragonflyForCausalLM"] and cfg["model_type"] == "dragonfly"
+    assert cfg["text_config"]["model_type"] == "llama" and cfg["rope_scaling"] is None
+    assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["vocab_size"]) == (128000, 128001, 128256)
