@@ -57,7 +57,7 @@ class TrainConfig:
     clip: str = ""                # OpenAI CLIP directory (stage 1 from backbones)
     llama: str = ""               # Hugging Face Llama-3 directory (stage 1 from backbones)
     tokenizer: str = ""           # tokenizer file/dir; default: --init, then --llama
-    data: str = ""
+    data: str = ""                # records file, or a folder holding train.jsonl (data/zoom)
     images: str = ""
     text_data: str = ""           # text-only conversations, mixed in at --text-prob
     text_prob: float = 0.0        # the release used 0.1 in stage 2
@@ -292,8 +292,9 @@ def main(argv=None):
 
     tok_path = find_tokenizer(cfg)
     tok = Tokenizer.from_file(tok_path)
-    images_dir = cfg.images or str(Path(cfg.data).parent)
-    dataset = VLDataset(cfg.data, images_dir, tok, mcfg.crops, M.image_positions(mcfg), max_seq=cfg.max_seq,
+    data = Path(cfg.data) / "train.jsonl" if Path(cfg.data).is_dir() else Path(cfg.data)  # a file, or a prepared folder
+    images_dir = cfg.images or str(data.parent)
+    dataset = VLDataset(data, images_dir, tok, mcfg.crops, M.image_positions(mcfg), max_seq=cfg.max_seq,
                         loss_on=cfg.loss_on, text_path=cfg.text_data or None, text_prob=cfg.text_prob, seed=cfg.seed)
     per_step = cfg.micro_batch * world
     if cfg.batch_size % per_step:

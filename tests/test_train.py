@@ -64,6 +64,11 @@ def test_pretrain_stage_trains_only_the_projection(zoom_data, tmp_path):
             assert not p.requires_grad
 
 
+def test_data_may_be_a_prepared_folder(zoom_data, tmp_path):
+    train.main([*COMMON, "--data", str(zoom_data), "--out", str(tmp_path), "--max-steps", "1"])
+    assert len(losses(tmp_path)) == 1
+
+
 def test_frozen_weights_are_not_in_the_optimizer(zoom_data, tmp_path):
     m = train.init_weights(M.Dragonfly(train.tiny_config()))
     train.freeze(m, ("projection", "vision"))
