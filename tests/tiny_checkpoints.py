@@ -64,6 +64,21 @@ class _Init:
         return 1.0 + self.normal((n,), 0.1)
 
 
+def _clip_layer(sd, init, p, w, mlp, qk_std=0.02, fc1_std=0.02):
+    """One CLIP encoder layer (vision and text towers share the names)."""
+    for name, std in (("q_proj", qk_std), ("k_proj", qk_std), ("v_proj", 0.02), ("out_proj", 0.02)):
+        sd[p + f"self_attn.{name}.weight"] = init.normal((w, w), std)
+        sd[p + f"self_attn.{name}.bias"] = init.normal((w,), 0.02)
+    sd[p + "layer_norm1.weight"] = init.norm(w)
+    sd[p + "layer_norm1.bias"] = init.normal((w,), 0.02)
+    sd[p + "mlp.fc1.weight"] = init.normal((mlp, w), fc1_std)
+    sd[p + "mlp.fc1.bias"] = init.normal((mlp,), 0.02)
+    sd[p + "mlp.fc2.weight"] = init.normal((w, mlp), 0.02)
+    sd[p + "mlp.fc2.bias"] = init.normal((w,), 0.02)
+    sd[p + "layer_norm2.weight"] = init.norm(w)
+    sd[p + "layer_norm2.bias"] = init.normal((w,), 0.02)
+
+
 def _vision_tower(init, prefix, image_size, patch_size, position_ids=False):
     w, mlp, layers = VISION["hidden_size"], VISION["intermediate_size"], VISION["num_hidden_layers"]
     n_pos = (image_size // patch_size) ** 2 + 1
@@ -77,18 +92,7 @@ def _vision_tower(init, prefix, image_size, patch_size, position_ids=False):
     sd[prefix + "pre_layrnorm.weight"] = init.norm(w)  # sic: the CLIP spelling
     sd[prefix + "pre_layrnorm.bias"] = init.normal((w,), 0.02)
     for i in range(layers):
-        p = f"{prefix}encoder.layers.{i}."
-        for name, std in (("q_proj", 0.1), ("k_proj", 0.1), ("v_proj", 0.02), ("out_proj", 0.02)):
-            sd[p + f"self_attn.{name}.weight"] = init.normal((w, w), std)
-            sd[p + f"self_attn.{name}.bias"] = init.normal((w,), 0.02)
-        sd[p + "layer_norm1.weight"] = init.norm(w)
-        sd[p + "layer_norm1.bias"] = init.normal((w,), 0.02)
-        sd[p + "mlp.fc1.weight"] = init.normal((mlp, w), 0.06)
-        sd[p + "mlp.fc1.bias"] = init.normal((mlp,), 0.02)
-        sd[p + "mlp.fc2.weight"] = init.normal((w, mlp), 0.02)
-        sd[p + "mlp.fc2.bias"] = init.normal((w,), 0.02)
-        sd[p + "layer_norm2.weight"] = init.norm(w)
-        sd[p + "layer_norm2.bias"] = init.normal((w,), 0.02)
+        _clip_layer(sd, init, f"{prefix}encoder.layers.{i}.", w, mlp, qk_std=0.1, fc1_std=0.06)
     sd[prefix + "post_layernorm.weight"] = init.norm(w)
     sd[prefix + "post_layernorm.bias"] = init.normal((w,), 0.02)
     return sd
@@ -102,18 +106,7 @@ def _clip_text_tower(init, proj_dim):
     sd["text_model.embeddings.position_embedding.weight"] = init.normal((t["max_position_embeddings"], w), 0.02)
     sd["text_model.embeddings.position_ids"] = torch.arange(t["max_position_embeddings"], dtype=torch.int64)[None]
     for i in range(t["num_hidden_layers"]):
-        p = f"text_model.encoder.layers.{i}."
-        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            sd[p + f"self_attn.{name}.weight"] = init.normal((w, w), 0.02)
-            sd[p + f"self_attn.{name}.bias"] = init.normal((w,), 0.02)
-        sd[p + "layer_norm1.weight"] = init.norm(w)
-        sd[p + "layer_norm1.bias"] = init.normal((w,), 0.02)
-        sd[p + "mlp.fc1.weight"] = init.normal((mlp, w), 0.02)
-        sd[p + "mlp.fc1.bias"] = init.normal((mlp,), 0.02)
-        sd[p + "mlp.fc2.weight"] = init.normal((w, mlp), 0.02)
-        sd[p + "mlp.fc2.bias"] = init.normal((w,), 0.02)
-        sd[p + "layer_norm2.weight"] = init.norm(w)
-        sd[p + "layer_norm2.bias"] = init.normal((w,), 0.02)
+        _clip_layer(sd, init, f"text_model.encoder.layers.{i}.", w, mlp)
     sd["text_model.final_layer_norm.weight"] = init.norm(w)
     sd["text_model.final_layer_norm.bias"] = init.normal((w,), 0.02)
     sd["visual_projection.weight"] = init.normal((proj_dim, VISION["hidden_size"]), 0.02)
