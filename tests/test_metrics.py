@@ -231,7 +231,7 @@ def test_meteor_without_java_raises_a_clear_error(monkeypatch):
 
 
 @pytest.mark.skipif(not os.environ.get("METRICS_METEOR"),
-                    reason="METEOR starts a Java VM (~20 s): set METRICS_METEOR=1 to run it")
+                    reason="METEOR needs java and pycocoevalcap (not in tests/requirements.txt): set METRICS_METEOR=1 to run it")
 def test_meteor_of_identical_captions_is_high():
     try:
         score = meteor({0: ["a cat sits on a mat"]}, {0: ["a cat sits on a mat"]})
