@@ -144,7 +144,9 @@ def write_random_checkpoint(path, cfg) -> int:
         names = Dragonfly(cfg).checkpoint_names()
         shapes = {names[n]: p.shape for n, p in Dragonfly(cfg).named_parameters()}
     keys, weight_map, total = list(shapes), {}, 0
-    for i, part in enumerate([keys[:len(keys) // 2], keys[len(keys) // 2:]]):
+    sizes = [shapes[k].numel() * 2 for k in keys]
+    half = next(i for i in range(len(keys)) if sum(sizes[:i + 1]) > sum(sizes) / 2)  # equal bytes
+    for i, part in enumerate([keys[:half], keys[half:]]):
         name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
         shard = {k: torch.full(shapes[k], 0.01, dtype=torch.bfloat16) for k in part}
         torch.save(shard, path / name)

@@ -6,13 +6,16 @@ shards listed by an index (`model.safetensors.index.json`, `pytorch_model.bin.in
 whose `weight_map` maps every tensor name to its shard). The released Dragonfly weights are
 pickled `.bin` shards; pickles are only ever opened with `torch.load(weights_only=True)`.
 
-Loading copies one shard at a time into an already-allocated model (built on the meta device,
-then materialised in the target dtype), so peak memory is the model plus one memory-mapped shard,
-never a full float32 copy. Every error names the tensor and the file it came from.
+Loading copies one tensor at a time into an already-allocated model (built on the meta device,
+then materialised in the target dtype), so peak memory is the model plus one tensor, never a
+full float32 copy: `.bin` shards are memory-mapped and each tensor's file pages are given back
+to the kernel once it has been copied (see `drop_pages`). Every error names the tensor and the file it came from.
 
 `python weights.py SRC DST` converts a `.bin` directory to safetensors, shard by shard.
 """
+import ctypes
 import json
+import mmap
 import os
 import shutil
 import sys
@@ -64,14 +67,34 @@ def iter_file(file: Path):
                     yield k, f.get_tensor(k)
             return
         try:
-            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            state, mapped = torch.load(file, map_location="cpu", weights_only=True, mmap=True), True
         except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
-            state = torch.load(file, map_location="cpu", weights_only=True)
+            state, mapped = torch.load(file, map_location="cpu", weights_only=True), False
     except Exception as e:
         raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
-    yield from state.items()
+    for k, t in state.items():
+        yield k, t
+        if mapped:  # the caller is done with t: without this the whole shard stays resident
+            drop_pages(t)
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+MADV_DONTNEED = 4
+
+
+def drop_pages(t: torch.Tensor):
+    """Unmap the resident pages of a tensor that lives in a private read-only file mapping
+    (`torch.load(mmap=True)`). The data stays correct: touching it again reads the file anew.
+    Only whole pages inside the tensor are dropped. Linux only; elsewhere a no-op."""
+    if _LIBC is None or not t.is_contiguous() or t.numel() == 0:
+        return
+    start = t.data_ptr()
+    end = start + t.numel() * t.element_size()
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _LIBC.madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), MADV_DONTNEED)
 
 
 def read_shapes(path) -> dict:

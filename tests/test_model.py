@@ -1,5 +1,7 @@
 """model.py: the image block layout, generation, and checkpoint round trips (random tiny models;
 numbers against the reference implementation are in test_golden.py)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -141,6 +143,31 @@ def test_unreadable_weight_file_is_named(tiny_v2, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(weights.CheckpointError, match="model.safetensors: cannot read"):
         model.Dragonfly.from_pretrained(tmp_path)
+
+
+def resident_file_pages():
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux /proc")
+def test_bin_shard_pages_are_given_back_after_each_tensor(tmp_path):
+    data = {f"w{i}": torch.randn(1024, 1024) for i in range(4)}  # 4 x 4 MiB
+    torch.save(data, tmp_path / "pytorch_model.bin")
+    gone = []
+    for key, t in weights.iter_file(tmp_path / "pytorch_model.bin"):
+        before = resident_file_pages()
+        t.sum()  # fault the whole tensor in
+        touched = resident_file_pages()
+        gone.append((key, touched - before))
+        assert torch.equal(t, data[key])
+    after = resident_file_pages()
+    # each tensor's 4 MiB came in when read and went out once the loop moved on (without
+    # drop_pages the pages stay resident until the whole shard is released)
+    assert all(grew > 3 * 2**20 for _, grew in gone)
+    assert touched - after > 3 * 2**20
+    # and the data still reads back correctly from the file
+    for key, t in weights.iter_file(tmp_path / "pytorch_model.bin"):
+        assert torch.equal(t, data[key])
 
 
 def test_loss_is_next_token_cross_entropy_on_supervised_positions_only(tiny_v2):
