@@ -36,6 +36,7 @@ from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import tiny_checkpoints as tc  # noqa: E402
+from make_golden_crops import best_fit  # noqa: E402  (LLaVA-NeXT select_best_resolution)
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
@@ -181,19 +182,6 @@ def load_dragonfly(d):
     assert torch.allclose(llm.model.rotary_emb.inv_freq, want), "rope_theta/rope_scaling not as released"
     vision.eval(), llm.eval()
     return vision, llm, sd["vision_embed_tokens.weight"], sd["vision_embed_tokens.bias"]
-
-
-def best_fit(size, candidates):
-    """LLaVA-NeXT select_best_resolution: largest effective area, ties to least waste, then first."""
-    w, h = size
-    best, best_eff, best_waste = None, 0, float("inf")
-    for cw, ch in candidates:
-        scale = min(cw / w, ch / h)
-        eff = min(int(w * scale) * int(h * scale), w * h)
-        waste = cw * ch - eff
-        if eff > best_eff or (eff == best_eff and waste < best_waste):
-            best, best_eff, best_waste = (cw, ch), eff, waste
-    return best
 
 
 def tiles(img, se):

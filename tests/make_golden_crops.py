@@ -31,6 +31,7 @@ V1_HIGH = [(6, 4), (4, 6), (3, 8), (8, 3), (2, 12), (12, 2)]
 
 
 def best_fit(size, candidates):
+    """LLaVA-NeXT select_best_resolution: largest effective area, ties to least waste, then first."""
     w, h = size
     best, most, least = None, 0, float("inf")
     for cw, ch in candidates:
