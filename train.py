@@ -177,17 +177,24 @@ def freeze(model, trainable):
         for name in M.PARTS[switch]:
             if getattr(model, name, None) is not None:
                 getattr(model, name).requires_grad_(True)
-    layer, n_blocks = model.cfg.vision_layer, model.cfg.vit.layers
-    for block in model.vision.blocks[layer if layer >= 0 else n_blocks + 1 + layer:]:
+    for block in model.vision.blocks[vit_blocks_run(model):]:
         block.requires_grad_(False)
     model.vision.ln_post.requires_grad_(False)
 
 
-def shard(model, device, dtype):
-    """FSDP2: one unit per ViT block and per Llama block, then the rest at the root."""
+def vit_blocks_run(model) -> int:
+    """How many ViT blocks run: those up to the feature layer (`cfg.vision_layer`, -2 = penultimate)."""
+    layer, n_blocks = model.cfg.vision_layer, model.cfg.vit.layers
+    return layer if layer >= 0 else n_blocks + 1 + layer
+
+
+def shard(model, dtype):
+    """FSDP2: one unit per ViT block that runs and per Llama block, then the rest at the root
+    (with the ViT blocks that never run: a unit whose forward never runs breaks FSDP2's
+    mixed-precision backward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if device.type == "cuda" else MixedPrecisionPolicy()
-    for block in [*model.vision.blocks, *model.llm.layers]:
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # fp32 master weights and reduction
+    for block in [*model.vision.blocks[:vit_blocks_run(model)], *model.llm.layers]:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model
@@ -285,7 +292,7 @@ def main(argv=None):
     for block in [*model.vision.blocks, *model.llm.layers]:
         block.grad_checkpoint = cfg.grad_checkpoint
     if world > 1:
-        model = shard(model, device, dtype)
+        model = shard(model, dtype)
     model.train()
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                               fused=device.type == "cuda")
@@ -336,7 +343,8 @@ def main(argv=None):
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage)
     skipped, truncated = Counter(), 0
-    autocast = torch.autocast("cuda", dtype=dtype) if device.type == "cuda" and world == 1 else torch.autocast("cpu", enabled=False)
+    # one process has no FSDP to cast for it: autocast gives the same bf16 compute on fp32 weights
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=world == 1 and dtype != torch.float32)
     while step < total:
         t0 = time.time()
         group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
