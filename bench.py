@@ -20,11 +20,13 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
+import itertools
 import json
 import os
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,7 +36,7 @@ from PIL import Image
 import crops as crops_lib
 import llama
 import vit
-from model import Dragonfly, build, image_positions, v2_config
+from model import Dragonfly, build, image_positions, release_config, v2_config
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
     "small": lambda: v2_config(vit.ViTConfig(336, 14, 384, 6, 6, 1536),
@@ -136,32 +138,22 @@ def time_generate(model, prompt, crops=None, new_tokens=64):
 def write_random_checkpoint(path, cfg) -> int:
     """A checkpoint in the release's layout (config.json, two pickled .bin shards + index) with
     `cfg`'s shapes and constant values, written shard by shard; returns its size in bytes."""
-    import json
-    from pathlib import Path
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
         names = Dragonfly(cfg).checkpoint_names()
         shapes = {names[n]: p.shape for n, p in Dragonfly(cfg).named_parameters()}
-    keys, weight_map, total = list(shapes), {}, 0
-    sizes = [shapes[k].numel() * 2 for k in keys]
-    half = next(i for i in range(len(keys)) if sum(sizes[:i + 1]) > sum(sizes) / 2)  # equal bytes
+    keys, weight_map = list(shapes), {}
+    total = sum(shapes[k].numel() * 2 for k in keys)
+    half = next(i for i, done in enumerate(itertools.accumulate(shapes[k].numel() * 2 for k in keys))
+                if done > total / 2)  # two shards of equal bytes
     for i, part in enumerate([keys[:half], keys[half:]]):
         name = f"pytorch_model-{i + 1:05d}-of-00002.bin"
-        shard = {k: torch.full(shapes[k], 0.01, dtype=torch.bfloat16) for k in part}
-        torch.save(shard, path / name)
-        total += sum(t.numel() * 2 for t in shard.values())
+        torch.save({k: torch.full(shapes[k], 0.01, dtype=torch.bfloat16) for k in part}, path / name)
         weight_map.update({k: name for k in part})
-        del shard
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    c = cfg.llm
-    (path / "config.json").write_text(json.dumps({
-        "architectures": ["DragonflyForCausalLM"], "model_type": "dragonfly", "hidden_size": c.dim,
-        "intermediate_size": c.ffn_dim, "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-        "num_key_value_heads": c.n_kv_heads, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-        "rope_scaling": None, "max_position_embeddings": c.max_seq_len, "vocab_size": c.vocab_size,
-        "tie_word_embeddings": False, "bos_token_id": 128000, "eos_token_id": 128001, "text_config": {"model_type": "llama"}}))
+    (path / "config.json").write_text(json.dumps(release_config(cfg.llm)))
     return total
 
 

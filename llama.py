@@ -59,6 +59,14 @@ class LlamaConfig:
                    rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", d.max_seq_len),
                    tie_embeddings=hf.get("tie_word_embeddings", d.tie_embeddings))
 
+    def to_hf(self) -> dict:
+        """The Hugging Face LlamaConfig fields (the inverse of `from_hf`)."""
+        return {"model_type": "llama", "hidden_size": self.dim, "intermediate_size": self.ffn_dim,
+                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
+                "num_key_value_heads": self.n_kv_heads, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
+                "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len,
+                "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_embeddings}
+
 
 def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
     """Inverse frequencies theta^(-2i/d), i < d/2, with the llama3 rescaling when configured:

@@ -342,17 +342,17 @@ class Dragonfly(nn.Module):
         names = self.checkpoint_names()
         state = {names[n]: p.detach().to(dtype) for n, p in self.named_parameters()}
         weights.save(state, path)
-        c = self.cfg.llm
-        text = {"model_type": "llama", "hidden_size": c.dim, "intermediate_size": c.ffn_dim,
-                "num_hidden_layers": c.n_layers, "num_attention_heads": c.n_heads,
-                "num_key_value_heads": c.n_kv_heads, "rms_norm_eps": c.norm_eps, "rope_theta": c.rope_theta,
-                "rope_scaling": c.rope_scaling, "max_position_embeddings": c.max_seq_len,
-                "vocab_size": c.vocab_size, "tie_word_embeddings": c.tie_embeddings}
-        hf = {"architectures": ["DragonflyForCausalLM"], **text, "model_type": "dragonfly",
-              "bos_token_id": 128000, "eos_token_id": 128001, "text_config": text,
-              "torch_dtype": str(dtype).removeprefix("torch."),
+        hf = {**release_config(self.cfg.llm), "torch_dtype": str(dtype).removeprefix("torch."),
               "dragonfly_nano": config_to_dict(self.cfg)}
         (path / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+def release_config(llm: LlamaConfig) -> dict:
+    """The released config.json's fields: the LLM's at the top level and again as text_config,
+    model_type dragonfly. The vision tower's shape is not in it (read from the weights)."""
+    text = llm.to_hf()
+    return {"architectures": ["DragonflyForCausalLM"], **text, "model_type": "dragonfly",
+            "bos_token_id": 128000, "eos_token_id": 128001, "text_config": text}
 
 
 def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:

@@ -161,7 +161,7 @@ def flops_parts(cfg, text_tokens=0, paper=True, image=True) -> dict:
     n_image = 0
     for name, n, kept, tokens in (kept_crops(cfg) if image else []):
         v = cfg.vit_low if name == "low" and cfg.vit_low else cfg.vit
-        blocks = None if paper else (cfg.vision_layer if cfg.vision_layer >= 0 else v.layers + 1 + cfg.vision_layer)
+        blocks = None if paper else v.blocks_run(cfg.vision_layer)
         parts["vision"] += n * vit_flops(v, blocks)
         resampled = cfg.resampler and name != "low"
         if resampled and not paper:  # per layer: q, k/v over [patches; latents], scores, out, 4x MLP

@@ -177,15 +177,9 @@ def freeze(model, trainable):
         for name in M.PARTS[switch]:
             if getattr(model, name, None) is not None:
                 getattr(model, name).requires_grad_(True)
-    for block in model.vision.blocks[vit_blocks_run(model):]:
+    for block in model.vision.blocks[model.cfg.vit.blocks_run(model.cfg.vision_layer):]:
         block.requires_grad_(False)
     model.vision.ln_post.requires_grad_(False)
-
-
-def vit_blocks_run(model) -> int:
-    """How many ViT blocks run: those up to the feature layer (`cfg.vision_layer`, -2 = penultimate)."""
-    layer, n_blocks = model.cfg.vision_layer, model.cfg.vit.layers
-    return layer if layer >= 0 else n_blocks + 1 + layer
 
 
 def shard(model, dtype):
@@ -194,7 +188,8 @@ def shard(model, dtype):
     mixed-precision backward)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # fp32 master weights and reduction
-    for block in [*model.vision.blocks[:vit_blocks_run(model)], *model.llm.layers]:
+    ran = model.cfg.vit.blocks_run(model.cfg.vision_layer)
+    for block in [*model.vision.blocks[:ran], *model.llm.layers]:
         fully_shard(block, mp_policy=mp)
     fully_shard(model, mp_policy=mp)
     return model

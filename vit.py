@@ -41,6 +41,10 @@ class ViTConfig:
     def tokens(self) -> int:  # CLS + grid^2: 577 for L/14@336, 50 for B/32@224
         return 1 + self.grid ** 2
 
+    def blocks_run(self, layer: int) -> int:
+        """How many blocks run to give hidden state `layer` (-2, Dragonfly's penultimate: all but one)."""
+        return layer if layer >= 0 else self.layers + 1 + layer
+
 
 PRESETS = {
     "l14-336": ViTConfig(336, 14, 1024, 24, 16, 4096),  # openai/clip-vit-large-patch14-336 (v2)
@@ -117,7 +121,7 @@ class VisionTransformer(nn.Module):
         """Hidden state number `layer`, indexed like Hugging Face's `hidden_states`:
         0 is the embedding after pre_layrnorm, k the output of block k, -1 the last block,
         -2 the penultimate (Dragonfly). Blocks after the requested one are not run."""
-        n_blocks = layer if layer >= 0 else self.cfg.layers + 1 + layer
+        n_blocks = self.cfg.blocks_run(layer)
         if not 0 <= n_blocks <= self.cfg.layers:
             raise ValueError(f"layer {layer} out of range for a {self.cfg.layers}-block ViT")
         N, _, H, W = pixels.shape

@@ -9,7 +9,8 @@ pickled `.bin` shards; pickles are only ever opened with `torch.load(weights_onl
 Loading copies one tensor at a time into an already-allocated model (built on the meta device,
 then materialised in the target dtype), so peak memory is the model plus one tensor, never a
 full float32 copy: `.bin` shards are memory-mapped and each tensor's file pages are given back
-to the kernel once it has been copied (see `drop_pages`). Every error names the tensor and the file it came from.
+to the kernel once it has been copied (see `drop_pages`). Every error names the tensor and the
+file it came from.
 
 `python weights.py SRC DST` converts a `.bin` directory to safetensors, shard by shard.
 """
