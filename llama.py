@@ -25,6 +25,14 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+# transformers' LlamaConfig() defaults (Llama-1/2 values, not Llama-3's): a config that leaves a
+# field out gets these, as the release's `LlamaConfig(**text_config)` does.
+HF_LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                     "num_attention_heads": 32, "num_key_value_heads": None, "vocab_size": 32000,
+                     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
+                     "max_position_embeddings": 2048, "tie_word_embeddings": False}
+
+
 @dataclass
 class LlamaConfig:
     dim: int = 4096
@@ -44,20 +52,21 @@ class LlamaConfig:
         return self.dim // self.n_heads
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "LlamaConfig":
-        """From a Hugging Face LlamaConfig dict; absent fields take Hugging Face's defaults.
+    def from_hf(cls, hf: dict, defaults: dict = None) -> "LlamaConfig":
+        """From a Hugging Face config dict. Absent fields take `defaults` (Hugging Face field
+        names; default: transformers' LlamaConfig class defaults, what `LlamaConfig(**d)` gives).
         transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of
         `rope_theta` + `rope_scaling`; both spellings are read."""
-        d = cls()
+        d = HF_LLAMA_DEFAULTS if defaults is None else defaults
+        get = lambda key: hf[key] if key in hf else d[key]
         rope = hf.get("rope_parameters") or {}
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        return cls(dim=hf.get("hidden_size", d.dim), n_layers=hf.get("num_hidden_layers", d.n_layers),
-                   n_heads=hf.get("num_attention_heads", d.n_heads),
-                   n_kv_heads=hf.get("num_key_value_heads") or hf.get("num_attention_heads", d.n_heads),
-                   vocab_size=hf.get("vocab_size", d.vocab_size), ffn_dim=hf.get("intermediate_size", d.ffn_dim),
-                   norm_eps=hf.get("rms_norm_eps", d.norm_eps), rope_theta=hf.get("rope_theta") or rope.get("rope_theta", d.rope_theta),
-                   rope_scaling=scaling, max_seq_len=hf.get("max_position_embeddings", d.max_seq_len),
-                   tie_embeddings=hf.get("tie_word_embeddings", d.tie_embeddings))
+        return cls(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
+                   n_kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
+                   vocab_size=get("vocab_size"), ffn_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"),
+                   rope_theta=hf.get("rope_theta") or rope.get("rope_theta") or d["rope_theta"],
+                   rope_scaling=scaling, max_seq_len=get("max_position_embeddings"),
+                   tie_embeddings=get("tie_word_embeddings"))
 
     def to_hf(self) -> dict:
         """The Hugging Face LlamaConfig fields (the inverse of `from_hf`)."""
@@ -86,17 +95,30 @@ def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
     return (1 - smooth) * inv_freq / factor + smooth * inv_freq
 
 
-def rope_cos_sin(inv_freq, positions):
-    """cos, sin tables of shape (B, 1, T, head_dim) for integer positions (B, T)."""
-    angles = positions[..., None].float() * inv_freq  # (B, T, d/2), float32 like the reference
+def rope_cos_sin(inv_freq, positions, dtype=torch.float32):
+    """cos, sin tables of shape (B, 1, T, head_dim) in `dtype`, for integer positions (B, T).
+    In bf16/fp16 the release (whole module cast with `.to(bfloat16)`, transformers 4.45) rounds
+    the frequencies to that dtype and rotates in it; its weights were trained so, and we match it."""
+    if dtype != torch.float32:
+        inv_freq = inv_freq.to(dtype).float()  # the cast buffer: up to 0.4% off, > 1 rad at 2098+
+    angles = positions[..., None].float() * inv_freq  # (B, T, d/2): angles in float32, as the reference
     angles = torch.cat([angles, angles], dim=-1)       # rotate-half layout: halves are pairs
-    return angles.cos()[:, None], angles.sin()[:, None]
+    return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
+    """Rotate in the dtype of the tables (the compute dtype): each product and the sum round to it."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
+
+
+def compute_dtype(x):
+    """The dtype the layers compute in: autocast's when it is on (train.py on one process casts
+    there), else the activations' (a bf16 model, or FSDP2's bf16 parameters)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
 
 
 class RMSNorm(nn.Module):
@@ -221,7 +243,7 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(rope_frequencies(self.cfg, x.device), positions)
+        cos, sin = rope_cos_sin(rope_frequencies(self.cfg, x.device), positions, compute_dtype(x))
         for layer in self.layers:
             x = layer(x, cos, sin, start, mask)
         return self.norm(x)

@@ -299,8 +299,7 @@ class Dragonfly(nn.Module):
         hf = json.loads(cfg_file.read_text())
         shapes = weights.read_shapes(path)
         vcfg = vit_lib.config_from_weights(shapes, "image_encoder.vision_model.")
-        text = {**{k: v for k, v in hf.items() if k != "text_config"}, **(hf.get("text_config") or {})}
-        llm = LlamaConfig.from_hf(text)
+        llm = llm_config(hf)
         cfg = (v1_config if vcfg.patch_size == 32 else v2_config)(vcfg, llm)
         if "dragonfly_nano" in hf:  # settings of a model trained here (ablation presets)
             cfg = config_from_dict(hf["dragonfly_nano"], vcfg, llm)
@@ -345,6 +344,15 @@ class Dragonfly(nn.Module):
         hf = {**release_config(self.cfg.llm), "torch_dtype": str(dtype).removeprefix("torch."),
               "dragonfly_nano": config_to_dict(self.cfg)}
         (path / "config.json").write_text(json.dumps(hf, indent=2))
+
+
+def llm_config(hf: dict) -> LlamaConfig:
+    """The LLM's config as the release builds it: `LlamaConfig(**text_config)` alone, absent
+    fields taking transformers' LlamaConfig defaults; the top-level fields (with the release's
+    DragonflyConfig defaults, Llama-3-8B's) only when there is no text_config."""
+    if hf.get("text_config"):
+        return LlamaConfig.from_hf(hf["text_config"])
+    return LlamaConfig.from_hf(hf, defaults=LlamaConfig().to_hf())
 
 
 def release_config(llm: LlamaConfig) -> dict:

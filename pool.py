@@ -71,12 +71,15 @@ def spatial_regions(high_grid, medium_grid):
 def select_region_topk(medium_summary, high_summary, regions, k: int):
     """For medium crop i, the k high crops of regions[i] with the largest dot product against
     its summary. Returns the chosen high-crop indices in ascending order (the release keeps the
-    original order of the crops it keeps). medium_summary (M, D), high_summary (H, D)."""
+    original order of the crops it keeps). medium_summary (M, D), high_summary (H, D).
+    Ties (frequent in bf16) break as in the release: medium crop i scores *all* H high crops in
+    one product, adds a float32 -inf mask outside its region and takes top-k of the whole list."""
     chosen = []
     for i, region in enumerate(regions):
-        idx = torch.tensor(region, device=high_summary.device)
-        scores = high_summary[idx] @ medium_summary[i]  # (len(region),)
-        chosen.append(idx[scores.topk(min(k, len(region))).indices])
+        scores = (high_summary @ medium_summary[i][:, None])[:, 0]  # (H,), in the model's dtype
+        mask = torch.full(scores.shape, float("-inf"), device=scores.device)
+        mask[torch.tensor(region, device=scores.device, dtype=torch.long)] = 0
+        chosen.append((scores + mask).topk(min(k, len(region))).indices)  # bf16 + float32 -> float32
     return torch.cat(chosen).sort().values
 
 

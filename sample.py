@@ -26,7 +26,7 @@ def parse_args(argv=None):
     p.add_argument("--prompt", default=None, help="the question (default: 'Describe the image.')")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-new-tokens", type=int, default=1024, help="the release generates up to 1024")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -67,6 +66,7 @@ def release_tiles(img, s, v1):
 
 
 def clip(img, s):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil  # here: best_fit imports without it
     proc = CLIPImageProcessorPil(size={"shortest_edge": s}, crop_size={"height": s, "width": s})
     return proc(img, return_tensors="np")["pixel_values"][0]   # (3, s, s) float32
 

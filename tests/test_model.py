@@ -190,3 +190,23 @@ def test_saved_config_has_the_release_fields(tiny_v2, tmp_path):
     assert cfg["architectures"] == ["DragonflyForCausalLM"] and cfg["model_type"] == "dragonfly"
     assert cfg["text_config"]["model_type"] == "llama" and cfg["rope_scaling"] is None
     assert (cfg["bos_token_id"], cfg["eos_token_id"], cfg["vocab_size"]) == (128000, 128001, 128256)
+
+
+def test_llm_config_comes_from_text_config_alone_as_released():
+    # the release builds LlamaConfig(**text_config): a field text_config leaves out takes
+    # transformers' LlamaConfig default (rms_norm_eps 1e-6, rope_theta 10000, 2048 positions),
+    # never the top-level value beside it
+    top = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5,
+           "rope_theta": 500000.0, "max_position_embeddings": 8192, "vocab_size": 128256}
+    text = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "vocab_size": 128256}
+    llm = model.llm_config({**top, "text_config": text})
+    assert (llm.dim, llm.n_layers, llm.n_heads, llm.n_kv_heads) == (32, 1, 2, 2)
+    assert (llm.norm_eps, llm.rope_theta, llm.max_seq_len, llm.ffn_dim) == (1e-6, 10000.0, 2048, 11008)
+
+
+def test_llm_config_falls_back_to_top_level_fields_with_dragonfly_defaults():
+    llm = model.llm_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
+    assert (llm.dim, llm.n_layers, llm.n_heads) == (64, 2, 4)
+    # the release's DragonflyConfig defaults are Llama-3-8B's
+    assert (llm.n_kv_heads, llm.norm_eps, llm.rope_theta, llm.max_seq_len, llm.vocab_size) == (8, 1e-5, 500000.0, 8192, 128256)

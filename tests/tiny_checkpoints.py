@@ -40,6 +40,10 @@ from safetensors.torch import load_file, save_file
 VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=3, num_attention_heads=2)
 LLM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2)
+# The bf16 goldens' LLM: head width 128 as in Llama-3-8B (64 RoPE frequencies, the fastest at
+# 1 rad/position, where bf16 rounding of the frequencies shows), and sharper attention.
+LLM_HEAD128 = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2,
+                   num_key_value_heads=1, qk_std=0.2)
 CLIP_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
                  vocab_size=512, max_position_embeddings=16)
 CLIP_VARIANTS = {
@@ -115,17 +119,18 @@ def _clip_text_tower(init, proj_dim):
     return sd
 
 
-def _llama(init, prefix, vocab_size):
-    h, mlp, layers = LLM["hidden_size"], LLM["intermediate_size"], LLM["num_hidden_layers"]
-    head_dim = h // LLM["num_attention_heads"]
-    kv = LLM["num_key_value_heads"] * head_dim
+def _llama(init, prefix, vocab_size, shape=LLM):
+    h, mlp, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    head_dim = h // shape["num_attention_heads"]
+    kv = shape["num_key_value_heads"] * head_dim
+    qk_std = shape.get("qk_std", 0.15)
     sd = {}
     sd[prefix + "model.embed_tokens.weight"] = init.normal((vocab_size, h), 0.02)
     for i in range(layers):
         p = f"{prefix}model.layers.{i}."
         # q/k stored in the Hugging Face "rotate-half" layout, as in the released files
-        sd[p + "self_attn.q_proj.weight"] = init.normal((h, h), 0.15)
-        sd[p + "self_attn.k_proj.weight"] = init.normal((kv, h), 0.15)
+        sd[p + "self_attn.q_proj.weight"] = init.normal((h, h), qk_std)
+        sd[p + "self_attn.k_proj.weight"] = init.normal((kv, h), qk_std)
         sd[p + "self_attn.v_proj.weight"] = init.normal((kv, h), 0.02)
         sd[p + "self_attn.o_proj.weight"] = init.normal((h, h), 0.02)
         sd[p + "mlp.gate_proj.weight"] = init.normal((mlp, h), 0.02)
@@ -276,7 +281,7 @@ def write_tiny_llama(d, rope_scaling=None, seed=0):
     return d
 
 
-def _dragonfly_config(version):
+def _dragonfly_config(version, h=LLM):
     """The released config.json, with the tiny LLM shape.
 
     v2: the fields of togethercomputer/Llama-3.1-8B-Dragonfly(-Med)-v2/config.json.
@@ -287,7 +292,6 @@ def _dragonfly_config(version):
     The released text_config leaves hidden_size / num_hidden_layers / num_attention_heads to the
     Llama defaults (4096 / 32 / 32); the tiny model cannot, so they are written out.
     """
-    h = LLM
     text = {
         "bos_token_id": 128000, "eos_token_id": 128001,
         "hidden_size": h["hidden_size"], "num_hidden_layers": h["num_hidden_layers"],
@@ -344,7 +348,7 @@ def _dragonfly_config(version):
     return dict(sorted(cfg.items()))  # save_pretrained writes the keys sorted
 
 
-def write_tiny_dragonfly(d, version="v2", fmt="bin", seed=0, shards=None):
+def write_tiny_dragonfly(d, version="v2", fmt="bin", seed=0, shards=None, llm=LLM):
     """A togethercomputer Dragonfly directory: config.json + bf16 weights named
     language_model.model.*, language_model.lm_head.weight, image_encoder.vision_model.*,
     vision_embed_tokens.{weight,bias}.
@@ -353,6 +357,7 @@ def write_tiny_dragonfly(d, version="v2", fmt="bin", seed=0, shards=None):
     fmt "bin": torch.save'd dicts (pytorch_model*.bin), "safetensors": model*.safetensors.
     shards: 2 gives NAME-0000N-of-00002 files + NAME.index.json (how v2 ships); 1 gives a
     single pytorch_model.bin / model.safetensors (how Med-v1 ships). Default: 2 for v2, 1 for v1.
+    llm: the LLM's shape (LLM, or LLM_HEAD128 for the bf16 goldens).
     """
     if version not in ("v1", "v2"):
         raise ValueError(f"version must be 'v1' or 'v2', got {version!r}")
@@ -361,11 +366,11 @@ def write_tiny_dragonfly(d, version="v2", fmt="bin", seed=0, shards=None):
     shards = shards or (2 if version == "v2" else 1)
     image_size, patch_size = (336, 14) if version == "v2" else (224, 32)
     init = _Init(seed)
-    sd = _llama(init, "language_model.", DRAGONFLY_VOCAB)
+    sd = _llama(init, "language_model.", DRAGONFLY_VOCAB, llm)
     sd.update(_vision_tower(init, "image_encoder.vision_model.", image_size, patch_size))
-    sd["vision_embed_tokens.weight"] = init.normal((LLM["hidden_size"], VISION["hidden_size"]), 0.02)
-    sd["vision_embed_tokens.bias"] = init.normal((LLM["hidden_size"],), 0.02)
-    _write_config(d, _dragonfly_config(version))
+    sd["vision_embed_tokens.weight"] = init.normal((llm["hidden_size"], VISION["hidden_size"]), 0.02)
+    sd["vision_embed_tokens.bias"] = init.normal((llm["hidden_size"],), 0.02)
+    _write_config(d, _dragonfly_config(version, llm))
     _write_weights(d, _bf16(sd), fmt, shards)
     return d
 
