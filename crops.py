@@ -76,6 +76,19 @@ def _to_8bit(img):
     return Image.fromarray(np.clip(np.round(a), 0, 255).astype(np.uint8))   # 2-D uint8 -> "L"
 
 
+# Huge images. Every grid here resizes the whole image to at most 4032 px a side (v2's (4, 1)
+# medium grid -> (12, 3) high grid at 336 px; v1's largest is 12 x 224), so pixels beyond that
+# are averaged away. A JPEG at least twice that on both sides is decoded by libjpeg at 1/2, 1/4
+# or 1/8 scale (a low-pass in the DCT), never below DRAFT_FLOOR a side: the bicubic resize to the
+# grid then starts from that instead of the full image, which moves crop pixels by resampling
+# noise only, and the grids are still chosen from the full size (kept in img.info[FULL_SIZE]).
+# Other formats cannot decode at reduced size, so more than MAX_PIXELS is refused: a 13000 x
+# 13000 PNG took 10 s and 1.5 GB to become crops (2.4 GB in sample.py).
+DRAFT_FLOOR = 4032
+MAX_PIXELS = 8192 * 8192
+FULL_SIZE = "dragonfly_full_size"
+
+
 def load_image(src, background=None, exif_transpose=False) -> Image.Image:
     """Open a path (or take a PIL image) and return it as RGB.
 
@@ -85,6 +98,7 @@ def load_image(src, background=None, exif_transpose=False) -> Image.Image:
     that colour instead (what transformers 5 does, with white); `exif_transpose=True`
     applies the EXIF rotation. 16-bit / 32-bit / float images are rescaled to 8 bits
     (see _to_8bit) -- the one deliberate departure, where the release saturates.
+    Huge JPEGs are decoded at reduced size and other huge images refused (see DRAFT_FLOOR).
     An unreadable file raises ValueError naming it.
     """
     if isinstance(src, Image.Image):
@@ -92,15 +106,30 @@ def load_image(src, background=None, exif_transpose=False) -> Image.Image:
         return _to_rgb(img, "<PIL image>", background)
     name = str(src)
     try:
-        with Image.open(name) as img:
+        with warnings.catch_warnings():     # PIL warns from 89 MP; MAX_PIXELS is our limit
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(name)
+        with opened as img:
+            full = img.size
+            if img.format in ("JPEG", "MPO") and min(full) >= 2 * DRAFT_FLOOR:
+                img.draft(img.mode, (DRAFT_FLOOR, DRAFT_FLOOR))
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"image {name} is {full[0]}x{full[1]} ({full[0] * full[1] / 1e6:.0f} megapixels); at "
+                                 f"most {MAX_PIXELS / 1e6:.0f} are read (crops use at most {DRAFT_FLOOR} px a side): "
+                                 f"shrink it first, e.g. to {DRAFT_FLOOR} px on its long side")
             img.load()                      # decode now so a truncated file fails here
             if exif_transpose:
+                decoded = img.size
                 img = ImageOps.exif_transpose(img)
-            return _to_rgb(img, name, background)
+                full = full if img.size == decoded else full[::-1]
+            rgb = _to_rgb(img, name, background)
     except FileNotFoundError:
         raise ValueError(f"image file not found: {name}") from None
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError) as e:
         raise ValueError(f"cannot read image {name}: {e}") from None
+    if rgb.size != full:
+        rgb.info[FULL_SIZE] = full
+    return rgb
 
 
 def _to_rgb(img, name, background):
@@ -115,7 +144,7 @@ def _to_rgb(img, name, background):
                 rgba = img.convert("RGBA")
                 base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
                 return Image.alpha_composite(base, rgba).convert("RGB")
-            return img.convert("RGB")
+            return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an image already RGB
         except ValueError as e:
             raise ValueError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
 
@@ -191,12 +220,12 @@ def _tiles(img, grid, size):
 def make_crops(img, cfg=V2) -> Crops:
     """The low / medium / high crops of one image (SPEC §2.1-2.4; v1: §3)."""
     img = load_image(img)
-    S = cfg.size
-    medium_grid = _best_grid(img.size, cfg.medium_grids, S)
+    S, size = cfg.size, img.info.get(FULL_SIZE, img.size)   # a huge JPEG's grids follow its full size
+    medium_grid = _best_grid(size, cfg.medium_grids, S)
     if cfg.high_grids is None:
         high_grid = (medium_grid[0] * cfg.high_scale, medium_grid[1] * cfg.high_scale)
     else:
-        high_grid = _best_grid(img.size, cfg.high_grids, S)
+        high_grid = _best_grid(size, cfg.high_grids, S)
     # "Medium-Resolution from Low-Resolution" (v2 Table 3) zooms into the S x S image, not the original
     source = img.resize((S, S), Image.BICUBIC) if cfg.from_low else img
     parts, counts = [], []

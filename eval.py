@@ -8,11 +8,12 @@ Evaluate a Dragonfly checkpoint on a benchmark: batched greedy answers, then the
 "choices" (multiple choice) and "type" ("closed"/"open", biomedical). `data/benchmarks/convert.py`
 writes it from the public releases. Images resolve against --images, else the JSONL's folder.
 
-Answers are appended to OUT/predictions.jsonl batch by batch, so an interrupted run resumes where
-it stopped: ids already answered are skipped (ids that failed, e.g. on an unreadable image, are
-tried again). OUT/metrics.json holds the scores, in percent, over the answered questions, and
-the count of failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes);
-metrics are those of SPEC §5, implemented in metrics.py.
+Answers are appended to OUT/predictions.jsonl one line per write, so an interrupted run resumes
+where it stopped: ids already answered are skipped (ids that failed, e.g. on an unreadable image,
+are tried again, and so is a last line torn by a kill, which is dropped on start).
+OUT/metrics.json holds the scores, in percent, over the answered questions, and the count of
+failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes); metrics are those
+of SPEC §5, implemented in metrics.py.
 """
 import argparse
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 import metrics as M
+from sample import pick_device
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
@@ -134,17 +136,36 @@ def load_records(path: Path) -> list:
     return records
 
 
+def drop_torn_line(path: Path) -> bool:
+    """Cut a last line that has no newline (a run killed mid-write) off the predictions file, so
+    the next answer is not appended onto it and lost with it; its question is asked again."""
+    if not path.exists():
+        return False
+    with open(path, "r+b") as f:
+        data = f.read()
+        if not data or data.endswith(b"\n"):
+            return False
+        f.truncate(data.rfind(b"\n") + 1)
+    return True
+
+
 def read_predictions(path: Path) -> dict:
     """id -> the last entry written for it ({"id", "prediction"} or {"id", "error"})."""
     done = {}
     if path.exists():
-        for line in path.read_text().splitlines():
+        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
             try:
                 entry = json.loads(line)
-            except ValueError:  # a line cut short by an interrupted run
-                continue
-            done[str(entry["id"])] = entry
+                done[str(entry["id"])] = entry
+            except (ValueError, KeyError, TypeError):  # e.g. torn by an older eval.py, or edited by hand
+                print(f"{path}:{n}: unreadable line skipped", file=sys.stderr)
     return done
+
+
+def append_line(f, entry: dict):
+    """One os-level write per line on an unbuffered file: a kill lands between lines, never
+    inside one (a buffered file may flush a line in pieces)."""
+    f.write((json.dumps(entry, ensure_ascii=False) + "\n").encode())
 
 
 def greedy(model, tok, prompts, crops, max_new_tokens) -> list:
@@ -205,6 +226,7 @@ def main(argv=None) -> dict:
     if args.task not in TASKS:
         raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
     task, data = TASKS[args.task], Path(args.data)
+    device = pick_device(args.device)  # before any work, so a wrong --device is the first thing said
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint directory {args.checkpoint} not found")
     if not data.is_file():
@@ -214,6 +236,9 @@ def main(argv=None) -> dict:
     out = Path(args.out or Path("results") / args.task)
     out.mkdir(parents=True, exist_ok=True)
     pred_file = out / "predictions.jsonl"
+    if drop_torn_line(pred_file):
+        print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",
+              file=sys.stderr)
     done = read_predictions(pred_file)
     todo = [r for r in records if "prediction" not in done.get(r["id"], {})]
     print(f"{args.task}: {len(records)} questions, {len(records) - len(todo)} already answered in {pred_file}",
@@ -222,19 +247,23 @@ def main(argv=None) -> dict:
     if todo:
         from tqdm import tqdm
 
-        from model import Dragonfly
+        import weights
+        from model import Dragonfly, image_positions
         from tokenizer import Tokenizer
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
         tok = Tokenizer.from_file(args.checkpoint)
         model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device)
         max_new = args.max_new_tokens or task.max_new_tokens
-        with open(pred_file, "a") as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
+        ctx, block = model.cfg.llm.max_seq_len, image_positions(model.cfg)
+        if max_new >= ctx - block:
+            print(f"note: --max-new-tokens {max_new} capped: the context holds {ctx} positions and an image block "
+                  f"takes {block}; answers stop where the context ends", file=sys.stderr)
+        with open(pred_file, "ab", buffering=0) as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):
                 for entry in answer_batch(model, tok, task, todo[i:i + args.batch_size], image_root, max_new):
-                    f.write(json.dumps(entry, ensure_ascii=False) + "\n")
+                    append_line(f, entry)
                     done[entry["id"]] = entry
-                f.flush()
                 bar.update(len(todo[i:i + args.batch_size]))
 
     predictions = {i: e["prediction"] for i, e in done.items() if "prediction" in e}

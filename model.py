@@ -296,7 +296,7 @@ class Dragonfly(nn.Module):
         cfg_file = path / "config.json"
         if not cfg_file.exists():
             raise weights.CheckpointError(f"{path}: no config.json (is this a Dragonfly checkpoint directory?)")
-        hf = json.loads(cfg_file.read_text())
+        hf = weights.read_config(cfg_file)
         shapes = weights.read_shapes(path)
         vcfg = vit_lib.config_from_weights(shapes, "image_encoder.vision_model.")
         llm = llm_config(hf)
@@ -392,7 +392,7 @@ def load_clip_vision(clip_dir, dtype=torch.float32, device="cpu") -> VisionTrans
 
 def load_llama(llama_dir, dtype=torch.float32, device="cpu") -> Llama:
     """A Hugging Face Llama checkpoint (`model.*`, `lm_head.weight`)."""
-    llm = build(LlamaConfig.from_hf(json.loads((Path(llama_dir) / "config.json").read_text())), dtype, device, Llama)
+    llm = build(LlamaConfig.from_hf(weights.read_config(Path(llama_dir) / "config.json")), dtype, device, Llama)
     weights.load_into(llm, llama_dir, {n: llama_key(n) for n, _ in llm.named_parameters()}, ignore=saved_buffer)
     return llm.eval()
 

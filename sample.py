@@ -19,6 +19,23 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "zoom-tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def pick_device(name: str) -> str:
+    """--device checked against this machine: 'auto' is cuda when there is one, else cpu; a
+    device that is not here is one line naming those that are (torch would fail much later)."""
+    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    mps = ["mps"] if torch.backends.mps.is_available() else []
+    if name == "auto":
+        return "cuda" if cuda else "cpu"
+    try:
+        d = torch.device(name)
+    except RuntimeError:
+        d = None
+    if d is None or not (d.type == "cpu" or (d.type == "mps" and mps) or
+                         (d.type == "cuda" and cuda and (d.index or 0) < len(cuda))):
+        raise ValueError(f"--device {name} is not available here; available: {', '.join(['cpu', *cuda, *mps])}")
+    return name
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="Dragonfly checkpoint directory")
@@ -42,14 +59,16 @@ def main(argv=None):
         args.prompt = "Describe the image."
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = pick_device(args.device)
     dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint directory {ckpt} not found (download one, see README)")
 
-    from model import Dragonfly
+    import weights
+    from model import Dragonfly, image_positions
     from tokenizer import Tokenizer
+    weights.require_checkpoint(ckpt)  # an empty or wrong folder, before the tokenizer looks for its file
     tok = Tokenizer.from_file(ckpt)
     crops = None
     if args.image:
@@ -61,6 +80,10 @@ def main(argv=None):
     if args.image:
         crops = model.crop_image(image)
     prompt = tok.encode_prompt(args.prompt)
+    ctx, used = model.cfg.llm.max_seq_len, len(prompt) + (image_positions(model.cfg) if crops is not None else 0)
+    if args.max_new_tokens > ctx - used > 0:  # generate caps it; no room at all is generate's error
+        print(f"note: --max-new-tokens {args.max_new_tokens} capped to {ctx - used}: the prompt takes {used} "
+              f"of the context's {ctx} positions", file=sys.stderr)
     generator = torch.Generator(device=device).manual_seed(args.seed)
 
     ids, logprobs, printed = [], [], ""

@@ -38,6 +38,7 @@ import llama
 import model as M
 import presets
 import vit
+import weights
 from data import ShardedSampler, VLDataset, collate
 from tokenizer import Tokenizer
 
@@ -151,7 +152,7 @@ def build_model(cfg: TrainConfig, device):
         torch.manual_seed(cfg.seed)
         return init_weights(M.Dragonfly(tiny_config(cfg.low_only))).to(device)
     if cfg.init:
-        return M.Dragonfly.from_pretrained(cfg.init, device=device)
+        return M.Dragonfly.from_pretrained(weights.require_checkpoint(cfg.init), device=device)
     if cfg.clip and cfg.llama:
         return M.Dragonfly.from_backbones(cfg.clip, cfg.llama, device=device)
     raise SystemExit("error: give --model tiny, --init DIR, or --clip DIR and --llama DIR")
@@ -413,4 +414,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except weights.CheckpointError as e:  # a wrong --init, --clip or --llama: one line, not a traceback
+        sys.exit(f"error: {e}")

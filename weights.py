@@ -12,7 +12,8 @@ full float32 copy: `.bin` shards are memory-mapped and each tensor's file pages 
 to the kernel once it has been copied (see `drop_pages`). Every error names the tensor and the
 file it came from.
 
-`python weights.py SRC DST` converts a `.bin` directory to safetensors, shard by shard.
+`python weights.py SRC DST` converts a `.bin` directory to safetensors, shard by shard, into a new
+folder DST (`--force` replaces a non-empty one).
 """
 import ctypes
 import json
@@ -163,31 +164,86 @@ def save(state: dict, path, max_shard_bytes: int = 5 * 2**30):
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def convert_to_safetensors(src, dst):
+def read_config(file) -> dict:
+    """A checkpoint's config.json as a dict; an unreadable one raises CheckpointError naming it."""
+    try:
+        cfg = json.loads(Path(file).read_text())
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both are
+        raise CheckpointError(f"{file}: not valid JSON ({e}); restore it from where the checkpoint came from") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, found {type(cfg).__name__}")
+    return cfg
+
+
+def require_checkpoint(path) -> Path:
+    """`path` if it holds a config.json and weights, else CheckpointError saying what is missing,
+    so a wrong directory is reported as such and not as the first file some loader looks for."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: no such checkpoint directory")
+    has_config = (path / "config.json").is_file()
+    try:
+        checkpoint_files(path)
+    except CheckpointError:
+        if not has_config:
+            raise CheckpointError(f"{path}: no checkpoint here (no config.json, no weights); pass a directory "
+                                  "written by train.py or a released one (see README)") from None
+        raise
+    if not has_config:
+        raise CheckpointError(f"{path}: no config.json (is this a Dragonfly checkpoint directory?)")
+    return path
+
+
+def convert_to_safetensors(src, dst, force=False):
     """A released `.bin` checkpoint directory -> the same checkpoint as safetensors. Shards map
-    one to one, so memory stays at one shard; config and tokenizer files are copied alongside."""
+    one to one, so memory stays at one shard; config and tokenizer files are copied alongside.
+    Written into a temporary sibling folder renamed to `dst` at the end, so `dst` is never a mix
+    of old and new files nor half-written; a non-empty `dst` is replaced only with `force`."""
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a checkpoint directory (give the folder that holds the weights)")
     files = checkpoint_files(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    weight_map, total = {}, 0
-    for i, file in enumerate(files):
-        state = {k: t.contiguous() for k, t in iter_file(file)}
-        name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
-        save_file(state, dst / name, metadata={"format": "pt"})
-        weight_map.update({k: name for k in state})
-        total += sum(t.numel() * t.element_size() for t in state.values())
-        print(f"{file.name} -> {name} ({len(state)} tensors)", file=sys.stderr)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for other in os.listdir(src):
-        if other.endswith((".json", ".model", ".txt")) and other not in INDEX_FILES and not (dst / other).exists():
-            shutil.copy2(src / other, dst / other)
+    if dst.exists() and not force and (not dst.is_dir() or any(dst.iterdir())):
+        raise CheckpointError(f"{dst} exists and is not empty; choose a new folder or pass --force to replace it")
+    if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
+        raise CheckpointError(f"{dst} is or holds the source {src}; write to a new folder")
+    tmp = dst.resolve().with_name(f".{dst.resolve().name}.tmp")
+    if tmp.exists():  # left by an interrupted run
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        weight_map, total = {}, 0
+        for i, file in enumerate(files):
+            state = {k: t.contiguous() for k, t in iter_file(file)}
+            name = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+            save_file(state, tmp / name, metadata={"format": "pt"})
+            weight_map.update({k: name for k in state})
+            total += sum(t.numel() * t.element_size() for t in state.values())
+            print(f"{file.name} -> {name} ({len(state)} tensors)", file=sys.stderr)
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        for other in os.listdir(src):
+            if other.endswith((".json", ".model", ".txt")) and other not in INDEX_FILES:
+                shutil.copy2(src / other, tmp / other)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.is_dir():
+        shutil.rmtree(dst)
+    elif dst.exists():
+        dst.unlink()
+    tmp.rename(dst)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 3:
-        sys.exit("usage: python weights.py SRC_DIR DST_DIR   (convert .bin shards to safetensors)")
+    import argparse
+    p = argparse.ArgumentParser(description="Convert a checkpoint directory (.bin or safetensors shards) to "
+                                            "safetensors shards, copying config and tokenizer files.")
+    p.add_argument("src", help="checkpoint directory to read")
+    p.add_argument("dst", help="new directory to write (must not exist or be empty)")
+    p.add_argument("--force", action="store_true", help="replace a non-empty DST")
+    args = p.parse_args()
     try:
-        convert_to_safetensors(sys.argv[1], sys.argv[2])
-    except CheckpointError as e:
+        convert_to_safetensors(args.src, args.dst, force=args.force)
+    except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")

@@ -256,3 +256,37 @@ def test_cli_exits_1_with_one_line_on_a_bad_file(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "bad.png" in r.stderr
+
+
+# ---------------------------------------------------------------------------- huge images
+
+def test_huge_jpeg_is_decoded_at_reduced_size_but_gridded_at_full_size(tmp_path, monkeypatch):
+    import crops
+    # scaled down like the real thing: the floor is the longest grid side (12 x 14 px here, 12 x 336 there)
+    monkeypatch.setattr(crops, "DRAFT_FLOOR", 168)
+    path = tmp_path / "wide.jpg"
+    synthetic_image(807, 403).save(path, quality=95)
+    img = load_image(path)
+    assert img.size == (404, 202) and img.info[crops.FULL_SIZE] == (807, 403)   # 1/2 scale, rounded up
+    cfg = CropConfig(size=14)
+    candidates = [(c * 14, r * 14) for c, r in cfg.medium_grids]
+    # 807/403 is just over 2:1 but 404/202 is exactly 2:1, where best fit picks another grid
+    assert select_best_resolution((807, 403), candidates) != select_best_resolution((404, 202), candidates)
+    with Image.open(path) as f:
+        whole = f.convert("RGB")
+    out, ref = make_crops(path, cfg), make_crops(whole, cfg)
+    assert (out.medium_grid, out.high_grid) == (ref.medium_grid, ref.high_grid) == ((4, 1), (12, 3))
+    diff = np.abs(out.pixels - ref.pixels) * np.array(crops.CLIP_STD, np.float32)[:, None, None] * 255
+    assert diff.mean() < 4.0   # grey levels (2.6 measured): resampling noise; neighbouring crops differ by ~60
+
+
+def test_jpeg_under_twice_the_floor_is_decoded_whole(tmp_path, monkeypatch):
+    import crops
+    monkeypatch.setattr(crops, "DRAFT_FLOOR", 168)
+    path = tmp_path / "tall.jpg"
+    synthetic_image(335, 900).save(path)                 # 335 < 2 x 168: one side too small to halve
+    with Image.open(path) as f:
+        whole = f.convert("RGB")
+    img = load_image(path)
+    assert crops.FULL_SIZE not in img.info
+    np.testing.assert_array_equal(np.asarray(img), np.asarray(whole))

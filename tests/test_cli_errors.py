@@ -1,0 +1,240 @@
+"""The inventory of bad inputs to the command-line tools and what each one gets.
+
+One row per input: the tool, its arguments, the exit code, and the line stderr ends with. A
+failing row must end stderr with that one line, print no traceback, and print nothing else but
+the tool's usual progress lines. Rows that succeed (a capped --max-new-tokens, a torn predictions
+file) name the line they must print, and some check the files left behind.
+
+Every row is a process of its own running the tool's `__main__`, with its stdout and stderr on
+file descriptors 1 and 2 and the exit code the interpreter would give. To keep 25 rows at
+seconds rather than a torch import each, the rows are forked from one interpreter that has
+imported torch already (`python tests/test_cli_errors.py` is that runner); where there is no
+fork, each row is a fresh `python TOOL ...`.
+"""
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "checkpoints" / "zoom-tiny"     # context 1024, 258 image positions
+IMAGE = ROOT / "data" / "zoom" / "example.png"
+
+
+def _missing_device(kind):
+    """A device string naming a `kind` device that this machine lacks, or None."""
+    import torch
+    if kind == "cuda":
+        return f"cuda:{torch.cuda.device_count()}" if torch.cuda.is_available() else "cuda"
+    return None if torch.backends.mps.is_available() else "mps"
+
+
+CUDA, MPS = _missing_device("cuda"), _missing_device("mps")
+EVAL = ["--task", "zoom", "--data", "{tmp}/bench.jsonl", "--device", "cpu", "--out"]
+
+# (tool, case, arguments, exit code, regular expression for the line; {tmp} is the fixture folder)
+ROWS = [
+    ("sample.py", "missing image", ["--image", "{tmp}/nope.png", "--prompt", "hi"], 1,
+     r"error: image file not found: .*nope\.png"),
+    ("sample.py", "not an image", ["--image", "{tmp}/notes.png", "--prompt", "hi"], 1,
+     r"error: cannot read image .*notes\.png: .*"),
+    ("sample.py", "truncated image", ["--image", "{tmp}/truncated.png", "--prompt", "hi"], 1,
+     r"error: cannot read image .*truncated\.png: .*truncated.*"),
+    ("sample.py", "huge image (13000x13000 PNG)", ["--image", "{tmp}/huge.png", "--prompt", "hi"], 1,
+     r"error: image .*huge\.png is 13000x13000 \(169 megapixels\); at most 67 are read .*"),
+    ("sample.py", "prompt longer than the context", ["--image", str(IMAGE), "--prompt", "word " * 1000], 1,
+     r"error: prompt is \d+ positions \(image block included\); the context is 1024"),
+    ("sample.py", "--max-new-tokens above the context", ["--prompt", "hi", "--max-new-tokens", "5000"], 0,
+     r"note: --max-new-tokens 5000 capped to 10\d\d: the prompt takes \d+ of the context's 1024 positions"),
+    ("sample.py", "--device cuda not here", ["--prompt", "hi", "--device", CUDA], 1,
+     rf"error: --device {CUDA} is not available here; available: cpu.*"),
+    ("sample.py", "--device mps not here", ["--prompt", "hi", "--device", MPS], 1,
+     rf"error: --device {MPS} is not available here; available: cpu.*"),
+    ("sample.py", "--device that does not exist", ["--prompt", "hi", "--device", "gpu"], 1,
+     r"error: --device gpu is not available here; available: cpu.*"),
+    ("sample.py", "missing checkpoint", ["--checkpoint", "{tmp}/none", "--prompt", "hi"], 1,
+     r"error: checkpoint directory .*none not found .*"),
+    ("sample.py", "empty checkpoint directory", ["--checkpoint", "{tmp}/empty", "--prompt", "hi"], 1,
+     r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
+    ("sample.py", "invalid config.json", ["--checkpoint", "{tmp}/badconfig", "--prompt", "hi"], 1,
+     r"error: .*badconfig/config\.json: not valid JSON \(.*\); .*"),
+    ("sample.py", "shape-mismatched weight", ["--checkpoint", "{tmp}/badshape", "--prompt", "hi"], 1,
+     r"error: .*badshape/model\.safetensors: image_encoder\.vision_model\.post_layernorm\.weight has shape "
+     r"\(63,\), the model expects \(64,\)"),
+    ("sample.py", "missing weight", ["--checkpoint", "{tmp}/noweight", "--prompt", "hi"], 1,
+     r"error: .*noweight: missing 1 weight\(s\), first 'image_encoder\.vision_model\.post_layernorm\.weight'"),
+    ("eval.py", "--device cuda not here", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_a", "--device", CUDA], 1,
+     rf"error: --device {CUDA} is not available here; available: cpu.*"),
+    ("eval.py", "empty checkpoint directory", ["--checkpoint", "{tmp}/empty", *EVAL, "{tmp}/eval_b"], 1,
+     r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
+    ("eval.py", "unknown task", ["--checkpoint", str(TINY), "--task", "gqa", "--data", "{tmp}/bench.jsonl"], 1,
+     r"error: unknown task 'gqa'; tasks: textvqa, .*"),
+    ("eval.py", "predictions file torn by a kill", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_torn"], 0,
+     r".*predictions\.jsonl: dropped a torn last line .*"),
+    ("weights.py", "non-empty DST", [str(TINY), "{tmp}/dst_full"], 1,
+     r"error: .*dst_full exists and is not empty; choose a new folder or pass --force to replace it"),
+    ("weights.py", "non-empty DST with --force", [str(TINY), "{tmp}/dst_force", "--force"], 0,
+     r"model\.safetensors -> model-00001-of-00001\.safetensors \(77 tensors\)"),
+    ("weights.py", "SRC is a file", [str(TINY / "model.safetensors"), "{tmp}/dst_new"], 1,
+     r"error: .*model\.safetensors: not a checkpoint directory .*"),
+    ("crops.py", "missing image", ["{tmp}/nope.png"], 1, r"crops\.py: image file not found: .*nope\.png"),
+    ("crops.py", "truncated image", ["{tmp}/truncated.png"], 1, r"crops\.py: cannot read image .*truncated\.png: .*"),
+    ("crops.py", "huge image (13000x13000 PNG)", ["{tmp}/huge.png"], 1,
+     r"crops\.py: image .*huge\.png is 13000x13000 \(169 megapixels\); at most 67 are read .*"),
+    ("train.py", "empty --init directory", ["--init", "{tmp}/empty", "--out", "{tmp}/train_a"], 1,
+     r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
+    ("train.py", "invalid config.json in --init", ["--init", "{tmp}/badconfig", "--out", "{tmp}/train_b"], 1,
+     r"error: .*badconfig/config\.json: not valid JSON \(.*\); .*"),
+]
+
+# lines a tool prints on every run, before whatever goes wrong
+PROGRESS = re.compile(r"loaded .* in [\d.]+s on \w+ \(.*\)|\w+: \d+ questions, \d+ already answered in .*")
+
+
+# ---- the fixture folder ---------------------------------------------------------------------
+def write_huge_png(path, w=13000, h=13000):
+    """A valid w x h PNG of 1-bit pixels, written directly (PIL would allocate w*h bytes first)."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = (b"\x00" + b"\xff" * ((w + 7) // 8)) * h          # filter byte + packed bits per row
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(rows, 1)) + chunk(b"IEND", b""))
+
+
+def make_fixtures(tmp: Path):
+    from safetensors.torch import load_file, save_file
+    (tmp / "notes.png").write_text("not an image")
+    (tmp / "truncated.png").write_bytes(IMAGE.read_bytes()[:IMAGE.stat().st_size // 2])
+    write_huge_png(tmp / "huge.png")
+    (tmp / "empty").mkdir()
+    for name in ("badconfig", "badshape", "noweight"):
+        shutil.copytree(TINY, tmp / name)
+    (tmp / "badconfig" / "config.json").write_text((TINY / "config.json").read_text()[:200])
+    state = load_file(TINY / "model.safetensors")
+    key = "image_encoder.vision_model.post_layernorm.weight"
+    save_file({**state, key: state[key][:-1]}, tmp / "badshape" / "model.safetensors")
+    save_file({k: v for k, v in state.items() if k != key}, tmp / "noweight" / "model.safetensors")
+    rows = [{"id": "q1", "image": str(IMAGE), "question": "What is the number?", "answers": ["7"]},
+            {"id": "q2", "image": str(IMAGE), "question": "What is the number?", "answers": ["7"]}]
+    (tmp / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp / "eval_torn").mkdir()   # q1 answered, q2's line cut short by a kill
+    (tmp / "eval_torn" / "predictions.jsonl").write_text(
+        json.dumps({"id": "q1", "prediction": "7", "answers": ["7"]}) + "\n" + '{"id": "q2", "predi')
+    for name in ("dst_full", "dst_force"):
+        (tmp / name).mkdir()
+        (tmp / name / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # an older checkpoint
+
+
+# ---- checks on the files a row leaves behind -------------------------------------------------
+def check_files(case, tmp: Path):
+    if case == ("eval.py", "predictions file torn by a kill"):
+        lines = (tmp / "eval_torn" / "predictions.jsonl").read_text().splitlines()
+        assert [json.loads(line)["id"] for line in lines] == ["q1", "q2"]   # every line whole, q2 asked again
+    elif case == ("weights.py", "non-empty DST"):
+        assert sorted(os.listdir(tmp / "dst_full")) == ["pytorch_model.bin.index.json"]   # left untouched
+    elif case == ("weights.py", "non-empty DST with --force"):
+        import weights
+        assert sorted(os.listdir(tmp / "dst_force")) == sorted(
+            ["config.json", "tokenizer.model", "model-00001-of-00001.safetensors", "model.safetensors.index.json"])
+        assert weights.read_shapes(tmp / "dst_force") == weights.read_shapes(TINY)
+        assert not [p for p in os.listdir(tmp) if p.endswith(".tmp")]
+    elif case == ("weights.py", "SRC is a file"):
+        assert not (tmp / "dst_new").exists()
+
+
+# ---- running the rows --------------------------------------------------------------------------
+def run_rows(rows, timeout=120):
+    """[(tool, args)] -> [(exit code, stdout, stderr)], each row in a process of its own."""
+    import tempfile
+    results = []
+    for tool, args in rows:
+        if not hasattr(os, "fork"):
+            r = subprocess.run([sys.executable, str(ROOT / tool), *args], capture_output=True, text=True,
+                               timeout=timeout, cwd=ROOT)
+            results.append((r.returncode, r.stdout, r.stderr))
+            continue
+        out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the child runs `python TOOL ARGS`'s __main__
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            import runpy
+            sys.argv = [str(ROOT / tool), *args]
+            try:
+                runpy.run_path(str(ROOT / tool), run_name="__main__")
+                code = 0
+            except SystemExit as e:  # as the interpreter ends on one: a non-int code is printed, exit 1
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if not isinstance(e.code, (int, type(None))):
+                    print(e.code, file=sys.stderr)
+            except BaseException:   # an uncaught exception: the interpreter's traceback, exit 1
+                sys.excepthook(*sys.exc_info())
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # skips tearing down the inherited modules: a second per row
+        start = time.time()
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.time() - start > timeout:
+                os.kill(pid, 9)
+                done = os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        out.seek(0), err.seek(0)
+        results.append((os.waitstatus_to_exitcode(done[1]), out.read().decode(errors="replace"),
+                        err.read().decode(errors="replace")))
+    return results
+
+
+if __name__ == "__main__":  # the runner: rows as JSON on stdin, results as JSON on stdout
+    sys.path[0] = str(ROOT)
+    os.chdir(ROOT)
+    import torch  # imported once here, for every row through fork
+    import model  # noqa: F401
+    with torch.device("meta"):  # the first op on the meta device imports torch._refs & co.: seconds
+        torch.empty(2).mul(2)
+    rows = json.load(sys.stdin)
+    results = run_rows(rows)
+    sys.stdout.write(json.dumps(results))
+    sys.stdout.flush()
+    os._exit(0)
+
+
+# ---- the tests -------------------------------------------------------------------------------
+import pytest  # noqa: E402  (below the runner, which does not need it)
+
+ACTIVE = [r for r in ROWS if None not in r[2]]
+
+
+@pytest.fixture(scope="module")
+def ran(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("cli")
+    make_fixtures(tmp)
+    rows = [(tool, [a.replace("{tmp}", str(tmp)) for a in args]) for tool, _, args, _, _ in ACTIVE]
+    r = subprocess.run([sys.executable, __file__], input=json.dumps(rows), capture_output=True, text=True,
+                       timeout=900, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    return tmp, dict(zip([(tool, case) for tool, case, *_ in ACTIVE], json.loads(r.stdout)))
+
+
+@pytest.mark.parametrize("tool,case,args,code,line", ACTIVE, ids=[f"{r[0]}: {r[1]}" for r in ACTIVE])
+def test_bad_input_gets_its_exit_code_and_one_line(ran, tool, case, args, code, line):
+    tmp, results = ran
+    rc, out, err = results[(tool, case)]
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip()]
+    assert "Traceback" not in err, err
+    assert rc == code, err
+    if code != 0:
+        assert lines and re.fullmatch(line, lines[-1]), err
+        assert all(PROGRESS.fullmatch(x) for x in lines[:-1]), err
+    else:
+        assert any(re.fullmatch(line, x) for x in lines), err
+    check_files((tool, case), Path(tmp))
