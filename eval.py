@@ -20,9 +20,16 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+try:
+    import torch
+    from tqdm import tqdm
 
-import metrics as M
+    import metrics as M
+    from model import Dragonfly
+    from tokenizer import Tokenizer
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
@@ -220,10 +227,6 @@ def main(argv=None) -> dict:
           file=sys.stderr)
 
     if todo:
-        from tqdm import tqdm
-
-        from model import Dragonfly
-        from tokenizer import Tokenizer
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         tok = Tokenizer.from_file(args.checkpoint)

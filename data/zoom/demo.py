@@ -19,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+try:
+    from PIL import Image, ImageDraw
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
