@@ -119,10 +119,11 @@ SCORERS = {
 
 
 def score(task: str, records: list, predictions: dict) -> dict:
-    """Metrics of `task` over the records that have a prediction ({id: text}), in percent."""
+    """Metrics of `task` over the records that have a prediction ({id: text}), in percent, and the
+    count of empty answers (a model that stops at once, e.g. one trained too briefly)."""
     answered = [r for r in records if r["id"] in predictions]
     scores = SCORERS[TASKS[task].metric](answered, [predictions[r["id"]] for r in answered]) if answered else {}
-    return {"task": task, "n": len(answered), **scores}
+    return {"task": task, "n": len(answered), **scores, "empty": sum(not predictions[r["id"]].strip() for r in answered)}
 
 
 # ---- running the model --------------------------------------------------------------------
@@ -246,6 +247,9 @@ def main(argv=None) -> dict:
               "checkpoint": str(args.checkpoint), "data": str(data)}
     for i in failed[:5]:
         print(f"failed {i}: {done.get(i, {}).get('error', 'not answered')}", file=sys.stderr)
+    if result["empty"]:
+        print(f"warning: {result['empty']} of the {result['n']} answers are empty: the model stops at once "
+              "(trained too briefly? see train.py's loss warning)", file=sys.stderr)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result

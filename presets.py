@@ -268,7 +268,9 @@ def describe(name) -> str:
              f"  paper tokens        {s['paper']}  (no CLS, no separators)",
              f"  release positions   {s['positions']}  (CLS {'kept' if cfg.keep_cls else 'dropped'}, "
              f"{'a separator after each crop' if cfg.separators else 'no separators'})",
-             f"  TFLOPs (v2 App. F)  {s['tflops']:.2f}   as built: {flops(cfg, paper=False) / 1e12:.2f}"]
+             f"  TFLOPs (v2 App. F)  {s['tflops']:.2f}   as built: {flops(cfg, paper=False) / 1e12:.2f}",
+             f"  (the paper's figure: appendix F's formula over the {s['paper']} paper tokens; as built: the modules this "
+             f"code runs, the ViT to its feature layer, the projection before pooling, the LLM over {s['positions']} positions)"]
     return "\n".join(lines)
 
 
