@@ -7,10 +7,10 @@ and Dragonfly-Med's vision stage (Table 16), on one CPU process or many GPUs.
     python train.py --model tiny --data data/zoom/train.jsonl --images data/zoom --out out/zoom
 
 Plain torch.distributed: FSDP2 (`fully_shard`) per ViT block and per Llama block, bf16 compute
-with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. Checkpoints with
-torch.distributed.checkpoint every --save-every steps and on SIGTERM, written under a temporary
-name and renamed; --resume continues from the latest one. The end exports a safetensors
-directory that `Dragonfly.from_pretrained` and `sample.py` load.
+with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. Checkpoints (checkpoint.py)
+every --save-every steps and on SIGTERM; --resume continues from the newest intact one. Data
+that cannot train (missing, empty, mostly skipped) stop the run with one line. The end exports
+a safetensors directory that `Dragonfly.from_pretrained` and `sample.py` load.
 """
 import argparse
 import json
@@ -28,6 +28,7 @@ try:
     import numpy as np
     import torch
     import torch.distributed as dist
+    from tqdm import tqdm
 
     import checkpoint
     import crops
@@ -327,10 +328,7 @@ def main(argv=None):
 
     batches = micro_batches()
     log = open(out / "log.jsonl", "a") if rank == 0 else None
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage)
+    bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
     health = SkipCount(len(dataset), cfg.max_skip)
     saved, interrupted, waiting = step, False, False    # saved: the step of the newest checkpoint
     # one process has no FSDP to cast for it: autocast gives the same bf16 compute on fp32 weights
@@ -407,7 +405,7 @@ def main(argv=None):
             raise SystemExit(f"error: --data {data}: {health.problem(final=True)}")
         checkpoint.export(out / "final", model, mcfg, tok_path, rank, cfg.export_dtype)
         checkpoint.say(rank, f"exported {out / 'final'}")
-        checkpoint.say(rank, rank == 0 and loss_warning(out / "log.jsonl"))
+        checkpoint.say(rank, loss_warning(out / "log.jsonl") if rank == 0 else None)
     checkpoint.say(rank, health.summary())
     if dist.is_initialized():
         dist.destroy_process_group()
