@@ -173,8 +173,9 @@ class SkipCount:
         return ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common()) or "none"
 
     def summary(self) -> str:
-        return (f"data: {self.used} samples used, {sum(self.skipped.values())} records skipped ({self.reasons()}), "
-                f"{self.truncated} truncated")
+        skipped = sum(self.skipped.values())
+        return (f"data: {self.used} samples used, {skipped} records skipped" + (f" ({self.reasons()})" if skipped else "")
+                + f", {self.truncated} truncated")
 
 
 class ShardedSampler(torch.utils.data.Sampler):
