@@ -25,18 +25,23 @@ import json
 import os
 import resource
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn as nn
-from PIL import Image
+try:
+    import numpy as np
+    import torch
+    import torch.nn as nn
+    from PIL import Image
 
-import crops as crops_lib
-import llama
-import vit
-from model import Dragonfly, build, image_positions, release_config, v2_config
+    import crops as crops_lib
+    import llama
+    import vit
+    from model import Dragonfly, build, image_positions, release_config, v2_config
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
     "small": lambda: v2_config(vit.ViTConfig(336, 14, 384, 6, 6, 1536),

@@ -30,8 +30,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-import numpy as np
-from PIL import Image, ImageDraw, ImageOps, UnidentifiedImageError
+try:
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -239,23 +243,44 @@ def make_crops(img, cfg=V2) -> Crops:
 
 # ---------------------------------------------------------------------------- CLI
 
+GRID_STYLE = {"medium": ((255, 0, 0), "thick red"), "high": ((0, 255, 255), "thin cyan")}
+
+
+def legend(medium_grid, high_grid) -> list:
+    """One line per drawn grid: which colour is which level, and the grid (cols x rows) chosen."""
+    return [f"{level} grid {c}x{r}: {GRID_STYLE[level][1]} lines"
+            for level, (c, r) in (("medium", medium_grid), ("high", high_grid))]
+
+
 def draw_grids(img, medium_grid, high_grid):
-    """The original image with the medium grid (thick) and high grid (thin) drawn on it."""
+    """The original image with the medium grid (thick red) and the high grid (thin cyan) drawn
+    on it, above a dark band holding the legend."""
     canvas = img.copy()
     if max(canvas.size) < 512:               # tiny images: enlarge so the lines are visible
         k = -(-512 // max(canvas.size))
         canvas = canvas.resize((canvas.width * k, canvas.height * k), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
     w, h = canvas.size
-    for (cols, rows), colour, width in ((high_grid, (0, 255, 255), 1),
-                                        (medium_grid, (255, 0, 0), max(3, min(w, h) // 150))):
+    for (cols, rows), level, width in ((high_grid, "high", 1), (medium_grid, "medium", max(3, min(w, h) // 150))):
         for i in range(1, cols):
             x = round(i * w / cols)
-            draw.line([(x, 0), (x, h)], fill=colour, width=width)
+            draw.line([(x, 0), (x, h)], fill=GRID_STYLE[level][0], width=width)
         for j in range(1, rows):
             y = round(j * h / rows)
-            draw.line([(0, y), (w, y)], fill=colour, width=width)
-    return canvas
+            draw.line([(0, y), (w, y)], fill=GRID_STYLE[level][0], width=width)
+    size = max(14, w // 36)
+    try:
+        font = ImageFont.load_default(size=size)
+    except (TypeError, ImportError):        # Pillow < 10.1, or no FreeType: the fixed bitmap font
+        font = ImageFont.load_default()
+    lines = legend(medium_grid, high_grid)
+    text_w = max(round(draw.textlength(line, font=font)) for line in lines) + size   # a narrow image gets a wider band
+    out = Image.new("RGB", (max(w, text_w), h + 3 * size), (24, 24, 24))
+    out.paste(canvas, (0, 0))
+    draw = ImageDraw.Draw(out)
+    for i, (line, level) in enumerate(zip(lines, ("medium", "high"))):
+        draw.text((size // 2, h + size // 3 + round(i * 1.3 * size)), line, fill=GRID_STYLE[level][0], font=font)
+    return out
 
 
 def main(argv=None):
@@ -281,7 +306,7 @@ def main(argv=None):
     n = crops.counts
     print(f"crops   {n[0]} + {n[1]} + {n[2]} = {sum(n)}")
     if args.out:
-        print(f"wrote {args.out}")
+        print(f"wrote {args.out}:", "; ".join(legend(crops.medium_grid, crops.high_grid)))
     return 0
 
 

@@ -21,10 +21,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+try:
+    import torch
+    from tqdm import tqdm
 
-import metrics as M
-from sample import pick_device
+    import metrics as M
+    import weights
+    from model import Dragonfly, image_positions
+    from sample import pick_device
+    from tokenizer import Tokenizer
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
@@ -114,10 +122,11 @@ SCORERS = {
 
 
 def score(task: str, records: list, predictions: dict) -> dict:
-    """Metrics of `task` over the records that have a prediction ({id: text}), in percent."""
+    """Metrics of `task` over the records that have a prediction ({id: text}), in percent, and the
+    count of empty answers (a model that stops at once, e.g. one trained too briefly)."""
     answered = [r for r in records if r["id"] in predictions]
     scores = SCORERS[TASKS[task].metric](answered, [predictions[r["id"]] for r in answered]) if answered else {}
-    return {"task": task, "n": len(answered), **scores}
+    return {"task": task, "n": len(answered), **scores, "empty": sum(not predictions[r["id"]].strip() for r in answered)}
 
 
 # ---- running the model --------------------------------------------------------------------
@@ -245,11 +254,6 @@ def main(argv=None) -> dict:
           file=sys.stderr)
 
     if todo:
-        from tqdm import tqdm
-
-        import weights
-        from model import Dragonfly, image_positions
-        from tokenizer import Tokenizer
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
         tok = Tokenizer.from_file(args.checkpoint)
@@ -272,6 +276,9 @@ def main(argv=None) -> dict:
               "checkpoint": str(args.checkpoint), "data": str(data)}
     for i in failed[:5]:
         print(f"failed {i}: {done.get(i, {}).get('error', 'not answered')}", file=sys.stderr)
+    if result["empty"]:
+        print(f"warning: {result['empty']} of the {result['n']} answers are empty: the model stops at once "
+              "(trained too briefly? see train.py's loss warning)", file=sys.stderr)
     (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
     return result

@@ -16,22 +16,27 @@ whose weights we load, keeps CLS and adds separators. We follow the release (SPE
 """
 import json
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
+try:
+    import torch
+    import torch.nn as nn
+    import torch.nn.functional as F
 
-import crops as crops_lib
-import pool
-import vit as vit_lib
-import weights
-from llama import Llama, LlamaConfig
-from llama import checkpoint_key as llama_key
-from vit import ViTConfig, VisionTransformer
-from vit import checkpoint_key as vit_key
+    import crops as crops_lib
+    import pool
+    import vit as vit_lib
+    import weights
+    from llama import Llama, LlamaConfig
+    from llama import checkpoint_key as llama_key
+    from vit import ViTConfig, VisionTransformer
+    from vit import checkpoint_key as vit_key
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 # Buffers older transformers versions saved next to the weights: recomputed here, never loaded.
 SAVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")

@@ -23,10 +23,14 @@ import argparse
 import sys
 from dataclasses import replace
 
-import model
-import vit as vit_lib
-from llama import LlamaConfig
-from vit import ViTConfig
+try:
+    import model
+    import vit as vit_lib
+    from llama import LlamaConfig
+    from vit import ViTConfig
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 L14, B32 = vit_lib.PRESETS["l14-336"], vit_lib.PRESETS["b32-224"]
 V2, V1 = model.v2_config(), model.v1_config()
@@ -264,7 +268,9 @@ def describe(name) -> str:
              f"  paper tokens        {s['paper']}  (no CLS, no separators)",
              f"  release positions   {s['positions']}  (CLS {'kept' if cfg.keep_cls else 'dropped'}, "
              f"{'a separator after each crop' if cfg.separators else 'no separators'})",
-             f"  TFLOPs (v2 App. F)  {s['tflops']:.2f}   as built: {flops(cfg, paper=False) / 1e12:.2f}"]
+             f"  TFLOPs (v2 App. F)  {s['tflops']:.2f}   as built: {flops(cfg, paper=False) / 1e12:.2f}",
+             f"  (the paper's figure: appendix F's formula over the {s['paper']} paper tokens; as built: the modules this "
+             f"code runs, the ViT to its feature layer, the projection before pooling, the LLM over {s['positions']} positions)"]
     return "\n".join(lines)
 
 

@@ -13,7 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "zoom-tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -113,5 +117,8 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
+    except ModuleNotFoundError as e:  # imported on the way (model.py, tokenizer.py, crops.py)
+        sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+                 "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
     except KeyboardInterrupt:
         sys.exit(130)

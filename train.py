@@ -7,40 +7,41 @@ and Dragonfly-Med's vision stage (Table 16), on one CPU process or many GPUs.
     python train.py --model tiny --data data/zoom/train.jsonl --images data/zoom --out out/zoom
 
 Plain torch.distributed: FSDP2 (`fully_shard`) per ViT block and per Llama block, bf16 compute
-with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. Checkpoints with
-torch.distributed.checkpoint every --save-every steps and on SIGTERM, written under a temporary
-name and renamed; --resume continues from the latest one. The end exports a safetensors
-directory that `Dragonfly.from_pretrained` and `sample.py` load.
+with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. Checkpoints (checkpoint.py)
+every --save-every steps and on SIGTERM; --resume continues from the newest intact one. Data
+that cannot train (missing, empty, mostly skipped) stop the run with one line. The end exports
+a safetensors directory that `Dragonfly.from_pretrained` and `sample.py` load.
 """
 import argparse
 import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+try:
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
 
-import crops
-import llama
-import model as M
-import presets
-import vit
-import weights
-from data import ShardedSampler, VLDataset, collate
-from tokenizer import Tokenizer
+    import checkpoint
+    import crops
+    import llama
+    import model as M
+    import presets
+    import vit
+    import weights
+    from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
+    from tokenizer import Tokenizer
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 # ---- configuration -------------------------------------------------------------------------
 STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (med-vision)
@@ -50,58 +51,72 @@ STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (me
 }
 
 
+def opt(default, help, choices=None):
+    """A TrainConfig field with its --help line (and the values it accepts)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
 @dataclass
 class TrainConfig:
-    stage: str = "sft"
-    model: str = ""               # "tiny" = a small random model (the zoom demo); else from --init / --clip + --llama
-    init: str = ""                # a Dragonfly checkpoint directory to start from
-    clip: str = ""                # OpenAI CLIP directory (stage 1 from backbones)
-    llama: str = ""               # Hugging Face Llama-3 directory (stage 1 from backbones)
-    tokenizer: str = ""           # tokenizer file/dir; default: --init, then --llama
-    data: str = ""                # records file, or a folder holding train.jsonl (data/zoom)
-    images: str = ""
-    text_data: str = ""           # text-only conversations, mixed in at --text-prob
-    text_prob: float = 0.0        # the release used 0.1 in stage 2
-    loss_on: str = "assistant"    # "all" reproduces the release: every text token after <|begin_of_text|>
-    max_seq: int = 4096
-    low_only: bool = False        # ablation: the low-resolution crop only (paper's "L")
-    trainable: tuple = ()
-    batch_size: int = 16          # global batch, whatever the number of processes
-    micro_batch: int = 1
-    lr: float = 2e-6
-    min_lr_ratio: float = 0.0
-    warmup: float = 0.01          # fraction of the steps
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    epochs: float = 1.0
-    max_steps: int = 0            # 0: from epochs
-    grad_checkpoint: bool = True
-    dtype: str = "auto"           # auto: bf16 compute on CUDA, float32 on CPU
-    workers: int = 2
-    seed: int = 0
-    out: str = "out/run"
-    save_every: int = 1000
-    resume: bool = False
-    stop_after: int = 0           # testing aid: exit after this many steps as if interrupted
-    export_dtype: str = "float32"  # dtype of the exported safetensors (bfloat16 halves the size)
+    stage: str = opt("sft", "what trains, with the stage's batch, lr and checkpointing (v2 Table 10, Med Table 16)", tuple(STAGES))
+    model: str = opt("", "tiny: the zoom demo's small random model; omit to start from --init, or --clip + --llama", ("tiny",))
+    init: str = opt("", "a Dragonfly checkpoint directory to start from (e.g. stage 1's OUT/final)")
+    clip: str = opt("", "OpenAI CLIP directory (Hugging Face layout): stage 1 from the backbones, with --llama")
+    llama: str = opt("", "Llama-3 directory (Hugging Face layout), with --clip")
+    tokenizer: str = opt("", "tokenizer.model/.json or a folder with one; default: from --init, then --llama "
+                             "(--model tiny: the shipped checkpoints/zoom-tiny one)")
+    data: str = opt("", "training records (LLaVA JSON or release JSONL), or a folder holding train.jsonl; required")
+    images: str = opt("", "folder the records' image paths are relative to; empty: the records file's folder")
+    text_data: str = opt("", "text-only conversations to mix in at --text-prob")
+    text_prob: float = opt(0.0, "chance that a sample comes from --text-data (the release: 0.1 in stage 2)")
+    loss_on: str = opt("assistant", "the text that gets a loss; all = every token after <|begin_of_text|>, as the release",
+                       ("assistant", "all"))
+    max_seq: int = opt(4096, "positions per sample, image block included; longer text is cut from the end")
+    low_only: bool = opt(False, "the low-resolution crop only (the paper's L ablation; --model tiny)")
+    trainable: tuple = opt((), "the parts that train", ("projection", "vision", "llm"))
+    batch_size: int = opt(16, "global batch in samples, whatever the number of processes")
+    micro_batch: int = opt(1, "samples per forward pass and process; gradient accumulation makes up the batch")
+    lr: float = opt(2e-6, "peak learning rate (AdamW, betas 0.9, 0.999)")
+    min_lr_ratio: float = opt(0.0, "the cosine schedule's last lr, as a fraction of --lr")
+    warmup: float = opt(0.01, "linear warmup, as a fraction of the steps")
+    weight_decay: float = opt(0.1, "AdamW weight decay (none on biases, norms and CLS)")
+    grad_clip: float = opt(1.0, "clip the gradient norm to this")
+    epochs: float = opt(1.0, "passes over --data (fractions allowed)")
+    max_steps: int = opt(0, "optimizer steps; 0: from --epochs")
+    grad_checkpoint: bool = opt(True, "recompute each block in the backward: less memory, ~1/3 more compute")
+    dtype: str = opt("auto", "compute dtype; auto: bfloat16 on CUDA, float32 on CPU", ("auto", "float32", "bfloat16"))
+    workers: int = opt(2, "DataLoader worker processes per training process")
+    seed: int = opt(0, "seed of the data order, the captions' instructions and a fresh model's weights")
+    out: str = opt("out/run", "output folder: config.json, log.jsonl, checkpoints step_N, the exported final")
+    save_every: int = opt(1000, "a checkpoint every N steps (also on SIGTERM and at the end)")
+    resume: bool = opt(False, "continue from the newest intact checkpoint in --out")
+    stop_after: int = opt(0, "testing aid: stop after N steps as if interrupted; 0: never")
+    export_dtype: str = opt("float32", "dtype of OUT/final's weights (bfloat16 halves the size)", ("float32", "bfloat16", "float16"))
+    max_skip: float = opt(0.5, "stop once more than this fraction of the records read is skipped (malformed, missing image, ...)")
+
+
+def show(value) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return (" ".join(value) if isinstance(value, tuple) else str(value)) or "none"
 
 
 def parse_config(argv=None) -> TrainConfig:
     """Stage defaults first, then every field overridable from the command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
+        by_stage = {stage: d[f.name] for stage, d in STAGES.items() if f.name in d}
+        default = ", ".join(f"{stage} {show(v)}" for stage, v in by_stage.items()) if by_stage else show(f.default)
+        kw = dict(default=None, choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: {default})")
         if f.type in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
-        elif f.name == "trainable":
-            p.add_argument(flag, nargs="+", choices=["projection", "vision", "llm"], default=None)
+            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
         else:
-            p.add_argument(flag, type=type(f.default), default=None)
+            p.add_argument("--" + f.name.replace("_", "-"), type=str if f.name == "trainable" else type(f.default),
+                           nargs="+" if f.name == "trainable" else None, **kw)
     args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    stage = args.get("stage", TrainConfig.stage)
-    if stage not in STAGES:
-        p.error(f"--stage must be one of {list(STAGES)}")
-    return replace(TrainConfig(), **{**STAGES[stage], **args})
+    if "trainable" in args:
+        args["trainable"] = tuple(args["trainable"])
+    return replace(TrainConfig(), **{**STAGES[args.get("stage", TrainConfig.stage)], **args})
 
 
 def tiny_config(low_only=False) -> M.DragonflyConfig:
@@ -159,14 +174,28 @@ def build_model(cfg: TrainConfig, device):
 
 
 def find_tokenizer(cfg: TrainConfig) -> Path:
-    for c in [cfg.tokenizer, cfg.init, cfg.llama and Path(cfg.llama) / "original" / "tokenizer.model", cfg.llama]:
+    shipped = cfg.model == "tiny" and Path(__file__).parent / "checkpoints" / "zoom-tiny" / "tokenizer.model"  # Meta's Llama-3
+    for c in [cfg.tokenizer, cfg.init, cfg.llama and Path(cfg.llama) / "original" / "tokenizer.model", cfg.llama, shipped]:
         if c and Path(c).exists():
             return Path(c)
-    try:  # the tiny demo: Meta's Llama-3 tokenizer from the llama-models package
-        import llama_models
-        return Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
-    except ImportError:
-        raise SystemExit("error: no tokenizer; pass --tokenizer (a tokenizer.model or tokenizer.json)")
+    raise SystemExit("error: no tokenizer; pass --tokenizer (a tokenizer.model or tokenizer.json)")
+
+
+def open_records(cfg: TrainConfig) -> RecordFile:
+    """--data's records (a folder means its train.jsonl), checked before anything slow starts."""
+    if not cfg.data:
+        raise SystemExit("error: no --data: give a records file (LLaVA JSON or release JSONL) or a folder holding train.jsonl")
+    data = Path(cfg.data) / "train.jsonl" if Path(cfg.data).is_dir() else Path(cfg.data)
+    for path, flag in ((data, "--data"), (cfg.text_data and Path(cfg.text_data), "--text-data")):
+        if path and not path.is_file():
+            raise SystemExit(f"error: {flag} {path}: no such file")
+    try:
+        records = RecordFile(data)
+    except ValueError as e:                  # a JSON list that does not parse
+        raise SystemExit(f"error: --data {data}: {e}") from None
+    if len(records) == 0:
+        raise SystemExit(f"error: --data {data} holds no records")
+    return records
 
 
 def freeze(model, trainable):
@@ -212,65 +241,34 @@ def lr_at(step, total, cfg: TrainConfig):
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-# ---- checkpoints ---------------------------------------------------------------------------
-def save_checkpoint(out: Path, step, model, optim, scheduler, sampler_state, rank):
-    """model + optimizer through torch.distributed.checkpoint (sharded), the rest per rank;
-    written to step_N.tmp and renamed, and `latest` is replaced atomically afterwards."""
-    final, tmp = out / f"step_{step:07d}", out / f"step_{step:07d}.tmp"
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    barrier()
-    msd, osd = get_state_dict(model, optim)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
-    torch.save(extra, tmp / f"extra_rank{rank}.pt")
-    barrier()
-    if rank == 0:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        (out / "latest.tmp").write_text(final.name)
-        os.replace(out / "latest.tmp", out / "latest")
-    barrier()
-
-
-def load_checkpoint(out: Path, model, optim, scheduler, rank):
-    path = out / (out / "latest").read_text().strip()
-    msd, osd = get_state_dict(model, optim)
-    state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(path / f"extra_rank{rank}.pt", weights_only=False)
-    scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"]["torch"])
-    np.random.set_state(extra["rng"]["numpy"])
-    random.setstate(extra["rng"]["python"])
-    if extra["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
-    return extra["step"], extra["sampler"]
-
-
-def export(out: Path, model, mcfg, tokenizer_path, rank, dtype):
-    """Gather the full weights on rank 0 and write a from_pretrained-loadable directory."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        final = M.build(mcfg, torch.float32, "cpu")
-        final.load_state_dict(state)
-        final.save_pretrained(out / "final", dtype=getattr(torch, dtype))
-        tok = Path(tokenizer_path)
-        tok = tok if tok.is_file() else next(p for p in (tok / "tokenizer.model", tok / "tokenizer.json") if p.exists())
-        shutil.copy(tok, out / "final" / tok.name)
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ---- the loop ------------------------------------------------------------------------------
+def loss_warning(log: Path):
+    """A loss still near where it started means a model that has not learned yet (the zoom demo
+    after 20 steps: 12.2 -> 8.2, and it answers "" to every page): say so, since the export
+    otherwise looks like a finished run. "Near": above half the first step's loss, and above
+    2 nats per token, so fine-tuning a pretrained model, whose loss starts low, is not flagged."""
+    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
+    if losses and losses[-1] > max(0.5 * losses[0], 2.0):
+        return (f"warning: the loss is still {losses[-1]:.2f} after {len(losses)} steps ({losses[0]:.2f} at step 1): "
+                "this model has hardly learned and may answer nothing; train longer, or check --lr")
+
+
+def step_counts(parts, group, world):
+    """This global step's supervised tokens, samples, skipped records (by reason) and truncated
+    samples, summed over the processes."""
+    mine = [sum(p["n_labels"] for p in parts), sum(len(p["tokens"]) for p in parts),
+            sum((b["skipped"] for b in group), Counter()), sum(b["truncated"] for b in group)]
+    if world == 1:
+        return mine
+    every = [None] * world
+    dist.all_gather_object(every, mine)
+    return [sum((e[k] for e in every), start) for k, start in enumerate((0, 0, Counter(), 0))]
+
+
 def main(argv=None):
     cfg = parse_config(argv)
+    records = open_records(cfg)
+    data = records.path
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -295,9 +293,8 @@ def main(argv=None):
 
     tok_path = find_tokenizer(cfg)
     tok = Tokenizer.from_file(tok_path)
-    data = Path(cfg.data) / "train.jsonl" if Path(cfg.data).is_dir() else Path(cfg.data)  # a file, or a prepared folder
     images_dir = cfg.images or str(data.parent)
-    dataset = VLDataset(data, images_dir, tok, mcfg.crops, M.image_positions(mcfg), max_seq=cfg.max_seq,
+    dataset = VLDataset(records, images_dir, tok, mcfg.crops, M.image_positions(mcfg), max_seq=cfg.max_seq,
                         loss_on=cfg.loss_on, text_path=cfg.text_data or None, text_prob=cfg.text_prob, seed=cfg.seed)
     per_step = cfg.micro_batch * world
     if cfg.batch_size % per_step:
@@ -308,15 +305,13 @@ def main(argv=None):
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, total, cfg))
 
-    step = 0
-    if cfg.resume and (out / "latest").exists():
-        step, sampler_state = load_checkpoint(out, model, optim, scheduler, rank)
+    step, sampler_state = checkpoint.resume(out, model, optim, scheduler, rank) if cfg.resume else (0, None)
+    if sampler_state:
         sampler.load_state(sampler_state)
-        if rank == 0:
-            print(f"resumed from step {step}", file=sys.stderr)
+    if rank == 0:
+        checkpoint.trim_log(out / "log.jsonl", step)   # the steps after the checkpoint are trained again
 
-    stop = {"signal": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
+    stop = checkpoint.Stop()
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=partial(collate, pad_id=tok.eos_id), persistent_workers=False)
 
@@ -334,80 +329,85 @@ def main(argv=None):
 
     batches = micro_batches()
     log = open(out / "log.jsonl", "a") if rank == 0 else None
-    bar = None
-    if rank == 0:
-        from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage)
-    skipped, truncated = Counter(), 0
+    bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
+    health = SkipCount(len(dataset), cfg.max_skip)
+    saved, interrupted, waiting = step, False, False    # saved: the step of the newest checkpoint
     # one process has no FSDP to cast for it: autocast gives the same bf16 compute on fp32 weights
     autocast = torch.autocast(device.type, dtype=dtype, enabled=world == 1 and dtype != torch.float32)
-    while step < total:
-        t0 = time.time()
-        group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
-        parts = [p for b in group for p in (b["image"], b["text"]) if p]
-        n_tokens = torch.tensor(float(sum(p["n_labels"] for p in parts)), device=device)
-        n_samples = torch.tensor(float(sum(len(p["tokens"]) for p in parts)), device=device)
-        if world > 1:
-            dist.all_reduce(n_tokens)
-            dist.all_reduce(n_samples)
-        loss_sum = torch.zeros((), device=device)
-        positions = 0
-        for i, p in enumerate(parts):
+    try:
+        while step < total and not interrupted:
+            t0 = time.time()
+            with stop.waiting_for_data():
+                group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
+            parts = [p for b in group for p in (b["image"], b["text"]) if p]
+            n_tokens, n_samples, skipped, truncated = step_counts(parts, group, world)
+            health.add(n_samples, skipped, truncated)
+            if health.problem():
+                raise SystemExit(f"error: --data {data}: {health.problem()}")
+            loss_sum = torch.zeros((), device=device)
+            positions = 0
+            for i, p in enumerate(parts):
+                if world > 1:
+                    model.set_requires_gradient_sync(i == len(parts) - 1)
+                pixels = p.get("pixels")
+                with autocast:
+                    _, loss = model(p["tokens"].to(device), None if pixels is None else pixels.to(device),
+                                    p["labels"].to(device), grids=p.get("grids") or (None, None), reduction="sum")
+                # normalise by the global step's token count; FSDP averages gradients over ranks
+                (loss * world / max(1, n_tokens)).backward()
+                loss_sum += loss.detach()
+                positions += p["tokens"].numel() + (0 if pixels is None else len(pixels) * M.image_positions(mcfg))
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            optim.step()
+            optim.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            sampler_state = sampler.state(consumed["n"])
             if world > 1:
-                model.set_requires_gradient_sync(i == len(parts) - 1)
-            pixels = p.get("pixels")
-            with autocast:
-                _, loss = model(p["tokens"].to(device), None if pixels is None else pixels.to(device),
-                                p["labels"].to(device), grids=p.get("grids") or (None, None), reduction="sum")
-            # normalise by the global step's token count; FSDP averages gradients over ranks
-            (loss * world / n_tokens.clamp(min=1)).backward()
-            loss_sum += loss.detach()
-            positions += p["tokens"].numel() + (0 if pixels is None else len(pixels) * M.image_positions(mcfg))
-        for b in group:
-            skipped.update(b["skipped"])
-            truncated += b["truncated"]
-        grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        optim.step()
-        optim.zero_grad(set_to_none=True)
-        scheduler.step()
-        step += 1
-        sampler_state = sampler.state(consumed["n"])
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        dt = time.time() - t0
-        if rank == 0:
-            rec = {"step": step, "loss": loss_sum.item() / max(1.0, n_tokens.item()), "lr": scheduler.get_last_lr()[0],
-                   "grad_norm": grad_norm.item(), "samples_per_s": n_samples.item() / dt,
-                   "tokens_per_s": positions * world / dt, "skipped": dict(skipped), "truncated": truncated}
-            if device.type == "cuda":
-                peak = {torch.bfloat16: 989e12, torch.float32: 67e12}[dtype]  # H100 SXM dense
-                flops = sum(presets.train_flops_per_sample(mcfg, p["tokens"].shape[1], cfg.trainable, image="pixels" in p)
-                            * len(p["tokens"]) for p in parts)
-                rec["mfu"] = flops * world / dt / peak
-                rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            log.write(json.dumps(rec) + "\n")
-            log.flush()
-            bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
-                             if k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib")})
-            bar.update(1)
-        interrupted = stop["signal"] or (cfg.stop_after and step == cfg.stop_after)
-        if world > 1:
-            flag = torch.tensor(float(interrupted), device=device)
-            dist.all_reduce(flag)
-            interrupted = bool(flag.item())
-        if interrupted or step % cfg.save_every == 0 or step == total:
-            save_checkpoint(out, step, model, optim, scheduler, sampler_state, rank)
-        if interrupted:
+                dist.all_reduce(loss_sum)
+            dt = time.time() - t0
             if rank == 0:
-                print(f"\nstopped at step {step}; continue with --resume", file=sys.stderr)
-            break
+                rec = {"step": step, "loss": loss_sum.item() / max(1, n_tokens), "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": grad_norm.item(), "samples_per_s": n_samples / dt, "tokens_per_s": positions * world / dt,
+                       "skipped": dict(health.skipped), "truncated": health.truncated}
+                if device.type == "cuda":
+                    peak = {torch.bfloat16: 989e12, torch.float32: 67e12}[dtype]  # H100 SXM dense
+                    flops = sum(presets.train_flops_per_sample(mcfg, p["tokens"].shape[1], cfg.trainable, image="pixels" in p)
+                                * len(p["tokens"]) for p in parts)
+                    rec["mfu"] = flops * world / dt / peak
+                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
+                                 if k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib")})
+                bar.update(1)
+            interrupted = stop.requested or (cfg.stop_after and step == cfg.stop_after)
+            if world > 1:
+                flag = torch.tensor(float(interrupted), device=device)
+                dist.all_reduce(flag)
+                interrupted = bool(flag.item())
+            if not interrupted and (step % cfg.save_every == 0 or step == total):
+                checkpoint.save(out, step, model, optim, scheduler, sampler_state, rank)
+                saved = step
+    except checkpoint.Interrupted:
+        interrupted = waiting = True
+    finally:
+        if bar:
+            bar.close()
+    if interrupted:
+        # Interrupted while waiting for data, several processes may be at different points: no collective save.
+        if step > saved and not (waiting and world > 1):
+            checkpoint.save(out, step, model, optim, scheduler, sampler_state, rank)
+            saved = step
+        checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
     else:
-        export(out, model, mcfg, tok_path, rank, cfg.export_dtype)
-        if rank == 0:
-            print(f"\nexported {out / 'final'}", file=sys.stderr)
-    if bar:
-        bar.close()
+        if health.problem(final=True):
+            raise SystemExit(f"error: --data {data}: {health.problem(final=True)}")
+        checkpoint.export(out / "final", model, mcfg, tok_path, rank, cfg.export_dtype)
+        checkpoint.say(rank, f"exported {out / 'final'}")
+        checkpoint.say(rank, loss_warning(out / "log.jsonl") if rank == 0 else None)
+    checkpoint.say(rank, health.summary())
     if dist.is_initialized():
         dist.destroy_process_group()
     return model

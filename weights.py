@@ -23,9 +23,13 @@ import shutil
 import sys
 from pathlib import Path
 
-import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+try:
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")

@@ -37,7 +37,7 @@ def _rng(seed, i, purpose):
 
 
 class VLDataset(torch.utils.data.Dataset):
-    """records_path: LLaVA/ShareGPT JSON or release JSONL (formats.py); image paths in it are
+    """records_path: LLaVA/ShareGPT JSON or release JSONL (formats.py), or its RecordFile; image paths in it are
     relative to images_dir. JSONL is memory-mapped; a JSON list is parsed whole at start, so
     convert large sets first (data/llava/prepare.py). Item i: {"tokens", "labels" (T,),
     "pixels" (N, 3, S, S) | None, "grids" (medium, high) | None, "truncated", "index"} or Skipped."""
@@ -46,7 +46,7 @@ class VLDataset(torch.utils.data.Dataset):
                  loss_on: str = "assistant", text_path=None, text_prob: float = 0.0, seed: int = 0):
         if text_prob > 0 and text_path is None:
             raise ValueError("text_prob > 0 needs text_path, the text-only records to mix in")
-        self.records = RecordFile(records_path)
+        self.records = records_path if isinstance(records_path, RecordFile) else RecordFile(records_path)
         self.text = RecordFile(text_path) if text_path is not None else None
         if self.text is not None and text_prob > 0 and len(self.text) == 0:
             raise ValueError(f"{text_path}: no text-only records to mix in")
@@ -139,6 +139,43 @@ def collate(batch, pad_id):
     if text_rows:
         out["text"] = _sub_batch(text_rows, pad_id)
     return out
+
+
+
+class SkipCount:
+    """Samples used and records skipped (by reason) over a run. Skipping keeps one bad file from
+    ending a run, but a run whose data are mostly unusable (a wrong --images root, a format
+    the reader does not know) must stop rather than train on the rest, or on nothing: `problem`
+    says so when none of the first min(n_records, 16) records was usable, or when more than
+    `max_skip` of the records read were skipped, judged after min(n_records, 64) of them (a
+    sample large enough that a few bad batches in a row do not count), or at the end."""
+
+    def __init__(self, n_records: int, max_skip: float):
+        self.n_records, self.max_skip = n_records, max_skip
+        self.used, self.skipped, self.truncated = 0, Counter(), 0
+
+    def add(self, used: int, skipped: Counter, truncated: int = 0):
+        self.used += used
+        self.skipped.update(skipped)
+        self.truncated += truncated
+
+    def problem(self, final: bool = False):
+        """Why the run must stop, or None."""
+        seen, skipped = self.used + sum(self.skipped.values()), sum(self.skipped.values())
+        if self.used == 0 and (final or seen >= min(self.n_records, 16)):
+            return f"no usable sample in the {seen} records read (skipped: {self.reasons()})"
+        if skipped > self.max_skip * seen and (final or seen >= min(self.n_records, 64)):
+            return (f"{skipped} of the {seen} records read were skipped ({self.reasons()}), "
+                    f"more than --max-skip {self.max_skip:g}: fix the data, or raise --max-skip")
+        return None
+
+    def reasons(self) -> str:
+        return ", ".join(f"{reason}: {n}" for reason, n in self.skipped.most_common()) or "none"
+
+    def summary(self) -> str:
+        skipped = sum(self.skipped.values())
+        return (f"data: {self.used} samples used, {skipped} records skipped" + (f" ({self.reasons()})" if skipped else "")
+                + f", {self.truncated} truncated")
 
 
 class ShardedSampler(torch.utils.data.Sampler):

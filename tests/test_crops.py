@@ -17,6 +17,7 @@ from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import crops  # noqa: E402
 from crops import (V1, V2, CropConfig, load_image, make_crops, preprocess,  # noqa: E402
                    select_best_resolution)
 
@@ -247,7 +248,19 @@ def test_cli_draws_grids_and_exits_0(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "grid 4x1" in r.stdout and "12x3" in r.stdout and "= 41" in r.stdout
     with Image.open(tmp_path / "grid.png") as drawn:
-        assert drawn.format == "PNG" and drawn.size == (1600, 400)
+        assert drawn.format == "PNG" and drawn.size[0] == 1600 and drawn.size[1] > 400  # + the legend's band
+
+
+def test_grid_picture_has_a_legend_of_colours_and_grids(tmp_path, capsys):
+    path, out = tmp_path / "wide.png", tmp_path / "grid.png"
+    synthetic_image(1600, 400).save(path)
+    assert crops.main([str(path), "--out", str(out)]) == 0
+    # a 4:1 image: medium 4 tiles in a row (best fit), high 3x that (v2)
+    assert "medium grid 4x1: thick red lines; high grid 12x3: thin cyan lines" in capsys.readouterr().out
+    band = np.asarray(Image.open(out).convert("RGB"))[400:]   # below the image
+    assert len(band) > 0
+    for colour in ([255, 0, 0], [0, 255, 255]):  # each legend line is written in its grid's colour
+        assert (band == colour).all(axis=-1).any()
 
 
 def test_cli_exits_1_with_one_line_on_a_bad_file(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import crops
-from data import (CAPTION_INSTRUCTIONS, IGNORE, RecordFile, ShardedSampler, Skipped, VLDataset, collate, encode_turns,
+from data import (CAPTION_INSTRUCTIONS, IGNORE, RecordFile, ShardedSampler, SkipCount, Skipped, VLDataset, collate, encode_turns,
                   format_chat, parse_chat, read_records, to_turns)
 from tokenizer import Tokenizer
 
@@ -276,3 +276,18 @@ def test_llava_prepare_writes_release_records_and_counts_missing_images(tmp_path
     assert counts == Counter({"image": 4, "missing image": 1, "malformed": 2})
     assert all(set(r) == {"image_url", "conversations", "source"} for r in out)
     assert to_turns(out[1])[1][0] == ("user", "What shape is in the middle?")
+
+
+def test_skip_count_judges_only_after_enough_records_or_at_the_end():
+    count = SkipCount(n_records=1000, max_skip=0.5)
+    count.add(0, Counter({"missing image": 8}))            # a bad first batch is no verdict yet
+    assert count.problem() is None
+    count.add(2, Counter({"missing image": 6}))            # 14 of 16 skipped: some usable, fraction judged at 64
+    assert count.problem() is None
+    count.add(48, Counter())                               # 14 of 64 skipped: below one half
+    assert count.problem() is None
+    count.add(0, Counter({"bad image": 60}))               # 74 of 124 skipped: above one half
+    assert count.problem().startswith("74 of the 124 records read were skipped (bad image: 60, missing image: 14)")
+    small = SkipCount(n_records=3, max_skip=0.5)
+    small.add(0, Counter({"malformed record": 3}))          # a file smaller than the sample: judged whole
+    assert small.problem() == "no usable sample in the 3 records read (skipped: malformed record: 3)"

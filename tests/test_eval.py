@@ -130,3 +130,15 @@ def test_batched_answers_equal_answers_one_at_a_time(checkpoint, tmp_path):
     prompts = [tok.encode_prompt(q) for q in ["Hi", "What is written on the small red sign in the corner?"]]
     together = ev.greedy(m, tok, prompts, [crops, crops], max_new_tokens=4)  # the short prompt is left-padded
     assert together == [ev.greedy(m, tok, [p], [crops], max_new_tokens=4)[0] for p in prompts]
+
+
+def test_empty_answers_are_counted_and_warned_about(tmp_path, capsys):
+    rows = [{"id": str(i), "question": "Which digit?", "answers": ["7"]} for i in range(3)]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "out").mkdir()
+    answered = [{"id": "0", "prediction": ""}, {"id": "1", "prediction": "7"}, {"id": "2", "prediction": " "}]
+    (tmp_path / "out" / "predictions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in answered))
+    result = ev.main(["--checkpoint", str(tmp_path), "--task", "zoom", "--data", str(tmp_path / "bench.jsonl"),
+                      "--out", str(tmp_path / "out")])  # every id answered: no model is loaded
+    assert result["empty"] == 2 and result["accuracy"] == pytest.approx(100 / 3)
+    assert "warning: 2 of the 3 answers are empty" in capsys.readouterr().err

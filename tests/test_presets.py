@@ -136,3 +136,10 @@ def test_cli_describes_a_preset_and_tabulates_all(capsys):
     assert len(capsys.readouterr().out.strip().splitlines()) == 2 + len(PRESETS) + 1  # header, rows, UHD
     assert presets.main(["--describe", "llava-uhd"]) == 0 and "not built" in capsys.readouterr().out
     assert presets.main(["--describe", "no-such"]) == 1
+
+
+def test_describe_says_what_as_built_means_beside_the_paper_figure():
+    text = presets.describe("dragonfly-v2")
+    explained = [line for line in text.splitlines() if "the paper's figure" in line and "as built:" in line]
+    assert len(explained) == 1
+    assert "2016 paper tokens" in explained[0] and "2098 positions" in explained[0]

@@ -33,7 +33,11 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
-from data.formats import format_chat, read_records, to_turns  # noqa: E402
+try:
+    from data.formats import format_chat, read_records, to_turns  # noqa: E402
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 
 MIX_PARTS = ("coco", "gqa", "ocr_vqa", "textvqa", "vg")   # the 665K mix's image folders

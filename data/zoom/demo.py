@@ -1,15 +1,19 @@
 """The zoom-in demo: does Dragonfly's high-resolution crop matter? A laptop-scale answer.
 
-    python data/zoom/demo.py            # ~15 min on 2 CPU cores
+    python data/zoom/demo.py                      # 6.8 min on 2 CPU cores in the run of results.json
+    python data/zoom/demo.py --steps 20 --train 320 --test 50    # a smoke test: too short to learn
 
 1. generates the synthetic Zoom dataset (prepare.py: a 336 px page printed in one 5x6 px digit);
 2. trains the `tiny` model twice with the same budget (same data, steps, batch, lr, seed):
    low resolution only (the paper's "L": one 56 px view of the whole page), and
    low + medium + high (the paper's "L+M+H": + 4 crops of 112 px and 36 crops of 336 px);
 3. scores both on the held-out split with `eval.py --task zoom`;
-4. writes data/zoom/results.json and data/zoom/results.png (accuracy bars + loss curves).
+4. writes results.json and results.png (accuracy bars + loss curves).
 
-`--ship` copies the L+M+H model to checkpoints/zoom-tiny, sample.py's default checkpoint.
+Everything goes under --out (default out/zoom): data/, the runs low/ and zoom/, the results.
+Only `--ship`, for the full run, touches tracked files: it writes data/zoom/results.json and
+results.png (the README's) and copies the L+M+H model to checkpoints/zoom-tiny, sample.py's
+default checkpoint.
 """
 import argparse
 import json
@@ -19,13 +23,18 @@ import sys
 import time
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+try:
+    from PIL import Image, ImageDraw
+except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
+    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 TRAIN = ["--model", "tiny", "--stage", "sft", "--batch-size", "16", "--micro-batch", "16", "--lr", "2e-3",
          "--epochs", "1.5", "--no-grad-checkpoint", "--workers", "1", "--save-every", "100000",
          "--export-dtype", "bfloat16", "--seed", "0"]
+FULL = {"train": 4000, "test": 500}   # the recorded run's pages
 VARIANTS = {"low only (L)": ["--low-only"], "low + medium + high (L+M+H)": []}
 
 
@@ -34,7 +43,7 @@ def run(args):
     subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
 
 
-def plot(results, path):
+def plot(results, path, n_test):
     """Bars of held-out accuracy (chance = 10%) and the training loss curves, drawn with PIL."""
     W, H, pad = 900, 380, 50
     img = Image.new("RGB", (W, H), "white")
@@ -42,7 +51,7 @@ def plot(results, path):
     colours = [(120, 120, 120), (220, 90, 40)]
     # left: accuracy bars
     x0, y0, h = pad, H - pad, H - 2 * pad
-    d.text((x0, 12), "held-out accuracy (%), 500 images", fill="black")
+    d.text((x0, 12), f"held-out accuracy (%), {n_test} images", fill="black")
     d.line((x0, y0, x0 + 330, y0), fill="black")
     chance = y0 - h * 0.10
     d.line((x0, chance, x0 + 330, chance), fill=(150, 150, 220))
@@ -70,19 +79,26 @@ def plot(results, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=str(ROOT / "out" / "zoom"))
-    p.add_argument("--ship", action="store_true", help="copy the L+M+H model to checkpoints/zoom-tiny")
+    p.add_argument("--out", default=str(ROOT / "out" / "zoom"), help="folder for the data, both runs and the results")
+    p.add_argument("--steps", type=int, default=0, help="training steps of each run (default: 1.5 epochs, 375 for 4000 pages)")
+    p.add_argument("--train", type=int, default=FULL["train"], help="training pages (default: %(default)s)")
+    p.add_argument("--test", type=int, default=FULL["test"], help="held-out pages (default: %(default)s)")
+    p.add_argument("--ship", action="store_true", help="the full run only: write data/zoom/results.json and results.png "
+                   "and copy the L+M+H model to checkpoints/zoom-tiny")
     args = p.parse_args(argv)
+    if args.ship and (args.steps, args.train, args.test) != (0, FULL["train"], FULL["test"]):
+        p.error("--ship writes the tracked results and checkpoint: only for the full run (no --steps, --train, --test)")
     out, t0 = Path(args.out), time.time()
-    # always regenerated (~10 s, byte-identical): stale files from an older prepare.py would be reused otherwise
-    run(["data/zoom/prepare.py", "--out", str(HERE), "--train", "4000", "--test", "500", "--seed", "0"])
+    data, results_dir = out / "data", HERE if args.ship else out
+    run(["data/zoom/prepare.py", "--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
+    budget = ["--max-steps", str(args.steps)] if args.steps else []
     results = {}
     for name, flags in VARIANTS.items():
         run_dir = out / ("low" if flags else "zoom")
         t = time.time()
-        run(["train.py", *TRAIN, *flags, "--data", str(HERE / "train.jsonl"), "--out", str(run_dir)])
+        run(["train.py", *TRAIN, *budget, *flags, "--data", str(data / "train.jsonl"), "--out", str(run_dir)])
         train_s = time.time() - t
-        run(["eval.py", "--checkpoint", str(run_dir / "final"), "--task", "zoom", "--data", str(HERE / "test.jsonl"),
+        run(["eval.py", "--checkpoint", str(run_dir / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
              "--out", str(run_dir / "eval"), "--batch-size", "16", "--device", "cpu"])
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
         losses = [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]
@@ -90,9 +106,9 @@ def main(argv=None):
     total = time.time() - t0
     summary = {k: {"accuracy": v["accuracy"], "train_seconds": v["train_seconds"], "final_loss": v["losses"][-1]}
                for k, v in results.items()}
-    (HERE / "results.json").write_text(json.dumps({"results": summary, "total_seconds": round(total)}, indent=2))
-    plot(results, HERE / "results.png")
-    print(json.dumps(summary, indent=2), f"\ntotal {total / 60:.1f} min")
+    (results_dir / "results.json").write_text(json.dumps({"results": summary, "total_seconds": round(total)}, indent=2))
+    plot(results, results_dir / "results.png", args.test)
+    print(json.dumps(summary, indent=2), f"\ntotal {total / 60:.1f} min; wrote {results_dir / 'results.json'} and results.png")
     if args.ship:
         ship = ROOT / "checkpoints" / "zoom-tiny"
         shutil.rmtree(ship, ignore_errors=True)

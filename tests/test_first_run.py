@@ -1,0 +1,74 @@
+"""A new user's first minutes: the README's two Quick-start commands, `bash run.sh` running any
+script with .venv (installed once), one line instead of a traceback when a package is missing,
+and a short zoom demo that leaves the tracked results alone."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+ENTRY_POINTS = ["sample.py", "train.py", "eval.py", "bench.py", "weights.py", "model.py", "presets.py", "crops.py",
+                "data/zoom/demo.py", "data/zoom/prepare.py", "data/llava/prepare.py"]
+
+
+def quick_start_commands():
+    section = (ROOT / "README.md").read_text().split("## Quick start", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_quick_start_is_the_sample_command_then_the_test_command_ci_runs():
+    assert quick_start_commands() == ["bash run.sh sample.py --image data/zoom/example.png", "bash tests/run.sh"]
+    assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "bash tests/run.sh"
+
+
+def test_run_sh_uses_the_project_venv_and_installs_only_once():
+    cmd = ["bash", "run.sh", "-c", "import sys; print(sys.prefix)"]
+    first = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr
+    assert Path(first.stdout.strip()).resolve() == (ROOT / ".venv").resolve()
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and again.stderr == ""  # nothing made, nothing installed
+
+
+def test_quick_start_sample_command_reads_the_example_digit():
+    r = subprocess.run(quick_start_commands()[0].split(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == "7"  # data/zoom/example.png is printed in 7s
+
+
+@pytest.mark.parametrize("script", ENTRY_POINTS)
+def test_a_missing_package_gives_one_line_naming_the_install_command(script):
+    # -S leaves site-packages out: a python without torch, numpy or pillow, like a fresh machine's python3
+    r = subprocess.run([sys.executable, "-S", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1, r.stderr
+    assert "is not installed" in lines[0] and f"bash run.sh {script}" in lines[0]
+    assert "pip install -r requirements.txt" in lines[0]
+
+
+def test_a_short_zoom_demo_writes_only_under_out(tmp_path):
+    tracked = [ROOT / "data" / "zoom" / name for name in ("results.json", "results.png", "example.png")]
+    tracked += sorted((ROOT / "checkpoints" / "zoom-tiny").iterdir())
+    before = {p: p.read_bytes() for p in tracked}
+    listing = sorted(p.name for p in (ROOT / "data" / "zoom").iterdir())
+    r = subprocess.run([sys.executable, "data/zoom/demo.py", "--steps", "1", "--train", "16", "--test", "2",
+                        "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert len(results) == 2 and (tmp_path / "results.png").is_file()
+    for run in ("low", "zoom"):
+        assert len((tmp_path / run / "log.jsonl").read_text().splitlines()) == 1   # --steps 1
+        assert json.loads((tmp_path / run / "eval" / "metrics.json").read_text())["n"] == 2  # --test 2
+    assert {p: p.read_bytes() for p in tracked} == before
+    assert sorted(p.name for p in (ROOT / "data" / "zoom").iterdir()) == listing
+
+
+def test_ship_is_refused_for_a_short_demo(tmp_path):
+    r = subprocess.run([sys.executable, "data/zoom/demo.py", "--ship", "--steps", "20", "--out", str(tmp_path)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--ship writes the tracked results and checkpoint: only for the full run" in r.stderr
+    assert not any(tmp_path.iterdir())
