@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from model import image_positions, sample
+from model import sample
 
 
 class ContextFull(ValueError):
@@ -85,12 +85,12 @@ class Conversation:
         ids = self.tok.encode_prompt(question)
         return ids[1:] if self.tokens else ids
 
-    def ask(self, question, max_new_tokens=256, temperature=0.0, top_p=1.0, generator=None):
+    def ask(self, question: str, max_new_tokens=256, temperature=0.0, top_p=1.0, generator=None):
         """A generator of the answer's (token id, log-probability), one token at a time (log-softmax
         of the float32 logits); stop tokens are not yielded. The answer and its closing <|eot_id|>
         join the history however the iteration ends (a stop token, a limit, `close()`, Ctrl-C).
-        question: text, or the ids of `turn_ids`. Raises ContextFull here when it does not fit."""
-        new = question if isinstance(question, list) else self.turn_ids(question)
+        Raises ContextFull here, before any work, when the question does not fit."""
+        new = self.turn_ids(question)
         room = self.context - self.image_len - len(self.tokens) - len(new)
         if room < 1:
             raise ContextFull(self.positions_left, len(new) + 1, self.context)
