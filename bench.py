@@ -19,8 +19,9 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   context  decode ms/token after text-only prompts of growing length; flat = the cache works.
   turn 1   a conversation.Conversation from its creation (the image block) to the first token of
            its first answer (the same question as prefill, so the same work plus the ids' encoding).
-  turn 2   the same conversation's next question, from `ask` to its first token: only the new
-           turn's tokens go through the LLM, after the cached 2098 + 22 + 1 + 1 positions.
+  turn 2   the same conversation's next question, from `ask` to its first token: the LLM runs
+           over 17 new positions (turn 1's one answer token and <|eot_id|>, the question's 15
+           turn ids) after the 2120 in the cache.
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
