@@ -17,6 +17,11 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   decode   the next --new-tokens yields of that same call, per token: one token through the
            LLM against the KV cache, greedy choice, log-probability.
   context  decode ms/token after text-only prompts of growing length; flat = the cache works.
+  turn 1   a conversation.Conversation from its creation (the image block) to the first token of
+           its first answer (the same question as prefill, so the same work plus the ids' encoding).
+  turn 2   the same conversation's next question, from `ask` to its first token: the LLM runs
+           over 17 new positions (turn 1's one answer token and <|eot_id|>, the question's 15
+           turn ids) after the 2120 in the cache.
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
@@ -38,7 +43,9 @@ try:
     import crops as crops_lib
     import llama
     import vit
+    from conversation import Conversation
     from model import Dragonfly, build, image_positions, release_config, v2_config
+    from tokenizer import Tokenizer
 except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
     sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
              "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
@@ -54,6 +61,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # of this image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n  (Llama-3 token ids)
 PROMPT = [128000, 128006, 882, 128007, 271, 3923, 6211, 374, 304, 279, 1948, 2163, 9309, 315, 420, 2217,
           30, 128009, 128006, 78191, 128007, 271]
+TURNS = ["What shape is in the top left corner of this image?", "And what colour is it?"]
+TOKENIZER = Path(__file__).parent / "checkpoints" / "zoom-tiny"  # Meta's Llama-3 tokenizer.model
 
 
 def random_model(cfg, device="cpu", dtype=torch.float32, seed=0) -> Dragonfly:
@@ -140,6 +149,22 @@ def time_generate(model, prompt, crops=None, new_tokens=64):
     return t1 - t0, (t2 - t1) / new_tokens, ids
 
 
+def time_conversation(model, tok, crops, turns=TURNS):
+    """Seconds to the first token of each turn of one conversation (greedy); each answer is
+    stopped there, and stays in the history as one token and <|eot_id|>."""
+    device, seconds = model.llm.lm_head.weight.device, []
+    for i, question in enumerate(turns):
+        sync(device)
+        t0 = time.perf_counter()
+        if i == 0:
+            conv = Conversation(model, tok, crops)  # the image block is computed here
+        steps = conv.ask(question, max_new_tokens=1)
+        next(steps, None)  # the first token, or the end if it was a stop token: the same work
+        seconds.append(time.perf_counter() - t0)
+        steps.close()
+    return seconds
+
+
 def write_random_checkpoint(path, cfg) -> int:
     """A checkpoint in the release's layout (config.json, two pickled .bin shards + index) with
     `cfg`'s shapes and constant values, written shard by shard; returns its size in bytes."""
@@ -218,15 +243,18 @@ def main(argv=None):
         p.error(f"--contexts: {max(contexts)} + {args.context_tokens + 1} positions exceed the context of {cfg.llm.max_seq_len}")
     model = random_model(cfg, args.device, DTYPES[args.dtype])
     image = synthetic_image()
-    runs = {"crops": [], "prefill": [], "decode": [], **{f"context {n}": [] for n in contexts}}  # seconds
+    tok = Tokenizer.from_file(TOKENIZER)
+    runs = {"crops": [], "prefill": [], "decode": [], **{f"context {n}": [] for n in contexts},
+            "turn 1": [], "turn 2": []}  # seconds
     busy = []  # (tries, share of a core other processes took), one per measured run
     for i in range(args.warmup + args.repeats):  # each repeat visits every measurement in turn
         (crop_s, crops), *b = quiet(timed, crops_lib.make_crops, image, cfg.crops)
         (prefill, decode, _), *b2 = quiet(time_generate, model, PROMPT, crops, args.new_tokens)
         context = [quiet(time_generate, model, context_prompt(n), None, args.context_tokens) for n in contexts]
+        turns, *b3 = quiet(time_conversation, model, tok, crops)
         if i >= args.warmup:
-            busy += [b, b2, *[c[1:] for c in context]]
-            for key, seconds in zip(runs, [crop_s, prefill, decode, *[c[0][1] for c in context]]):
+            busy += [b, b2, *[c[1:] for c in context], b3]
+            for key, seconds in zip(runs, [crop_s, prefill, decode, *[c[0][1] for c in context], *turns]):
                 runs[key].append(seconds)
 
     median = {k: 1e3 * statistics.median(v) for k, v in runs.items()}  # ms
@@ -244,6 +272,9 @@ def main(argv=None):
     print(f"{'decode':<14}{median['decode']:10.2f} ms/token   {1e3 / median['decode']:.1f} tokens/s, {args.new_tokens} tokens")
     for n in contexts:
         print(f"{f'context {n}':<14}{median[f'context {n}']:10.2f} ms/token   text-only prompt, {args.context_tokens} tokens")
+    print(f"{'turn 1':<14}{median['turn 1']:10.1f} ms         conversation: image block + first question to its first token")
+    print(f"{'turn 2':<14}{median['turn 2']:10.1f} ms         the next question to its first token "
+          f"({100 * median['turn 2'] / median['turn 1']:.2f}% of turn 1)")
     print(f"{'peak memory':<14}{peak:10.2f} GiB        {'torch.cuda.max_memory_allocated, image + prompt + decode' if cuda else 'process peak RSS, whole run'}")
     print(f"{'shared CPU':<14}{sum(t > 1 for t, _ in busy):10d} runs redone; {sum(x > 0.1 for _, x in busy)} of "
           f"{len(busy)} kept while other processes took > 10% of a core")

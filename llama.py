@@ -150,6 +150,17 @@ class KVCache(nn.Module):
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def grow(self, max_len: int):
+        """Reallocate to hold `max_len` positions, keeping every one written so far: a chat
+        that outgrows its cache continues without recomputing its prefix (conversation.py)."""
+        B, H, old, D = self.k.shape
+        if max_len <= old:
+            return
+        for name in ("k", "v"):
+            bigger = self.k.new_zeros(B, H, max_len, D)
+            bigger[:, :, :old] = getattr(self, name)
+            setattr(self, name, bigger)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: LlamaConfig):

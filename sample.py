@@ -3,12 +3,14 @@ Ask Dragonfly about an image (or just chat, without --image), streaming the answ
 
     python sample.py --checkpoint path/to/Llama-3.1-8B-Dragonfly-v2 --image photo.jpg \
         --prompt "What is unusual about this image?"
+    python sample.py --image photo.jpg --prompt "Q1" --prompt "Q2"   # turns of one conversation
+    python sample.py --image photo.jpg                               # on a terminal: interactive chat
 
 Greedy with --temperature 0 (the default), so the answer is the released model's own.
---json prints one object {"text", "token_ids", "logprobs"} instead of streaming.
+--json prints one object {"text", "token_ids", "logprobs"} per turn instead of streaming.
+The image is encoded once per conversation (conversation.py).
 """
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -44,23 +46,25 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="Dragonfly checkpoint directory")
     p.add_argument("--image", help="image file; omit for a text-only prompt")
-    p.add_argument("--prompt", default=None, help="the question (default: 'Describe the image.')")
+    p.add_argument("--prompt", action="append", help="a question; repeat for the turns of one conversation "
+                   "(default: an interactive chat on a terminal, else 'Describe the image.')")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the release generates up to 1024")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.prompt is None:
+    interactive = args.prompt is None and sys.stdin.isatty()
+    if args.prompt is None and not interactive:
         if not args.image:
-            raise ValueError("give --prompt (and optionally --image)")
-        args.prompt = "Describe the image."
+            raise ValueError("give --prompt (and optionally --image), or run on a terminal to chat")
+        args.prompt = ["Describe the image."]
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
     device = pick_device(args.device)
@@ -70,46 +74,35 @@ def main(argv=None):
         raise ValueError(f"checkpoint directory {ckpt} not found (download one, see README)")
 
     import weights
-    from model import Dragonfly, image_positions
+    from conversation import ContextFull, Conversation, answer, chat
+    from model import Dragonfly
     from tokenizer import Tokenizer
     weights.require_checkpoint(ckpt)  # an empty or wrong folder, before the tokenizer looks for its file
     tok = Tokenizer.from_file(ckpt)
-    crops = None
     if args.image:
         from crops import load_image
         image = load_image(args.image)  # fail on a bad image before the (slow) model load
     t0 = time.time()
     model = Dragonfly.from_pretrained(ckpt, dtype=dtype, device=device)
     print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} ({dtype})", file=sys.stderr)
-    if args.image:
-        crops = model.crop_image(image)
-    prompt = tok.encode_prompt(args.prompt)
-    ctx, used = model.cfg.llm.max_seq_len, len(prompt) + (image_positions(model.cfg) if crops is not None else 0)
-    if args.max_new_tokens > ctx - used > 0:  # generate caps it; no room at all is generate's error
-        print(f"note: --max-new-tokens {args.max_new_tokens} capped to {ctx - used}: the prompt takes {used} "
-              f"of the context's {ctx} positions", file=sys.stderr)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
-
-    ids, logprobs, printed = [], [], ""
-    for token, logprob in model.generate([prompt], [crops], max_new_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_p=args.top_p,
-                                         stop_ids=tok.stop_ids, generator=generator):
-        t = int(token[0])
-        if t in tok.stop_ids:
-            break
-        ids.append(t)
-        logprobs.append(float(logprob[0]))
-        if not args.json:
-            text = tok.decode(ids)
-            if not text.endswith("\ufffd"):  # hold back half a multi-byte character
-                sys.stdout.write(text[len(printed):])
-                sys.stdout.flush()
-                printed = text
-    text = tok.decode(ids)
-    if args.json:
-        print(json.dumps({"text": text, "token_ids": ids, "logprobs": logprobs}))
-    else:
-        sys.stdout.write(text[len(printed):] + "\n")
+    conv = Conversation(model, tok, model.crop_image(image) if args.image else None)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    generator=torch.Generator(device=device).manual_seed(args.seed))
+    if interactive:
+        return chat(conv, model.crop_image, args.json, **sampling)
+    for i, question in enumerate(args.prompt):
+        if len(args.prompt) > 1 and not args.json:
+            print(f"> {question}", flush=True)
+        room = conv.positions_left - len(conv.turn_ids(question))
+        if args.max_new_tokens > room > 0:  # the answer is cut there; no room at all is ContextFull's one line
+            print(f"note: --max-new-tokens {args.max_new_tokens} capped to {room}: the conversation takes "
+                  f"{conv.context - conv.positions_left + len(conv.turn_ids(question))} of the context's "
+                  f"{conv.context} positions", file=sys.stderr)
+        try:
+            answer(conv, question, args.json, **sampling)
+        except ContextFull as e:
+            raise ValueError(f"--prompt number {i + 1}: {e}; shorten it, ask fewer, or use a checkpoint "
+                             "with a longer context") from None
 
 
 if __name__ == "__main__":

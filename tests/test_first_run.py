@@ -2,6 +2,7 @@
 script with .venv (installed once), one line instead of a traceback when a package is missing,
 and a short zoom demo that leaves the tracked results alone."""
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,8 @@ def quick_start_commands():
 
 
 def test_quick_start_is_the_sample_command_then_the_test_command_ci_runs():
-    assert quick_start_commands() == ["bash run.sh sample.py --image data/zoom/example.png", "bash tests/run.sh"]
+    assert quick_start_commands() == ['bash run.sh sample.py --image data/zoom/example.png --prompt "What digit is this page printed in?"',
+                                      "bash tests/run.sh"]
     assert (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1] == "bash tests/run.sh"
 
 
@@ -35,7 +37,7 @@ def test_run_sh_uses_the_project_venv_and_installs_only_once():
 
 
 def test_quick_start_sample_command_reads_the_example_digit():
-    r = subprocess.run(quick_start_commands()[0].split(), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    r = subprocess.run(shlex.split(quick_start_commands()[0]), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "7"  # data/zoom/example.png is printed in 7s
 

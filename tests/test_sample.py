@@ -1,7 +1,14 @@
-"""sample.py as a user runs it: streaming, --json, and one-line errors for bad input."""
+"""sample.py as a user runs it: streaming, --json, turns of one conversation, Ctrl-C on a terminal,
+and one-line errors for bad input."""
 import json
+import os
+import pty
+import re
+import select
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -57,3 +64,71 @@ def test_bad_input_is_one_line_error_without_traceback(checkpoint, case, tmp_pat
     assert "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 or "loaded" in r.stderr.splitlines()[0], r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_several_prompts_are_turns_of_one_conversation_one_json_object_each(checkpoint):
+    from test_conversation import from_scratch
+    from tokenizer import Tokenizer
+    questions = ["Hello", "And then?", "Why?"]
+    r = run("--checkpoint", str(checkpoint), *[a for q in questions for a in ("--prompt", q)],
+            "--max-new-tokens", "3", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    turns = [json.loads(line) for line in r.stdout.splitlines()]
+    tok, m = Tokenizer.from_file(checkpoint), model.Dragonfly.from_pretrained(checkpoint)
+    text = []
+    for q, turn in zip(questions, turns, strict=True):
+        text += tok.encode_prompt(q)[1 if text else 0:]
+        ids, logprobs, _ = from_scratch(m, None, text, 3)
+        assert turn["token_ids"] == ids and turn["text"] == tok.decode(ids)
+        assert np.allclose(turn["logprobs"], logprobs, atol=1e-5, rtol=0)
+        text += ids + [tok.eot_id]
+
+
+class Terminal:
+    """sample.py on a pseudo-terminal, as a person runs it: what it printed, and typing."""
+
+    def __init__(self, *args):
+        self.master, slave = pty.openpty()
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args],
+                                     stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+        os.close(slave)
+        self.screen = ""
+
+    def type(self, text):
+        os.write(self.master, text.encode())
+
+    def wait_until(self, done, timeout=120):
+        """Read until done(screen) holds."""
+        deadline = time.time() + timeout
+        while not done(self.screen):
+            if not select.select([self.master], [], [], max(0.0, deadline - time.time()))[0]:
+                raise AssertionError(f"timed out; the screen:\n{self.screen}")
+            try:
+                self.screen += os.read(self.master, 4096).decode(errors="replace")
+            except OSError:  # the program ended: no more output
+                raise AssertionError(f"the program ended; the screen:\n{self.screen}") from None
+
+    def wait_for(self, pattern, after=0):
+        """Read until `pattern` is on the screen at or after index `after`; the index after it."""
+        self.wait_until(lambda screen: screen.find(pattern, after) >= 0)
+        return self.screen.find(pattern, after) + len(pattern)
+
+
+def test_ctrl_c_stops_the_answer_keeps_the_chat_and_ctrl_c_at_the_prompt_quits(checkpoint):
+    term = Terminal("--checkpoint", str(checkpoint), "--max-new-tokens", "2000", "--device", "cpu")
+    try:
+        at = term.wait_for("> ")
+        for question in ("Hello", "And then?"):  # a random model: 2000 tokens are far from done
+            term.type(question + "\n")
+            at = term.wait_for(question, at)
+            term.wait_until(lambda screen: len(re.sub(r"\s", "", screen[at:])) >= 10)  # the answer streams
+            term.proc.send_signal(signal.SIGINT)
+            at = term.wait_for("(stopped)", at)
+            at = term.wait_for("> ", at)
+            assert term.proc.poll() is None  # the chat goes on
+        term.proc.send_signal(signal.SIGINT)  # at the prompt
+        assert term.proc.wait(timeout=30) == 0
+        assert "Traceback" not in term.screen
+    finally:
+        term.proc.kill()
+        os.close(term.master)
