@@ -50,7 +50,8 @@ def parse_args(argv=None):
                    "(default: an interactive chat on a terminal, else 'Describe the image.')")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=1024, help="the release generates up to 1024")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="answer length limit per turn (default: 1024, as the release generates; cut where the context ends)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -65,6 +66,9 @@ def main(argv=None):
         if not args.image:
             raise ValueError("give --prompt (and optionally --image), or run on a terminal to chat")
         args.prompt = ["Describe the image."]
+    asked_length = args.max_new_tokens is not None  # only a limit the user set is worth a note when cut
+    if not asked_length:
+        args.max_new_tokens = 1024
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
     device = pick_device(args.device)
@@ -94,7 +98,7 @@ def main(argv=None):
         if len(args.prompt) > 1 and not args.json:
             print(f"> {question}", flush=True)
         room = conv.positions_left - len(conv.turn_ids(question))
-        if args.max_new_tokens > room > 0:  # the answer is cut there; no room at all is ContextFull's one line
+        if asked_length and args.max_new_tokens > room > 0:  # cut there; no room at all is ContextFull's line
             print(f"note: --max-new-tokens {args.max_new_tokens} capped to {room}: the conversation takes "
                   f"{conv.context - conv.positions_left + len(conv.turn_ids(question))} of the context's "
                   f"{conv.context} positions", file=sys.stderr)

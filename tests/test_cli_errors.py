@@ -51,7 +51,7 @@ ROWS = [
     ("sample.py", "prompt longer than the context", ["--image", str(IMAGE), "--prompt", "word " * 1000], 1,
      r"error: prompt is \d+ positions \(image block included\); the context is 1024"),
     ("sample.py", "--max-new-tokens above the context", ["--prompt", "hi", "--max-new-tokens", "5000"], 0,
-     r"note: --max-new-tokens 5000 capped to 10\d\d: the prompt takes \d+ of the context's 1024 positions"),
+     r"note: --max-new-tokens 5000 capped to 10\d\d: the conversation takes \d+ of the context's 1024 positions"),
     ("sample.py", "--device cuda not here", ["--prompt", "hi", "--device", CUDA], 1,
      rf"error: --device {CUDA} is not available here; available: cpu.*"),
     ("sample.py", "--device mps not here", ["--prompt", "hi", "--device", MPS], 1,
