@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "checkpoints" / "zoom-tiny"     # context 1024, 258 image positions
 IMAGE = ROOT / "data" / "zoom" / "example.png"
+RECORDS = ROOT / "tests" / "fixtures" / "data" / "release.jsonl"  # usable data: the --init rows fail on --init
 
 
 def _missing_device(kind):
@@ -49,7 +50,8 @@ ROWS = [
     ("sample.py", "huge image (13000x13000 PNG)", ["--image", "{tmp}/huge.png", "--prompt", "hi"], 1,
      r"error: image .*huge\.png is 13000x13000 \(169 megapixels\); at most 67 are read .*"),
     ("sample.py", "prompt longer than the context", ["--image", str(IMAGE), "--prompt", "word " * 1000], 1,
-     r"error: prompt is \d+ positions \(image block included\); the context is 1024"),
+     r"error: --prompt number 1: \d+ of the context's 1024 positions are left; this turn needs \d+ "
+     r"\(its question and one answer token\); shorten it, ask fewer, or use a checkpoint with a longer context"),
     ("sample.py", "--max-new-tokens above the context", ["--prompt", "hi", "--max-new-tokens", "5000"], 0,
      r"note: --max-new-tokens 5000 capped to 10\d\d: the conversation takes \d+ of the context's 1024 positions"),
     ("sample.py", "--device cuda not here", ["--prompt", "hi", "--device", CUDA], 1,
@@ -87,9 +89,9 @@ ROWS = [
     ("crops.py", "truncated image", ["{tmp}/truncated.png"], 1, r"crops\.py: cannot read image .*truncated\.png: .*"),
     ("crops.py", "huge image (13000x13000 PNG)", ["{tmp}/huge.png"], 1,
      r"crops\.py: image .*huge\.png is 13000x13000 \(169 megapixels\); at most 67 are read .*"),
-    ("train.py", "empty --init directory", ["--init", "{tmp}/empty", "--out", "{tmp}/train_a"], 1,
+    ("train.py", "empty --init directory", ["--init", "{tmp}/empty", "--data", str(RECORDS), "--out", "{tmp}/train_a"], 1,
      r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
-    ("train.py", "invalid config.json in --init", ["--init", "{tmp}/badconfig", "--out", "{tmp}/train_b"], 1,
+    ("train.py", "invalid config.json in --init", ["--init", "{tmp}/badconfig", "--data", str(RECORDS), "--out", "{tmp}/train_b"], 1,
      r"error: .*badconfig/config\.json: not valid JSON \(.*\); .*"),
 ]
 
