@@ -196,7 +196,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="default: the task's")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu "
+                   "(bfloat16 on a CPU without bf16 instructions: bf16 weights computed in float32, as sample.py)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     return p.parse_args(argv)
 
 
@@ -222,12 +224,14 @@ def main(argv=None) -> dict:
     if todo:
         from tqdm import tqdm
 
+        import quantize
         from model import Dragonfly
         from tokenizer import Tokenizer
         device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         tok = Tokenizer.from_file(args.checkpoint)
-        model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device,
+                                          compute=quantize.compute_dtype(dtype, device), quantize=args.quantize)
         max_new = args.max_new_tokens or task.max_new_tokens
         with open(pred_file, "a") as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
             for i in range(0, len(todo), args.batch_size):

@@ -28,7 +28,10 @@ def parse_args(argv=None):
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=1024, help="the release generates up to 1024")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU without bf16 instructions keeps "
+                        "the weights in bf16 and computes in float32 (quantize.py)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     return p.parse_args(argv)
@@ -48,6 +51,7 @@ def main(argv=None):
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint directory {ckpt} not found (download one, see README)")
 
+    import quantize
     from model import Dragonfly
     from tokenizer import Tokenizer
     tok = Tokenizer.from_file(ckpt)
@@ -56,17 +60,22 @@ def main(argv=None):
         from crops import load_image
         image = load_image(args.image)  # fail on a bad image before the (slow) model load
     t0 = time.time()
-    model = Dragonfly.from_pretrained(ckpt, dtype=dtype, device=device)
-    print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} ({dtype})", file=sys.stderr)
+    compute = quantize.compute_dtype(dtype, device)
+    model = Dragonfly.from_pretrained(ckpt, dtype=dtype, device=device, compute=compute, quantize=args.quantize)
+    stored = "int8" if any(p.dtype == torch.int8 for p in model.parameters()) else str(dtype).removeprefix("torch.")
+    print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} (weights {stored}, compute "
+          f"{str(compute).removeprefix('torch.')})", file=sys.stderr)
     if args.image:
         crops = model.crop_image(image)
     prompt = tok.encode_prompt(args.prompt)
     generator = torch.Generator(device=device).manual_seed(args.seed)
+    # a person at a terminal sees what a long prefill is doing (the 8B on a CPU: minutes)
+    progress = (lambda what: print(f"prefill: {what}...", file=sys.stderr)) if sys.stderr.isatty() else None
 
     ids, logprobs, printed = [], [], ""
     for token, logprob in model.generate([prompt], [crops], max_new_tokens=args.max_new_tokens,
                                          temperature=args.temperature, top_p=args.top_p,
-                                         stop_ids=tok.stop_ids, generator=generator):
+                                         stop_ids=tok.stop_ids, generator=generator, progress=progress):
         t = int(token[0])
         if t in tok.stop_ids:
             break
