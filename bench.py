@@ -7,6 +7,7 @@ not depend on their values. Times are medians over --repeats runs after --warmup
     python bench.py --config full --device cuda --dtype bfloat16     # the released 8B shape
     python bench.py --json out/bench.json
     python bench.py --config full --write-checkpoint /tmp/df8b && python bench.py --load-memory /tmp/df8b
+    python bench.py --config full --checkpoint /tmp/df8b --dtype bfloat16 [--quantize int8]   # the 8B on a CPU
 
 What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   crops    crops.make_crops on the PIL image: best-fit grids, bicubic resizes, 41 tiles, CLIP
@@ -17,6 +18,9 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   decode   the next --new-tokens yields of that same call, per token: one token through the
            LLM against the KV cache, greedy choice, log-probability.
   context  decode ms/token after text-only prompts of growing length; flat = the cache works.
+  limits   (CPU) this machine's float32 matmul peak and memory read bandwidth, measured in the
+           same run: prefill is reported as FLOP/s against the first, decode as the bytes one
+           token reads (every LLM weight, the KV cache) per second against the second.
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
@@ -40,6 +44,7 @@ import llama
 import presets
 import quantize as quantize_lib
 import vit
+import weights
 from model import Dragonfly, build, image_positions, release_config, v2_config
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
@@ -283,11 +288,14 @@ def main(argv=None):
     contexts = [int(n) for n in args.contexts.split(",") if n]
     if contexts and max(contexts) + args.context_tokens + 1 > cfg.llm.max_seq_len:
         p.error(f"--contexts: {max(contexts)} + {args.context_tokens + 1} positions exceed the context of {cfg.llm.max_seq_len}")
-    limits = None if cuda else quiet(machine_limits)[0]  # before the model: its memory is free now
     dtype = DTYPES[args.dtype]
     compute = quantize_lib.compute_dtype(dtype, args.device)
     loading = None
     try:
+        if not cuda:  # shapes only: a model too large for this machine stops here, before the limits
+            meta = build(cfg, compute, "meta", storage=quantize_lib.storage_dtype(dtype, compute, args.quantize))
+            weights.ensure_memory(sum(p.numel() * p.element_size() for p in meta.parameters()))
+        limits = None if cuda else quiet(machine_limits)[0]  # before the model: its memory is free now
         if args.checkpoint:
             loading, model = load_memory(args.checkpoint, dtype, device=args.device, compute=compute,
                                          quantize=args.quantize)

@@ -7,21 +7,25 @@ Why: an 8B model is ~34 GB in float32. bf16 halves that, but a CPU without bf16 
 instructions (this project's AVX2 machine) runs bf16 GEMMs at 1-10 GFLOP/s against ~140 in
 float32. So on such a CPU `--dtype bfloat16` keeps the weights in bf16 and converts them to
 float32 one block of rows at a time, right before the product: activations, attention and the
-KV cache stay float32, and prefill runs at float32 speed with half the memory. Which CPUs count
-as fast is read from /proc/cpuinfo (`native_dtype`): avx512_bf16 or amx_bf16 (avx512_fp16 or
-amx_fp16 for float16); other CPUs, and CPUs whose flags we cannot read, compute in float32.
+KV cache stay float32, and prefill runs at float32 speed with half the memory. One row (a
+decoded token) is the exception: PyTorch's bf16 matrix-vector kernel converts in registers and
+accumulates in float32, memory-bound without bf16 instructions, five times faster here than
+converting first; it rounds the token's activations and the product to bf16 (as the int8
+kernel below does). Which CPUs count as fast is read from /proc/cpuinfo (`native_dtype`):
+avx512_bf16 or amx_bf16 (avx512_fp16 or amx_fp16 for float16); other CPUs, and CPUs whose
+flags we cannot read, compute in float32.
 The RoPE frequencies keep the rounding of the model's dtype (`Llama.rope_dtype`): the released
 checkpoint was trained and is served with bf16-rounded frequencies.
 
 int8 (`--quantize int8`): per-output-channel symmetric, w ~ q * s with q = round(w / s) and
 s = max|w_row| / 127 rounded to bf16 (8 significant bits: off by at most 2^-8, which keeps
 max|w_row| / s within [126.50, 127.50]: the row's largest |q| is exactly 127, no clamp is
-needed, and |w - q s| <= s / 2 holds for every weight). Every linear layer of the ViT, the projection and the Llama is quantized, the
-vocabulary projection included (it is the largest matrix each decoded token reads); so is the
-token embedding, per row: its rows are the vocabulary projection's output channels, so a tied
-table keeps one int8 matrix and one scale vector, and the 8B's 1 GB table becomes 0.5 GB. Left
-in the compute dtype: the ViT's patch convolution (0.2% of the ViT), position and class
-embeddings, norms and biases. Products: on CPU a single row (a decoded token) goes through
+needed, and |w - q s| <= s / 2 holds for every weight). Every linear layer of the ViT, the
+projection and the Llama is quantized, the vocabulary projection included (it is the largest
+matrix each decoded token reads); so is the token embedding, per row: its rows are the
+vocabulary projection's output channels, so a tied table keeps one int8 matrix and one scale
+vector, and the 8B's 1 GB table becomes 0.5 GB. Left in the compute dtype: the ViT's patch
+convolution (0.2% of the ViT), position and class embeddings, norms and biases. Products: on CPU a single row (a decoded token) goes through
 PyTorch's int8 kernel `torch.ops.aten._weight_int8pack_mm` (bf16 activations and scales,
 float32 accumulation, bf16 output); more rows (prefill), and other devices, convert the int8
 rows to the compute dtype a block at a time and scale the product's columns.
@@ -41,8 +45,9 @@ import torch.nn.functional as F
 
 HALF = (torch.bfloat16, torch.float16)
 CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
-# Weights converted per block: for a few rows (decoding) 4 MiB of float32 that stay in cache
-# between the conversion and the product; for many rows (prefill) 64 MiB, so each GEMM is large.
+# Weights converted per block: for a few rows (a batch of decoded tokens) 4 MiB of float32 that
+# stay in cache between the conversion and the product; for many rows (prefill) 64 MiB, so each
+# GEMM is large.
 BLOCK_SMALL, BLOCK_LARGE, FEW_ROWS = 2**20, 2**24, 16
 INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 
@@ -119,6 +124,16 @@ def blockwise_linear(x, weight, scales=None, bias=None):
     return out.view(*x.shape[:-1], N)
 
 
+def half_gemv(x, weight, bias=None):
+    """One row times a bf16/fp16 matrix with PyTorch's matrix-vector kernel, which converts the
+    weights in registers and accumulates in float32: 14 GB/s of bf16 on a 14336 x 4096 matrix
+    here, against 2.8 GB/s when each block is first converted to float32 (bench.py's machine,
+    21 GB/s read bandwidth). x and the output are rounded to the weight's dtype, as in the int8
+    kernel below."""
+    out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
+    return out if bias is None else out.add_(bias)
+
+
 def int8pack_linear(x, q, scales, bias=None):
     """One row through PyTorch's CPU int8 kernel (bf16 in, float32 accumulation, bf16 out).
     The kernel reads x with aligned vector loads and no tail loop: x must be a fresh allocation
@@ -144,10 +159,13 @@ class StoredLinear(nn.Module):
         self.bias = frozen(out_features, dt=dtype) if bias else None
 
     def forward(self, x):
+        one_row = x.device.type == "cpu" and x.numel() == x.shape[-1]  # a decoded token
         if self.scales is None:
+            if one_row:
+                return half_gemv(x, self.weight, self.bias)
             return blockwise_linear(x, self.weight, None, self.bias)
-        if INT8PACK and x.device.type == "cpu" and x.numel() == x.shape[-1] and self.in_features % 16 == 0:
-            return int8pack_linear(x, self.weight, self.scales, self.bias)  # a decoded token
+        if one_row and INT8PACK and self.in_features % 16 == 0:
+            return int8pack_linear(x, self.weight, self.scales, self.bias)
         return blockwise_linear(x, self.weight, self.scales, self.bias)
 
     def extra_repr(self):
