@@ -7,6 +7,7 @@ not depend on their values. Times are medians over --repeats runs after --warmup
     python bench.py --config full --device cuda --dtype bfloat16     # the released 8B shape
     python bench.py --json out/bench.json
     python bench.py --config full --write-checkpoint /tmp/df8b && python bench.py --load-memory /tmp/df8b
+    python bench.py --config full --checkpoint /tmp/df8b --dtype bfloat16 [--quantize int8]   # the 8B on a CPU
 
 What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   crops    crops.make_crops on the PIL image: best-fit grids, bicubic resizes, 41 tiles, CLIP
@@ -22,9 +23,13 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   turn 2   the same conversation's next question, from `ask` to its first token: the LLM runs
            over 17 new positions (turn 1's one answer token and <|eot_id|>, the question's 15
            turn ids) after the 2120 in the cache.
+  limits   (CPU) this machine's float32 matmul peak and memory read bandwidth, measured in the
+           same run: prefill is reported as FLOP/s against the first, decode as the bytes one
+           token reads (every LLM weight, the KV cache) per second against the second.
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
+import collections
 import itertools
 import json
 import os
@@ -42,7 +47,10 @@ try:
 
     import crops as crops_lib
     import llama
+    import presets
+    import quantize as quantize_lib
     import vit
+    import weights
     from conversation import Conversation
     from model import Dragonfly, build, image_positions, release_config, v2_config
     from tokenizer import Tokenizer
@@ -65,16 +73,25 @@ TURNS = ["What shape is in the top left corner of this image?", "And what colour
 TOKENIZER = Path(__file__).parent / "checkpoints" / "zoom-tiny"  # Meta's Llama-3 tokenizer.model
 
 
-def random_model(cfg, device="cpu", dtype=torch.float32, seed=0) -> Dragonfly:
-    """Allocated once in `dtype` (model.build), then filled: norms weight 1 / bias 0, every
-    matrix N(0, 1/fan_in) so activations keep unit scale and logits are O(1), vectors N(0, 0.02)."""
+def random_model(cfg, device="cpu", dtype=torch.float32, seed=0, compute=None, quantize=None) -> Dragonfly:
+    """Allocated once (model.build; `compute`, `quantize`: as in Dragonfly.from_pretrained), then
+    filled: norms weight 1 / bias 0, every matrix N(0, 1/fan_in) (int8: uniform in [-127, 127]
+    times a scale of the same standard deviation), so activations keep unit scale and logits
+    are O(1); vectors N(0, 0.02)."""
     torch.manual_seed(seed)
-    model = build(cfg, dtype, device)
+    compute = compute or dtype
+    model = build(cfg, compute, device, storage=quantize_lib.storage_dtype(dtype, compute, quantize))
+    if compute != dtype:
+        model.llm.rope_dtype = dtype
     with torch.no_grad():
         for m in model.modules():
             for name, p in m.named_parameters(recurse=False):
                 if isinstance(m, (nn.LayerNorm, llama.RMSNorm)):
                     p.fill_(float(name == "weight"))
+                elif p.dtype == torch.int8:
+                    p.random_(-127, 128)
+                elif name == "scales":  # uniform integers in [-127, 127] have std sqrt((255^2 - 1) / 12)
+                    p.fill_(m.weight.shape[1] ** -0.5 / ((255 ** 2 - 1) / 12) ** 0.5)
                 else:
                     p.normal_(0, p[0].numel() ** -0.5 if p.dim() > 1 else 0.02)
     return model.eval()
@@ -133,13 +150,14 @@ def quiet(fn, *args, limit=0.1, tries=5, patience=60):
     return out, attempt, share
 
 
-def time_generate(model, prompt, crops=None, new_tokens=64):
+def time_generate(model, prompt, crops=None, new_tokens=64, progress=None):
     """One Dragonfly.generate call, greedy: (seconds to the first token, seconds per token for
     the next `new_tokens`, all generated ids)."""
     device = model.llm.lm_head.weight.device
     sync(device)
     t0 = time.perf_counter()
-    steps = model.generate([prompt], None if crops is None else [crops], max_new_tokens=new_tokens + 1)
+    steps = model.generate([prompt], None if crops is None else [crops], max_new_tokens=new_tokens + 1,
+                           progress=progress)
     ids = [int(next(steps)[0][0])]  # int() waits for the device
     t1 = time.perf_counter()
     ids += [int(token[0]) for token, _ in steps]
@@ -187,10 +205,11 @@ def write_random_checkpoint(path, cfg) -> int:
     return total
 
 
-def load_memory(path, dtype=torch.bfloat16) -> dict:
-    """Load a checkpoint with Dragonfly.from_pretrained while sampling this process's memory
-    (Linux /proc): peak resident anonymous memory (what loading needs) and peak resident total,
-    which also counts pages of the memory-mapped weight files (page cache, reclaimable)."""
+def load_memory(path, dtype=torch.bfloat16, **kwargs):
+    """Load a checkpoint with Dragonfly.from_pretrained (`kwargs`: compute, quantize, device)
+    while sampling this process's memory (Linux /proc): peak resident anonymous memory (what
+    loading needs) and peak resident total, which also counts pages of the memory-mapped weight
+    files (page cache, reclaimable). Returns (the numbers, the model)."""
     import threading
     peak, done = {"RssAnon": 0, "VmRSS": 0}, threading.Event()
 
@@ -204,25 +223,77 @@ def load_memory(path, dtype=torch.bfloat16) -> dict:
     thread = threading.Thread(target=watch)
     thread.start()
     t0 = time.perf_counter()
-    model = Dragonfly.from_pretrained(path, dtype=dtype)
+    try:
+        model = Dragonfly.from_pretrained(path, dtype=dtype, **kwargs)
+    finally:
+        done.set()
+        thread.join()
     seconds = time.perf_counter() - t0
-    done.set()
-    thread.join()
     size = sum(p.numel() * p.element_size() for p in model.parameters())
     return {"seconds": round(seconds, 1), "model_gib": round(size / 2**30, 2),
             "peak_anon_gib": round(peak["RssAnon"] / 2**30, 2), "peak_rss_gib": round(peak["VmRSS"] / 2**30, 2),
-            "anon_over_model": round(peak["RssAnon"] / size, 2), "rss_over_model": round(peak["VmRSS"] / size, 2)}
+            "anon_over_model": round(peak["RssAnon"] / size, 2), "rss_over_model": round(peak["VmRSS"] / size, 2)}, model
+
+
+def count_calls(module, names) -> collections.Counter:
+    """Wrap the functions `names` of `module` to count their calls by (name, x has one row)."""
+    counts = collections.Counter()
+
+    def wrap(name, fn):
+        def counted(x, *args, **kwargs):
+            counts[name, x.numel() == x.shape[-1]] += 1
+            return fn(x, *args, **kwargs)
+        return counted
+    for name in names:
+        setattr(module, name, wrap(name, getattr(module, name)))
+    return counts
+
+
+def machine_limits(n=4096) -> dict:
+    """This machine's two ceilings, measured in the same run: float32 matmul FLOP/s (best of 4
+    products of two n x n matrices; what a compute-bound prefill can reach) and memory read
+    bandwidth (best of 5 sums over a 1 GiB array, far beyond any cache; what bounds decoding,
+    which reads every weight once per token)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    matmul = max(2 * n ** 3 / timed(torch.mm, a, b)[0] for _ in range(4))
+    big = torch.ones(2 ** 28)
+    bandwidth = max(big.numel() * 4 / timed(torch.sum, big)[0] for _ in range(5))
+    return {"matmul_flops": matmul, "read_bytes_per_s": bandwidth}
+
+
+def prefill_flops(cfg, text_tokens: int) -> float:
+    """FLOPs of generate's prefill: the modules as built (presets.flops_parts, paper=False),
+    with the LLM's attention causal (half the scores) and the vocabulary projection over the
+    last position only (generate's logits_from=-1)."""
+    llm, n = cfg.llm, image_positions(cfg) + text_tokens
+    scores = llm.n_layers * (4 * n * n * llm.dim + 3 * llm.n_heads * n * n)  # layer_flops' n^2 terms
+    return sum(presets.flops_parts(cfg, text_tokens, paper=False).values()) - scores / 2 \
+        - 2 * (text_tokens - 1) * llm.dim * llm.vocab_size
+
+
+def decode_bytes(model, context: int) -> int:
+    """Bytes one decoded token reads: every LLM weight once (the token's embedding row aside),
+    and the KV cache of `context` positions."""
+    llm = model.llm
+    table = {id(p) for p in llm.embed_tokens.parameters()} - {id(p) for p in llm.lm_head.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if id(p) not in table)
+    cfg, act = llm.cfg, llm.norm.weight.element_size()
+    return weights + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * act
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=list(CONFIGS))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--new-tokens", type=int, default=64, help="decode steps timed after the first token")
-    p.add_argument("--contexts", default="2100,4000,6000,8000", help="text-only prompt lengths ('' skips)")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="bfloat16 on a CPU without bf16 "
+                   "instructions: bf16 weights computed in float32 (quantize.py), as sample.py runs it")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only (quantize.py)")
+    p.add_argument("--checkpoint", metavar="DIR", help="load DIR (timed, peak memory sampled) instead of "
+                   "random weights, e.g. one written by --write-checkpoint")
+    p.add_argument("--repeats", type=int, help="default 5; full config 1")
+    p.add_argument("--warmup", type=int, help="default 1; full config 0")
+    p.add_argument("--new-tokens", type=int, help="decode steps timed after the first token (default 64; full 16)")
+    p.add_argument("--contexts", help="text-only prompt lengths ('' skips; default 2100,4000,6000,8000; full '')")
     p.add_argument("--context-tokens", type=int, default=16, help="decode steps timed at each context length")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="also write the numbers to this file")
@@ -230,32 +301,59 @@ def main(argv=None):
                    "in the release's .bin layout (full: ~16 GB) and exit")
     p.add_argument("--load-memory", metavar="DIR", help="measure the memory of loading DIR in bfloat16 and exit")
     args = p.parse_args(argv)
+    full = args.config == "full"  # the 8B on a CPU: one prefill takes minutes
+    for name, small, big in [("repeats", 5, 1), ("warmup", 1, 0), ("new_tokens", 64, 16),
+                             ("contexts", "2100,4000,6000,8000", "")]:
+        if getattr(args, name) is None:
+            setattr(args, name, big if full else small)
     if args.write_checkpoint:
         print(f"{write_random_checkpoint(args.write_checkpoint, CONFIGS[args.config]()) / 2**30:.2f} GiB written")
         return
     if args.load_memory:
-        print(json.dumps(load_memory(args.load_memory)))
+        print(json.dumps(load_memory(args.load_memory)[0]))
         return
     torch.set_num_threads(args.threads)
     cfg, cuda = CONFIGS[args.config](), torch.device(args.device).type == "cuda"
     contexts = [int(n) for n in args.contexts.split(",") if n]
     if contexts and max(contexts) + args.context_tokens + 1 > cfg.llm.max_seq_len:
         p.error(f"--contexts: {max(contexts)} + {args.context_tokens + 1} positions exceed the context of {cfg.llm.max_seq_len}")
-    model = random_model(cfg, args.device, DTYPES[args.dtype])
+    dtype = DTYPES[args.dtype]
+    compute = quantize_lib.compute_dtype(dtype, args.device)
+    loading = None
+    try:
+        if not cuda:  # shapes only: a model too large for this machine stops here, before the limits
+            meta = build(cfg, compute, "meta", storage=quantize_lib.storage_dtype(dtype, compute, args.quantize))
+            weights.ensure_memory(sum(p.numel() * p.element_size() for p in meta.parameters()))
+        limits = None if cuda else quiet(machine_limits)[0]  # before the model: its memory is free now
+        if args.checkpoint:
+            loading, model = load_memory(args.checkpoint, dtype, device=args.device, compute=compute,
+                                         quantize=args.quantize)
+            cfg = model.cfg
+        else:
+            model = random_model(cfg, args.device, dtype, compute=compute, quantize=args.quantize)
+    except ValueError as e:  # too large for this machine (weights.ensure_memory), or a bad checkpoint
+        raise SystemExit(f"bench.py: {e}")
+    progress = (lambda what: print(f"prefill: {what}...", file=sys.stderr, flush=True)) if full else None
+    calls = count_calls(quantize_lib, ["int8pack_linear", "blockwise_linear"])  # which products ran
     image = synthetic_image()
     tok = Tokenizer.from_file(TOKENIZER)
     runs = {"crops": [], "prefill": [], "decode": [], **{f"context {n}": [] for n in contexts},
             "turn 1": [], "turn 2": []}  # seconds
+    kernels = {}  # quantize.py's products in the first measured generate call
     busy = []  # (tries, share of a core other processes took), one per measured run
+    tries = 2 if full else 5  # a full-size retry costs minutes
     for i in range(args.warmup + args.repeats):  # each repeat visits every measurement in turn
         (crop_s, crops), *b = quiet(timed, crops_lib.make_crops, image, cfg.crops)
-        (prefill, decode, _), *b2 = quiet(time_generate, model, PROMPT, crops, args.new_tokens)
+        calls.clear()
+        (prefill, decode, _), *b2 = quiet(time_generate, model, PROMPT, crops, args.new_tokens, progress, tries=tries)
         context = [quiet(time_generate, model, context_prompt(n), None, args.context_tokens) for n in contexts]
         turns, *b3 = quiet(time_conversation, model, tok, crops)
         if i >= args.warmup:
             busy += [b, b2, *[c[1:] for c in context], b3]
             for key, seconds in zip(runs, [crop_s, prefill, decode, *[c[0][1] for c in context], *turns]):
                 runs[key].append(seconds)
+            if i == args.warmup:
+                kernels = {f"{name} ({'1 row' if one else 'more rows'})": n for (name, one), n in calls.items()}
 
     median = {k: 1e3 * statistics.median(v) for k, v in runs.items()}  # ms
     if cuda:  # the peak of one image + prompt + decode, not of the long text-only prompts
@@ -263,24 +361,49 @@ def main(argv=None):
         time_generate(model, PROMPT, crops, args.new_tokens)
     peak = (torch.cuda.max_memory_allocated(args.device) if cuda  # bytes; ru_maxrss is in KiB on Linux
             else 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2 ** 30
-    print(f"dragonfly-nano bench: {args.config} config, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} after {args.warmup} warmup")
-    print(f"{len(crops.pixels)} crops of an {image.width}x{image.height} image; {image_positions(cfg) + len(PROMPT)} "
+    flops = prefill_flops(cfg, len(PROMPT))
+    positions = image_positions(cfg) + len(PROMPT)
+    read = decode_bytes(model, positions + args.new_tokens // 2)  # the cache at mid-decode
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    stored = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+    print(f"dragonfly-nano bench: {args.config} config, {args.device}, {args.dtype}"
+          f"{' int8' if args.quantize else ''} (compute {str(compute).removeprefix('torch.')}), "
+          f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warmup")
+    print(f"{len(crops.pixels)} crops of an {image.width}x{image.height} image; {positions} "
           f"positions = image block {image_positions(cfg)} + prompt {len(PROMPT)}")
+    print(f"{'weights':<14}{size / 2**30:10.2f} GiB        {', '.join(sorted(stored))}")
+    if limits:
+        print(f"{'limits':<14}{limits['matmul_flops'] / 1e9:10.1f} GFLOP/s    float32 matmul 4096^3, best of 4; "
+              f"{limits['read_bytes_per_s'] / 1e9:.1f} GB/s memory read (sum over 1 GiB, best of 5)")
+    if loading:
+        print(f"{'load':<14}{loading['seconds']:10.1f} s          {args.checkpoint}: peak resident "
+              f"{loading['peak_rss_gib']:.2f} GiB ({loading['peak_anon_gib']:.2f} GiB anonymous)")
     print(f"{'crops':<14}{median['crops']:10.1f} ms")
-    print(f"{'prefill':<14}{median['prefill']:10.1f} ms         image block + LLM to the first token")
-    print(f"{'decode':<14}{median['decode']:10.2f} ms/token   {1e3 / median['decode']:.1f} tokens/s, {args.new_tokens} tokens")
+    line = f"{'prefill':<14}{median['prefill']:10.1f} ms         image block + LLM to the first token"
+    if limits:
+        achieved = flops / (median["prefill"] / 1e3)
+        line += f"; {flops / 1e12:.2f} TFLOP: {achieved / 1e9:.1f} GFLOP/s = {achieved / limits['matmul_flops']:.0%} of the matmul peak"
+    print(line)
+    line = f"{'decode':<14}{median['decode']:10.2f} ms/token   {1e3 / median['decode']:.2f} tokens/s, {args.new_tokens} tokens"
+    if limits:
+        achieved = read / (median["decode"] / 1e3)
+        line += f"; reads {read / 2**30:.2f} GiB/token: {achieved / 1e9:.1f} GB/s = {achieved / limits['read_bytes_per_s']:.0%} of the bandwidth"
+    print(line)
     for n in contexts:
         print(f"{f'context {n}':<14}{median[f'context {n}']:10.2f} ms/token   text-only prompt, {args.context_tokens} tokens")
     print(f"{'turn 1':<14}{median['turn 1']:10.1f} ms         conversation: image block + first question to its first token")
     print(f"{'turn 2':<14}{median['turn 2']:10.1f} ms         the next question to its first token "
           f"({100 * median['turn 2'] / median['turn 1']:.2f}% of turn 1)")
+    if kernels:
+        print(f"{'products':<14}" + ", ".join(f"{n} x {k}" for k, n in kernels.items()) + " (quantize.py, prefill + decode)")
     print(f"{'peak memory':<14}{peak:10.2f} GiB        {'torch.cuda.max_memory_allocated, image + prompt + decode' if cuda else 'process peak RSS, whole run'}")
     print(f"{'shared CPU':<14}{sum(t > 1 for t, _ in busy):10d} runs redone; {sum(x > 0.1 for _, x in busy)} of "
           f"{len(busy)} kept while other processes took > 10% of a core")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "median_ms": median, "peak_memory_gib": peak, "busy": busy,
+                       "weights_bytes": size, "limits": limits, "loading": loading, "prefill_flops": flops,
+                       "decode_bytes_per_token": read, "int8_products": kernels,
                        "runs_ms": {k: [1e3 * x for x in v] for k, v in runs.items()}}, f, indent=2)
 
 

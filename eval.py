@@ -26,6 +26,7 @@ try:
     from tqdm import tqdm
 
     import metrics as M
+    import quantize
     import weights
     from model import Dragonfly, image_positions
     from sample import pick_device
@@ -226,7 +227,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, help="default: the task's")
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu "
+                   "(bfloat16 on a CPU without bf16 instructions: bf16 weights computed in float32, as sample.py)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     return p.parse_args(argv)
 
 
@@ -257,7 +260,8 @@ def main(argv=None) -> dict:
         dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
         tok = Tokenizer.from_file(args.checkpoint)
-        model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device)
+        model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device,
+                                          compute=quantize.compute_dtype(dtype, device), quantize=args.quantize)
         max_new = args.max_new_tokens or task.max_new_tokens
         ctx, block = model.cfg.llm.max_seq_len, image_positions(model.cfg)
         if max_new >= ctx - block:

@@ -231,12 +231,18 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
+        # The dtype RoPE's frequencies are rounded to; None: the compute dtype's (rope_cos_sin).
+        # Set by the loader when bf16-stored weights compute in float32 (quantize.py): the
+        # checkpoint was trained with bf16-rounded frequencies, whatever the compute dtype.
+        self.rope_dtype: Optional[torch.dtype] = None
 
     def tie_weights(self):
         """Share the input embedding with the output projection when the config says so
-        (moving a module to a new device or dtype unties them; call again after)."""
+        (moving a module to a new device or dtype unties them; call again after). Every
+        parameter is shared: the table, and an int8 table's scales (quantize.py)."""
         if self.cfg.tie_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight
+            for name, p in self.embed_tokens.named_parameters():
+                setattr(self.lm_head, name, p)
 
     def embed(self, tokens):
         return self.embed_tokens(tokens)
@@ -254,21 +260,25 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
-        cos, sin = rope_cos_sin(rope_frequencies(self.cfg, x.device), positions, compute_dtype(x))
+        inv_freq = rope_frequencies(self.cfg, x.device)
+        if self.rope_dtype is not None:
+            inv_freq = inv_freq.to(self.rope_dtype).float()
+        cos, sin = rope_cos_sin(inv_freq, positions, compute_dtype(x))
         for layer in self.layers:
             x = layer(x, cos, sin, start, mask)
         return self.norm(x)
 
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
         p = self.lm_head.weight
-        if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings:
+        plain = type(self.lm_head) is nn.Linear  # quantize.py's stored weights are read by rows
+        if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings and plain:
             # Each decoded token is one product with the (vocab, dim) output matrix, the largest
             # read of the step; CPU BLAS runs it ~1.4x faster on column-major storage (bench.py).
             # Same values, same shape: only the memory order changes, once.
             p.data = p.data.t().contiguous().t()
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim,
-                                       dtype or p.dtype, device or p.device)
+                                       dtype or self.norm.weight.dtype, device or p.device)  # the activations' dtype
 
     def clear_cache(self):
         for layer in self.layers:

@@ -28,6 +28,7 @@ try:
 
     import crops as crops_lib
     import pool
+    import quantize as quantize_lib
     import vit as vit_lib
     import weights
     from llama import Llama, LlamaConfig
@@ -228,18 +229,21 @@ class Dragonfly(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts, images=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
-                 stop_ids=(), generator=None):
+                 stop_ids=(), generator=None, progress=None):
         """Yield (token ids (B,), log-probabilities (B,)) one step at a time.
         prompts: list of B token-id lists (each starting with <|begin_of_text|>); images: list of
         B `crops.Crops` (from `crop_image`) or None (text only). Prompts are left-padded to a common
         length; padding is masked out and does not shift positions. Stops when every row has
-        produced a stop id. Log-probabilities are log-softmax of the float32 logits."""
+        produced a stop id. Log-probabilities are log-softmax of the float32 logits.
+        progress: called with what the prefill is doing, before each of its slow parts."""
+        say = progress or (lambda what: None)
         device = self.llm.lm_head.weight.device
         images = images or [None] * len(prompts)
         seqs = [self.llm.embed(torch.tensor(p, device=device)) for p in prompts]
         with_image = [i for i, im in enumerate(images) if im is not None]
         if with_image:
             pix = torch.stack([torch.as_tensor(images[i].pixels) for i in with_image]).to(device)
+            say(f"ViT over {pix.shape[0] * pix.shape[1]} crops")
             blocks = self.image_block(pix, [images[i].medium_grid for i in with_image],
                                       [images[i].high_grid for i in with_image])
             for j, i in enumerate(with_image):
@@ -260,6 +264,7 @@ class Dragonfly(nn.Module):
             mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
             mask = mask[:, None]                                            # (B, 1, L, L)
         self.llm.setup_cache(B, L + max_new_tokens)
+        say(f"LLM over {B * L} positions")
         try:
             logits = self.llm(x, positions, start=0, mask=mask, logits_from=-1)[:, -1]
             done = torch.zeros(B, dtype=torch.bool, device=device)
@@ -294,9 +299,12 @@ class Dragonfly(nn.Module):
         return names
 
     @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu") -> "Dragonfly":
+    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -> "Dragonfly":
         """Load a released Dragonfly directory (v2 or v1; .bin or safetensors shards), or one
-        saved by `save_pretrained`. The vision tower's shape is inferred from the weights."""
+        saved by `save_pretrained` or quantize.py. The vision tower's shape is inferred from the
+        weights. dtype: the model's; compute: the dtype the layers compute in when it differs
+        (float32 on CPUs slow in bf16, quantize.compute_dtype), the matrices then kept in
+        `dtype`; quantize="int8": int8 matrices, quantized while loading unless already int8."""
         path = Path(path)
         cfg_file = path / "config.json"
         if not cfg_file.exists():
@@ -308,8 +316,14 @@ class Dragonfly(nn.Module):
         cfg = (v1_config if vcfg.patch_size == 32 else v2_config)(vcfg, llm)
         if "dragonfly_nano" in hf:  # settings of a model trained here (ablation presets)
             cfg = config_from_dict(hf["dragonfly_nano"], vcfg, llm)
-        model = build(cfg, dtype, device)
-        weights.load_into(model, path, model.checkpoint_names(), ignore=saved_buffer)
+        compute = compute or dtype
+        storage = quantize_lib.storage_dtype(dtype, compute, hf.get("quantization") or quantize)
+        model = build(cfg, compute, device, storage=storage)
+        if compute != dtype:
+            model.llm.rope_dtype = dtype  # the frequencies the checkpoint was trained with
+        names = model.checkpoint_names()
+        convert = quantize_lib.int8_converter(model, names) if storage == torch.int8 else None
+        weights.load_into(model, path, names, ignore=saved_buffer, convert=convert)
         return model.eval()
 
     @classmethod
@@ -376,10 +390,16 @@ def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
     return pool.PerceiverResampler(cfg.vit.width, cfg.resampler_depth, cfg.high_pool ** 2, heads=cfg.vit.heads)
 
 
-def build(cfg, dtype, device, cls=None):
-    """Construct on the meta device (no memory), then allocate once in the target dtype."""
+def build(cfg, dtype, device, cls=None, storage=None):
+    """Construct on the meta device (no memory), then allocate once in the target dtype; with
+    `storage`, the linear and embedding matrices are kept in that dtype instead (quantize.py).
+    A model larger than the memory available stops here with one line, before allocating."""
     with torch.device("meta"):
         model = (cls or Dragonfly)(cfg).to(dtype)
+        if storage is not None:
+            quantize_lib.store_weights(model, storage, dtype)
+    if torch.device(device).type == "cpu":
+        weights.ensure_memory(sum(p.numel() * p.element_size() for p in model.parameters()))
     model = model.to_empty(device=device)
     for m in model.modules():
         if isinstance(m, Llama):

@@ -53,7 +53,10 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="answer length limit per turn (default: 1024, as the release generates; cut where the context ends)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU without bf16 instructions keeps "
+                        "the weights in bf16 and computes in float32 (quantize.py)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
     return p.parse_args(argv)
@@ -77,6 +80,7 @@ def main(argv=None):
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint directory {ckpt} not found (download one, see README)")
 
+    import quantize
     import weights
     from conversation import ContextFull, Conversation, answer, chat
     from model import Dragonfly
@@ -87,8 +91,11 @@ def main(argv=None):
         from crops import load_image
         image = load_image(args.image)  # fail on a bad image before the (slow) model load
     t0 = time.time()
-    model = Dragonfly.from_pretrained(ckpt, dtype=dtype, device=device)
-    print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} ({dtype})", file=sys.stderr)
+    compute = quantize.compute_dtype(dtype, device)
+    model = Dragonfly.from_pretrained(ckpt, dtype=dtype, device=device, compute=compute, quantize=args.quantize)
+    stored = "int8" if any(p.dtype == torch.int8 for p in model.parameters()) else str(dtype).removeprefix("torch.")
+    print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} (weights {stored}, compute "
+          f"{str(compute).removeprefix('torch.')})", file=sys.stderr)
     conv = Conversation(model, tok, model.crop_image(image) if args.image else None)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     generator=torch.Generator(device=device).manual_seed(args.seed))

@@ -119,28 +119,48 @@ def read_shapes(path) -> dict:
 
 
 @torch.no_grad()
-def load_into(module: torch.nn.Module, path, names: dict, ignore=lambda key: False):
+def load_into(module: torch.nn.Module, path, names: dict, ignore=lambda key: False, convert=None):
     """Copy checkpoint tensors into `module`, one shard at a time.
     names: {our parameter name: checkpoint key}. A checkpoint key that is neither mapped nor
-    ignored, a shape mismatch, and a parameter the checkpoint lacks each raise CheckpointError."""
+    ignored, a shape mismatch, and a parameter the checkpoint lacks each raise CheckpointError.
+    convert(key, tensor) -> [(key, tensor), ...] rewrites each tensor on its way in (quantize.py's
+    load-time int8). A bar counts the tensors when loading takes more than two seconds."""
+    from tqdm import tqdm
     params = dict(module.named_parameters())
     by_key = {key: ours for ours, key in names.items()}
     loaded = set()
+    bar = tqdm(total=len(by_key), desc=f"loading {Path(path).name}", unit=" tensors", delay=2, leave=False)
     for file in checkpoint_files(path):
         for key, tensor in iter_file(file):
-            if key not in by_key:
-                if ignore(key):
-                    continue
-                raise CheckpointError(f"{file}: unexpected weight {key!r} (not part of this model)")
-            p = params[by_key[key]]
-            if tuple(tensor.shape) != tuple(p.shape):
-                raise CheckpointError(f"{file}: {key} has shape {tuple(tensor.shape)}, "
-                                      f"the model expects {tuple(p.shape)}")
-            p.copy_(tensor)
-            loaded.add(key)
+            for key, tensor in (convert(key, tensor) if convert else [(key, tensor)]):
+                if key not in by_key:
+                    if ignore(key):
+                        continue
+                    raise CheckpointError(f"{file}: unexpected weight {key!r} (not part of this model)")
+                p = params[by_key[key]]
+                if tuple(tensor.shape) != tuple(p.shape):
+                    raise CheckpointError(f"{file}: {key} has shape {tuple(tensor.shape)}, "
+                                          f"the model expects {tuple(p.shape)}")
+                p.copy_(tensor)
+                loaded.add(key)
+                bar.update()
+    bar.close()
     missing = sorted(set(by_key) - loaded)
     if missing:
         raise CheckpointError(f"{path}: missing {len(missing)} weight(s), first {missing[0]!r}")
+
+
+def ensure_memory(nbytes: int, headroom: float = 1.1):
+    """Raise CheckpointError, one line, when `nbytes` of weights (+10% for activations and the KV
+    cache) exceed the memory Linux says is available: better than swapping or the OOM killer."""
+    try:
+        with open("/proc/meminfo") as f:
+            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration):
+        return
+    if nbytes * headroom > available:
+        raise CheckpointError(f"the model needs {nbytes / 2**30:.1f} GiB of memory (+10%), {available / 2**30:.1f} GiB "
+                              f"are available: try --dtype bfloat16 or --quantize int8")
 
 
 def save(state: dict, path, max_shard_bytes: int = 5 * 2**30):
