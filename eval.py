@@ -197,6 +197,8 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, help="only the first N questions")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--show-dir", help="also draw where the answer looked (looked.py) for --show-n records with an image")
+    p.add_argument("--show-n", type=int, default=5)
     return p.parse_args(argv)
 
 
@@ -236,6 +238,11 @@ def main(argv=None) -> dict:
                     done[entry["id"]] = entry
                 f.flush()
                 bar.update(len(todo[i:i + args.batch_size]))
+
+    if args.show_dir:  # answered again one by one for the pictures; `model` exists if there was work to do
+        import looked
+        looked.show_records(model if todo else None, args, [r for r in records if r.get("image")][:args.show_n],
+                            image_root, lambda r: build_prompt(task, r), args.max_new_tokens or task.max_new_tokens)
 
     predictions = {i: e["prediction"] for i, e in done.items() if "prediction" in e}
     failed = [r["id"] for r in records if r["id"] not in predictions]

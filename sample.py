@@ -31,6 +31,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--show", metavar="PNG", help="after answering, draw where the answer looked (looked.py)")
     return p.parse_args(argv)
 
 
@@ -40,6 +41,8 @@ def main(argv=None):
         if not args.image:
             raise ValueError("give --prompt (and optionally --image)")
         args.prompt = "Describe the image."
+    if args.show and not args.image:
+        raise ValueError("--show draws the answer's attention over the image's crops: give --image too")
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
@@ -83,6 +86,10 @@ def main(argv=None):
         print(json.dumps({"text": text, "token_ids": ids, "logprobs": logprobs}))
     else:
         sys.stdout.write(text[len(printed):] + "\n")
+    if args.show:
+        import looked
+        result = looked.show(model, tok, prompt, ids, crops, args.show, args.prompt)
+        print(f"wrote {args.show}: {looked.summary(result)} of the answer's attention", file=sys.stderr)
 
 
 if __name__ == "__main__":
