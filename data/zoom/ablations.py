@@ -109,7 +109,7 @@ def table(summary, meta) -> str:
 def plot(summary, path, meta):
     """Per run: the toy's held-out accuracy (bar, seeds as dots) beside the paper's TextVQA and
     ChartQA (thin bars); Table 2 on the left, Table 8 on the right; image positions below."""
-    W, H, top, base = 1180, 430, 50, 340
+    W, H, top, base = 1000, 430, 50, 340
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     font, small = ImageFont.load_default(size=13), ImageFont.load_default(size=11)
@@ -118,12 +118,13 @@ def plot(summary, path, meta):
     d.text((10, 8), f"held-out accuracy on the zoom demo (toy) vs the v2 paper's TextVQA / ChartQA, in %   [{meta}]",
            fill="black", font=font)
     for k, (label, c) in enumerate(colours.items()):
-        d.rectangle((10 + 190 * k, 28, 22 + 190 * k, 40), fill=c)
-        d.text((28 + 190 * k, 27), {"toy": "toy: mean of seeds (dots: each seed)"}.get(label, f"paper {label}"),
+        d.rectangle((10 + 260 * k, 28, 22 + 260 * k, 40), fill=c)
+        d.text((28 + 260 * k, 27), {"toy": "toy: mean of the seeds (dots: each seed)"}.get(label, f"paper {label}"),
                fill="black", font=small)
     for v in (0, 10, 50, 100):
         d.line((40, y(v), W - 10, y(v)), fill=(225, 225, 225) if v else "black")
         d.text((12, y(v) - 7), str(v), fill="black", font=small)
+    d.text((W - 90, y(10) - 13), "chance (toy)", fill=(150, 150, 150), font=small)
     x = 60
     for table_no in ("2", "8"):
         names = [n for n in summary if RUNS[n][0] == table_no]
@@ -169,8 +170,8 @@ def main(argv=None):
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     meta = (f"{args.train} training pages, {args.steps} steps of 16, {args.test} held-out pages, "
             f"seeds {' '.join(map(str, args.seeds))}")
-    for name in args.runs:
-        for seed in args.seeds:
+    for seed in args.seeds:  # every run once before any second seed: an interruption costs seeds, not rows
+        for name in args.runs:
             if any(r["name"] == name and r["seed"] == seed and r["steps"] == args.steps for r in runs):
                 continue
             runs.append(run_one(name, seed, args, data, out))
