@@ -43,6 +43,16 @@ def v1_dir(tmp_path_factory):
     return d
 
 
+@pytest.mark.parametrize("cfg", [M.v2_config(), M.v1_config()], ids=["v2", "v1"])
+def test_crop_spans_end_at_the_separators_of_the_image_block(cfg):
+    # the release's input_ids hold a separator after every crop: each span's last position
+    ids = M.image_token_ids(cfg)
+    kept = list(range(0, 24, 2)) if cfg.zoom_select else None
+    spans = looked.crop_spans(cfg, kept)
+    assert [end - 1 for _, _, _, end, _ in spans] == [i for i, t in enumerate(ids) if t == M.SEPARATOR_ID]
+    assert len(spans) == (41 if kept is None else 17) and spans[0][2] == 0
+
+
 def test_recomputed_attention_rows_reproduce_sdpa_output(tiny_v2):
     # weights @ v through o_proj must give what the layer's SDPA returned, row by row; GQA
     # (4 query heads on 2 kv heads), the first position (sees only itself) and the last.
