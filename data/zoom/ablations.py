@@ -20,6 +20,7 @@ after each run the table (RESULTS/ablations.md), the numbers (ablations.json) an
 """
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -67,6 +68,7 @@ def positions(flags) -> int:
 def run_one(name, seed, args, data, out) -> dict:
     table, flags = RUNS[name]
     run_dir = out / f"{name.replace(' ', '_').replace('+', '')}_seed{seed}"
+    load = os.getloadavg()[0]  # recorded: on a shared machine other work slows the runs
     t = time.time()  # in this process: 20 runs would otherwise pay ~10 s of imports twice each
     train.main([*demo.TRAIN, *flags, "--seed", str(seed), "--max-steps", str(args.steps),
                 "--data", str(data / "train.jsonl"), "--out", str(run_dir)])
@@ -79,7 +81,8 @@ def run_one(name, seed, args, data, out) -> dict:
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     return {"name": name, "table": table, "seed": seed, "accuracy": metrics["accuracy"], "n_test": metrics["n"],
             "positions": positions(flags), "steps": len(log), "train_s": round(train_s, 1), "eval_s": round(eval_s, 1),
-            "final_loss": log[-1]["loss"], "losses": [round(r["loss"], 4) for r in log]}
+            "final_loss": log[-1]["loss"], "load_avg": [round(load, 2), round(os.getloadavg()[0], 2)],
+            "losses": [round(r["loss"], 4) for r in log]}
 
 
 def summarise(runs) -> dict:
