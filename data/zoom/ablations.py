@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -73,22 +74,35 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
 
 
+def run_dir(out, name, seed) -> Path:
+    return out / f"{name.replace(' ', '_').replace('+', '')}_seed{seed}"
+
+
+def step_seconds(run: Path) -> float:
+    """The median training step's wall time (train.py's log): unlike the run's total it does not
+    count a pause (a process stopped while another job had the machine) or the export."""
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return round(statistics.median(16 / r["samples_per_s"] for r in log), 3)
+
+
 def run_one(name, seed, args, data, out) -> dict:
     table, flags = RUNS[name]
-    run_dir = out / f"{name.replace(' ', '_').replace('+', '')}_seed{seed}"
+    folder = run_dir(out, name, seed)
+    shutil.rmtree(folder, ignore_errors=True)  # a run cut short: train.py would append to its log
     load = os.getloadavg()[0]  # recorded: on a shared machine other work slows the runs
     t, cpu = time.time(), cpu_seconds()  # in this process: 20 runs would otherwise pay ~10 s of imports twice each
     train.main([*demo.TRAIN, *flags, "--seed", str(seed), "--max-steps", str(args.steps),
-                "--data", str(data / "train.jsonl"), "--out", str(run_dir)])
+                "--data", str(data / "train.jsonl"), "--out", str(folder)])
     train_s, train_cpu_s = time.time() - t, cpu_seconds() - cpu
     t = time.time()
-    evaluate.main(["--checkpoint", str(run_dir / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
-                   "--out", str(run_dir / "eval"), "--batch-size", "16", "--device", "cpu"])
+    evaluate.main(["--checkpoint", str(folder / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
+                   "--out", str(folder / "eval"), "--batch-size", "16", "--device", "cpu"])
     eval_s = time.time() - t
-    log = [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
     return {"name": name, "table": table, "seed": seed, "accuracy": metrics["accuracy"], "n_test": metrics["n"],
-            "positions": positions(flags), "steps": len(log), "train_s": round(train_s, 1), "train_cpu_s": round(train_cpu_s, 1), "eval_s": round(eval_s, 1),
+            "positions": positions(flags), "steps": len(log), "train_s": round(train_s, 1), "step_s": step_seconds(folder),
+            "train_cpu_s": round(train_cpu_s, 1), "eval_s": round(eval_s, 1),
             "final_loss": log[-1]["loss"], "load_avg": [round(load, 2), round(os.getloadavg()[0], 2)],
             "losses": [round(r["loss"], 4) for r in log]}
 
@@ -101,20 +115,22 @@ def summarise(runs) -> dict:
         if rs:
             out[name] = {"accuracy": statistics.mean(r["accuracy"] for r in rs), "seeds": [r["accuracy"] for r in rs],
                          "positions": rs[0]["positions"], "train_s": statistics.mean(r["train_s"] for r in rs),
+                         "step_s": statistics.mean(r["step_s"] for r in rs), "steps": rs[0]["steps"],
                          "train_cpu_s": statistics.mean(r["train_cpu_s"] for r in rs)}
     return out
 
 
 def table(summary, meta) -> str:
-    head = ["| run | paper row (presets.py) | image positions | held-out accuracy, mean (per seed) | training wall s "
-            "| training CPU s | paper TextVQA | paper ChartQA |", "|---|---|---:|---|---:|---:|---:|---:|"]
+    head = ["| run | paper row (presets.py) | image positions | held-out accuracy, mean (per seed) "
+            "| training s (steps x median step) | training CPU s | paper TextVQA | paper ChartQA |",
+            "|---|---|---:|---|---:|---:|---:|---:|"]
     rows = []
     for name, s in summary.items():
         preset = RUNS[name][1][1]
         tv, cq = PAPER[name]
         seeds = ", ".join(f"{a:.1f}" for a in s["seeds"])
         rows.append(f"| {name} | v2 Table {RUNS[name][0]}: `{preset}`{' + high ' + name.split()[-1] if ' ' in name else ''} "
-                    f"| {s['positions']} | {s['accuracy']:.1f} ({seeds}) | {s['train_s']:.0f} | {s['train_cpu_s']:.0f} | {tv} | {cq} |")
+                    f"| {s['positions']} | {s['accuracy']:.1f} ({seeds}) | {s['steps'] * s['step_s']:.0f} | {s['train_cpu_s']:.0f} | {tv} | {cq} |")
     return "\n".join([f"Zoom demo ablations: {meta}", "", *head, *rows, ""])
 
 
@@ -182,6 +198,19 @@ def main(argv=None):
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
     meta = (f"{args.train} training pages, {args.steps} steps of 16, {args.test} held-out pages, "
             f"seeds {' '.join(map(str, args.seeds))}")
+    for r in runs:  # runs.jsonl lines written before step_s was recorded
+        r.setdefault("step_s", step_seconds(run_dir(out, r["name"], r["seed"])))
+    command = " ".join(["python data/zoom/ablations.py", *(sys.argv[1:] if argv is None else argv)])
+
+    def write_results():
+        done = [r for r in runs if r["steps"] == args.steps]
+        summary = summarise(done)
+        (results / "ablations.md").write_text(table(summary, meta))
+        study_s = sum(r["train_s"] + r["eval_s"] for r in done)
+        (results / "ablations.json").write_text(json.dumps({"meta": meta, "command": command, "study_s": round(study_s),
+                                                            "summary": summary, "runs": done}, indent=1))
+        plot(summary, results / "ablations.png", meta)
+
     for seed in args.seeds:  # every run once before any second seed: an interruption costs seeds, not rows
         for name in args.runs:
             if any(r["name"] == name and r["seed"] == seed and r["steps"] == args.steps for r in runs):
@@ -189,15 +218,9 @@ def main(argv=None):
             runs.append(run_one(name, seed, args, data, out))
             with open(log, "a") as f:
                 f.write(json.dumps(runs[-1]) + "\n")
-            done = [r for r in runs if r["steps"] == args.steps]
-            summary = summarise(done)
-            (results / "ablations.md").write_text(table(summary, meta))
-            command = " ".join(["python data/zoom/ablations.py", *(sys.argv[1:] if argv is None else argv)])
-            (results / "ablations.json").write_text(json.dumps({"meta": meta, "command": command,
-                                                                "elapsed_s": round(time.time() - t0),
-                                                                "summary": summary, "runs": done}, indent=1))
-            plot(summary, results / "ablations.png", meta)
-    print(f"total {(time.time() - t0) / 60:.1f} min; table in {results / 'ablations.md'}")
+            write_results()
+    write_results()  # also after a re-run that found everything done
+    print(f"this invocation {(time.time() - t0) / 60:.1f} min; table in {results / 'ablations.md'}")
 
 
 if __name__ == "__main__":
