@@ -230,6 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu "
                    "(bfloat16 on a CPU without bf16 instructions: bf16 weights computed in float32, as sample.py)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
+    p.add_argument("--show-dir", help="also draw where the answer looked (looked.py) for --show-n records with an image")
+    p.add_argument("--show-n", type=int, default=5)
     return p.parse_args(argv)
 
 
@@ -273,6 +275,11 @@ def main(argv=None) -> dict:
                     append_line(f, entry)
                     done[entry["id"]] = entry
                 bar.update(len(todo[i:i + args.batch_size]))
+
+    if args.show_dir:  # answered again one by one for the pictures; `model` exists if there was work to do
+        import looked
+        looked.show_records(model if todo else None, args, [r for r in records if r.get("image")][:args.show_n],
+                            image_root, lambda r: build_prompt(task, r), args.max_new_tokens or task.max_new_tokens)
 
     predictions = {i: e["prediction"] for i, e in done.items() if "prediction" in e}
     failed = [r["id"] for r in records if r["id"] not in predictions]

@@ -64,6 +64,7 @@ class DragonflyConfig:
     low_pool: Optional[int] = None    # pooled grid side per crop; None keeps the full grid
     medium_pool: Optional[int] = 6
     high_pool: Optional[int] = 6
+    adaptive_pool: bool = False       # allow pooled sides that do not divide the grid (pool.mean_pool)
     keep_cls: bool = True             # the release keeps each crop's CLS token
     separators: bool = True           # one separator embedding after each crop
     zoom_select: Optional[str] = None  # v1: "release" | "spatial" | "global" selection of high crops
@@ -173,7 +174,7 @@ class Dragonfly(nn.Module):
             b, n, T, D = level.shape
             x = level.flatten(0, 1)
             if T != 1 + grid * grid or not cfg.keep_cls:
-                x = pool.mean_pool(x, grid, keep_cls=cfg.keep_cls)
+                x = pool.mean_pool(x, grid, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)
             if cfg.separators:
                 x = torch.cat([x, sep.to(x.dtype).expand(x.shape[0], 1, D)], dim=1)
             block.append(x.reshape(b, -1, D))

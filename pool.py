@@ -24,20 +24,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def mean_pool(tokens, grid: int, keep_cls: bool = True):
+def mean_pool(tokens, grid: int, keep_cls: bool = True, adaptive: bool = False):
     """(N, 1 + g*g, D) crop tokens -> (N, [1 +] grid*grid, D): CLS first (if kept), then the
-    average of each (g/grid)^2 block of patch tokens, row-major."""
+    average of each (g/grid)^2 block of patch tokens, row-major.
+    adaptive=True also allows a grid that does not divide g (the zoom demo's 8x8 crops pooled to
+    the paper's 3x3 or 6x6): cell i then averages rows and columns floor(i*g/grid) to
+    ceil((i+1)*g/grid) - 1, windows of unequal size that overlap by one where g/grid is fractional."""
     N, T, D = tokens.shape
     g = math.isqrt(T - 1)
     if g * g != T - 1:
         raise ValueError(f"expected CLS + a square grid of tokens, got {T} tokens")
-    if g % grid:
+    if g % grid and not adaptive:
         raise ValueError(f"cannot mean-pool a {g}x{g} token grid to {grid}x{grid}: {grid} must divide {g}")
     cls, patches = tokens[:, :1], tokens[:, 1:]
     if grid != g:
         k = g // grid
         patches = patches.transpose(1, 2).reshape(N, D, g, g)               # (N, D, g, g)
-        patches = F.avg_pool2d(patches, kernel_size=k, stride=k)            # (N, D, grid, grid)
+        if g % grid:
+            patches = F.adaptive_avg_pool2d(patches, grid)                  # (N, D, grid, grid)
+        else:
+            patches = F.avg_pool2d(patches, kernel_size=k, stride=k)        # (N, D, grid, grid)
         patches = patches.flatten(2).transpose(1, 2)                        # (N, grid*grid, D)
     return torch.cat([cls, patches], dim=1) if keep_cls else patches
 

@@ -59,6 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
+    p.add_argument("--show", metavar="PNG", help="after the first answer, draw where it looked (looked.py)")
     return p.parse_args(argv)
 
 
@@ -72,6 +73,8 @@ def main(argv=None):
     asked_length = args.max_new_tokens is not None  # only a limit the user set is worth a note when cut
     if not asked_length:
         args.max_new_tokens = 1024
+    if args.show and (not args.image or interactive):
+        raise ValueError("--show draws the first answer's attention over the image's crops: give --image and --prompt")
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
     device = pick_device(args.device)
@@ -96,7 +99,8 @@ def main(argv=None):
     stored = "int8" if any(p.dtype == torch.int8 for p in model.parameters()) else str(dtype).removeprefix("torch.")
     print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} (weights {stored}, compute "
           f"{str(compute).removeprefix('torch.')})", file=sys.stderr)
-    conv = Conversation(model, tok, model.crop_image(image) if args.image else None)
+    crops = model.crop_image(image) if args.image else None
+    conv = Conversation(model, tok, crops)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     generator=torch.Generator(device=device).manual_seed(args.seed))
     if interactive:
@@ -110,10 +114,14 @@ def main(argv=None):
                   f"{conv.context - conv.positions_left + len(conv.turn_ids(question))} of the context's "
                   f"{conv.context} positions", file=sys.stderr)
         try:
-            answer(conv, question, args.json, **sampling)
+            result = answer(conv, question, args.json, **sampling)
         except ContextFull as e:
             raise ValueError(f"--prompt number {i + 1}: {e}; shorten it, ask fewer, or use a checkpoint "
                              "with a longer context") from None
+        if args.show and i == 0:
+            import looked
+            shown = looked.show(model, tok, tok.encode_prompt(question), result["token_ids"], crops, args.show, question)
+            print(f"wrote {args.show}: {looked.summary(shown)} of the answer's attention", file=sys.stderr)
 
 
 if __name__ == "__main__":

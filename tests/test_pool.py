@@ -32,6 +32,15 @@ def test_pooling_to_a_grid_that_does_not_divide_fails_clearly():
         pool.mean_pool(torch.randn(1, 577, 4), 5)
 
 
+def test_adaptive_pooling_of_8x8_to_3x3_averages_overlapping_windows():
+    # the zoom demo's 8x8 crops at the paper's 3x3: cell i spans floor(8i/3) .. ceil(8(i+1)/3) - 1,
+    # i.e. rows/cols {0,1,2}, {2,3,4,5}, {5,6,7}; patch (r, c) holds 8r + c, so a window's mean is
+    # 8 * mean(rows) + mean(cols)
+    out = pool.mean_pool(grid_tokens(8), 3, adaptive=True)[0, :, 0]
+    means = [1.0, 3.5, 6.0]
+    assert out.tolist() == pytest.approx([-1.0] + [8 * r + c for r in means for c in means])
+
+
 def test_pooling_commutes_with_the_linear_projection():
     x, proj = torch.randn(2, 577, 16), torch.nn.Linear(16, 8)
     torch.testing.assert_close(pool.mean_pool(proj(x), 6), proj(pool.mean_pool(x, 6)), atol=1e-5, rtol=1e-5)
