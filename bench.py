@@ -52,7 +52,8 @@ try:
     import vit
     import weights
     from conversation import Conversation
-    from model import Dragonfly, build, image_positions, release_config, v2_config
+    from model import Dragonfly, image_positions, v2_config
+    from pretrained import build, checkpoint_names, release_config
     from tokenizer import Tokenizer
 except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
     sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
@@ -74,7 +75,7 @@ TOKENIZER = Path(__file__).parent / "checkpoints" / "zoom-tiny"  # Meta's Llama-
 
 
 def random_model(cfg, device="cpu", dtype=torch.float32, seed=0, compute=None, quantize=None) -> Dragonfly:
-    """Allocated once (model.build; `compute`, `quantize`: as in Dragonfly.from_pretrained), then
+    """Allocated once (pretrained.build; `compute`, `quantize`: as in Dragonfly.from_pretrained), then
     filled: norms weight 1 / bias 0, every matrix N(0, 1/fan_in) (int8: uniform in [-127, 127]
     times a scale of the same standard deviation), so activations keep unit scale and logits
     are O(1); vectors N(0, 0.02)."""
@@ -189,7 +190,7 @@ def write_random_checkpoint(path, cfg) -> int:
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     with torch.device("meta"):
-        names = Dragonfly(cfg).checkpoint_names()
+        names = checkpoint_names(Dragonfly(cfg))
         shapes = {names[n]: p.shape for n, p in Dragonfly(cfg).named_parameters()}
     keys, weight_map = list(shapes), {}
     total = sum(shapes[k].numel() * 2 for k in keys)

@@ -28,7 +28,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-import model as M
+import pretrained
 
 MARKER = "complete.json"
 
@@ -141,7 +141,7 @@ def export(final: Path, model, mcfg, tokenizer_path, rank, dtype):
     from_pretrained, sample.py and eval.py load (weights, config.json, the tokenizer)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
-        full = M.build(mcfg, torch.float32, "cpu")
+        full = pretrained.build(mcfg, torch.float32, "cpu")
         full.load_state_dict(state)
         full.save_pretrained(final, dtype=getattr(torch, dtype))
         tok = Path(tokenizer_path)

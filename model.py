@@ -14,11 +14,9 @@ Figure 1, in the order of `Dragonfly.image_block`:
 Paper vs release: the paper counts 2016 image tokens (no CLS, no separators); the release,
 whose weights we load, keeps CLS and adds separators. We follow the release (SPEC §2.8).
 """
-import json
 import math
 import sys
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Optional
 
 try:
@@ -28,24 +26,12 @@ try:
 
     import crops as crops_lib
     import pool
-    import quantize as quantize_lib
     import vit as vit_lib
-    import weights
     from llama import Llama, LlamaConfig
-    from llama import checkpoint_key as llama_key
     from vit import ViTConfig, VisionTransformer
-    from vit import checkpoint_key as vit_key
 except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
     sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
              "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
-
-# Buffers older transformers versions saved next to the weights: recomputed here, never loaded.
-SAVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")
-
-
-def saved_buffer(key: str) -> bool:
-    return key.endswith(SAVED_BUFFERS)
-
 
 # Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
 # the ablation modules included (presets.py counts their FLOPs the same way).
@@ -284,103 +270,25 @@ class Dragonfly(nn.Module):
         finally:
             self.llm.clear_cache()
 
-    # ---- checkpoints -------------------------------------------------------------------------
-    def checkpoint_names(self) -> dict:
-        """Our parameter names -> the released checkpoint's names (SPEC §1)."""
-        names = {}
-        for name, _ in self.named_parameters():
-            part, rest = name.split(".", 1)
-            names[name] = {"vision": lambda r: "image_encoder.vision_model." + vit_key(r),
-                           "projection": lambda r: "vision_embed_tokens." + r,
-                           "llm": lambda r: "language_model." + llama_key(r),
-                           # ablation modules (not in any release): our own names
-                           "vision_low": lambda r: "low_image_encoder.vision_model." + vit_key(r),
-                           "projection_low": lambda r: "low_vision_embed_tokens." + r,
-                           "resampler": lambda r: "resampler." + r}[part](rest)
-        return names
-
+    # ---- checkpoints: pretrained.py (which imports this file) ------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -> "Dragonfly":
-        """Load a released Dragonfly directory (v2 or v1; .bin or safetensors shards), or one
-        saved by `save_pretrained` or quantize.py. The vision tower's shape is inferred from the
-        weights. dtype: the model's; compute: the dtype the layers compute in when it differs
-        (float32 on CPUs slow in bf16, quantize.compute_dtype), the matrices then kept in
-        `dtype`; quantize="int8": int8 matrices, quantized while loading unless already int8."""
-        path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.exists():
-            raise weights.CheckpointError(f"{path}: no config.json (is this a Dragonfly checkpoint directory?)")
-        hf = weights.read_config(cfg_file)
-        shapes = weights.read_shapes(path)
-        vcfg = vit_lib.config_from_weights(shapes, "image_encoder.vision_model.")
-        llm = llm_config(hf)
-        cfg = (v1_config if vcfg.patch_size == 32 else v2_config)(vcfg, llm)
-        if "dragonfly_nano" in hf:  # settings of a model trained here (ablation presets)
-            cfg = config_from_dict(hf["dragonfly_nano"], vcfg, llm)
-        compute = compute or dtype
-        storage = quantize_lib.storage_dtype(dtype, compute, hf.get("quantization") or quantize)
-        model = build(cfg, compute, device, storage=storage)
-        if compute != dtype:
-            model.llm.rope_dtype = dtype  # the frequencies the checkpoint was trained with
-        names = model.checkpoint_names()
-        convert = quantize_lib.int8_converter(model, names) if storage == torch.int8 else None
-        weights.load_into(model, path, names, ignore=saved_buffer, convert=convert)
-        return model.eval()
+        """A released Dragonfly directory (v2 or v1), or one saved by `save_pretrained` or
+        quantize.py: pretrained.load."""
+        import pretrained
+        return pretrained.load(path, dtype=dtype, device=device, compute=compute, quantize=quantize)
 
     @classmethod
     def from_backbones(cls, clip_dir, llama_dir, cfg: DragonflyConfig = None, dtype=torch.float32, device="cpu",
-                       clip_low_dir=None):
-        """A fresh Dragonfly before training: OpenAI's CLIP vision tower and a Hugging Face
-        Llama checkpoint, joined by a newly initialised projection. A dual-encoder config also
-        needs `clip_low_dir`, the low crop's CLIP (ViT-L/14@336 in the v2 paper)."""
-        vision, llm = load_clip_vision(clip_dir, dtype, device), load_llama(llama_dir, dtype, device)
-        cfg = replace(cfg or (v1_config() if vision.cfg.patch_size == 32 else v2_config()), vit=vision.cfg, llm=llm.cfg)
-        vision_low = None
-        if cfg.vit_low is not None:
-            if clip_low_dir is None:
-                raise ValueError("model.py: a dual-encoder config needs clip_low_dir, the low crop's CLIP checkpoint")
-            vision_low = load_clip_vision(clip_low_dir, dtype, device)
-            cfg = replace(cfg, vit_low=vision_low.cfg)
-        model = build(cfg, dtype, device)
-        model.vision, model.llm = vision, llm
-        if vision_low is not None:
-            model.vision_low = vision_low
-        if model.resampler is not None:  # new weights: a normal initialisation, not build's empty memory
-            model.resampler = new_resampler(cfg).to(device=device, dtype=dtype)
-        with torch.no_grad():
-            for proj in (model.projection, model.projection_low):
-                if proj is not None:
-                    proj.weight.normal_(0, proj.in_features ** -0.5)
-                    proj.bias.zero_()
-        return model
+                       clip_low_dir=None) -> "Dragonfly":
+        """A new model from OpenAI's CLIP and a Hugging Face Llama: pretrained.from_backbones."""
+        import pretrained
+        return pretrained.from_backbones(clip_dir, llama_dir, cfg, dtype, device, clip_low_dir)
 
     def save_pretrained(self, path, dtype=torch.bfloat16):
-        """Write config.json (the release's fields plus our own settings) and safetensors shards
-        with the release's names, so `from_pretrained` and other readers load it."""
-        path = Path(path)
-        names = self.checkpoint_names()
-        state = {names[n]: p.detach().to(dtype) for n, p in self.named_parameters()}
-        weights.save(state, path)
-        hf = {**release_config(self.cfg.llm), "torch_dtype": str(dtype).removeprefix("torch."),
-              "dragonfly_nano": config_to_dict(self.cfg)}
-        (path / "config.json").write_text(json.dumps(hf, indent=2))
-
-
-def llm_config(hf: dict) -> LlamaConfig:
-    """The LLM's config as the release builds it: `LlamaConfig(**text_config)` alone, absent
-    fields taking transformers' LlamaConfig defaults; the top-level fields (with the release's
-    DragonflyConfig defaults, Llama-3-8B's) only when there is no text_config."""
-    if hf.get("text_config"):
-        return LlamaConfig.from_hf(hf["text_config"])
-    return LlamaConfig.from_hf(hf, defaults=LlamaConfig().to_hf())
-
-
-def release_config(llm: LlamaConfig) -> dict:
-    """The released config.json's fields: the LLM's at the top level and again as text_config,
-    model_type dragonfly. The vision tower's shape is not in it (read from the weights)."""
-    text = llm.to_hf()
-    return {"architectures": ["DragonflyForCausalLM"], **text, "model_type": "dragonfly",
-            "bos_token_id": 128000, "eos_token_id": 128001, "text_config": text}
+        """config.json + safetensors shards with the release's names: pretrained.save."""
+        import pretrained
+        pretrained.save(self, path, dtype)
 
 
 def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
@@ -389,38 +297,6 @@ def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
     if cfg.medium_pool != cfg.high_pool or not cfg.high_pool:
         raise ValueError(f"resampler: medium_pool and high_pool set its latents and must agree, got {cfg.medium_pool}, {cfg.high_pool}")
     return pool.PerceiverResampler(cfg.vit.width, cfg.resampler_depth, cfg.high_pool ** 2, heads=cfg.vit.heads)
-
-
-def build(cfg, dtype, device, cls=None, storage=None):
-    """Construct on the meta device (no memory), then allocate once in the target dtype; with
-    `storage`, the linear and embedding matrices are kept in that dtype instead (quantize.py).
-    A model larger than the memory available stops here with one line, before allocating."""
-    with torch.device("meta"):
-        model = (cls or Dragonfly)(cfg).to(dtype)
-        if storage is not None:
-            quantize_lib.store_weights(model, storage, dtype)
-    if torch.device(device).type == "cpu":
-        weights.ensure_memory(sum(p.numel() * p.element_size() for p in model.parameters()))
-    model = model.to_empty(device=device)
-    for m in model.modules():
-        if isinstance(m, Llama):
-            m.tie_weights()
-    return model
-
-
-def load_clip_vision(clip_dir, dtype=torch.float32, device="cpu") -> VisionTransformer:
-    """The vision tower of an OpenAI CLIP checkpoint (`vision_model.*`; the text tower is skipped)."""
-    vision = build(vit_lib.config_from_weights(weights.read_shapes(clip_dir), "vision_model."), dtype, device, VisionTransformer)
-    weights.load_into(vision, clip_dir, {n: "vision_model." + vit_key(n) for n, _ in vision.named_parameters()},
-                      ignore=lambda k: not k.startswith("vision_model.") or saved_buffer(k))
-    return vision.eval()
-
-
-def load_llama(llama_dir, dtype=torch.float32, device="cpu") -> Llama:
-    """A Hugging Face Llama checkpoint (`model.*`, `lm_head.weight`)."""
-    llm = build(LlamaConfig.from_hf(weights.read_config(Path(llama_dir) / "config.json")), dtype, device, Llama)
-    weights.load_into(llm, llama_dir, {n: llama_key(n) for n, _ in llm.named_parameters()}, ignore=saved_buffer)
-    return llm.eval()
 
 
 def sample(logits, temperature: float, top_p: float, generator=None):
@@ -435,21 +311,6 @@ def sample(logits, temperature: float, top_p: float, generator=None):
         sorted_p[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-def config_to_dict(cfg: DragonflyConfig) -> dict:
-    d = asdict(cfg)
-    del d["llm"]  # recorded by the Hugging Face fields; the ViT is kept, its heads can't be inferred
-    return d
-
-
-def config_from_dict(d: dict, vcfg: ViTConfig, llm: LlamaConfig) -> DragonflyConfig:
-    c = dict(d["crops"])
-    c = crops_lib.CropConfig(**{k: tuple(map(tuple, v)) if k.endswith("grids") and v is not None else v
-                                for k, v in c.items()})
-    vit_low = ViTConfig(**d["vit_low"]) if d.get("vit_low") else None
-    vcfg = ViTConfig(**d["vit"]) if d.get("vit") else vcfg
-    return DragonflyConfig(**{**d, "crops": c, "vit": vcfg, "llm": llm, "vit_low": vit_low})
 
 
 if __name__ == "__main__":  # `python model.py --describe PRESET`: the experiment presets live in presets.py

@@ -24,6 +24,7 @@ import sys
 from dataclasses import replace
 
 try:
+    import crops as crops_lib
     import model
     import vit as vit_lib
     from llama import LlamaConfig
@@ -272,6 +273,30 @@ def describe(name) -> str:
              f"  (the paper's figure: appendix F's formula over the {s['paper']} paper tokens; as built: the modules this "
              f"code runs, the ViT to its feature layer, the projection before pooling, the LLM over {s['positions']} positions)"]
     return "\n".join(lines)
+
+
+# ---- the zoom demo's model (train.py --model tiny) -----------------------------------------
+def tiny_config(low_only=False, preset="", high_pool=0) -> model.DragonflyConfig:
+    """The zoom demo's model: 56 px crops (medium 112, high 336) cut into 7 px patches, a 3-block
+    ViT read at block 2, a 2-layer Llama with the real Llama-3 vocabulary and tied embeddings so
+    the checkpoint stays small. The medium and high crops pool their 8x8 grids to 2x2 (kernel 4,
+    the release's 24x24 -> 6x6): the zoom data repeat the answer all over the page, so averaging
+    loses nothing and the LLM reads 258 image positions instead of 738.
+    The paper's ablations at this scale (data/zoom/ablations.py): `preset` keeps the resolution
+    levels of a preset above (v2 Table 2); `high_pool` pools the high crops to the
+    paper's sides (v2 Table 8), adaptively where the side does not divide 8 (3x3, 6x6)."""
+    cfg = model.v2_config(ViTConfig(56, 7, 64, 3, 1, 256),
+                      LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
+                                        tie_embeddings=True, max_seq_len=1024))
+    cfg = replace(cfg, crops=replace(crops_lib.V2, size=56), low_pool=4, medium_pool=2, high_pool=2)
+    if low_only:
+        cfg = replace(cfg, crops=replace(cfg.crops, medium=False, high=False))
+    if preset:
+        levels = PRESETS[preset].crops
+        cfg = replace(cfg, crops=replace(cfg.crops, low=levels.low, medium=levels.medium, high=levels.high))
+    if high_pool:  # 8x8 unpooled: 36 x 66 high positions, beyond the demo's context of 1024
+        cfg = replace(cfg, high_pool=high_pool, adaptive_pool=bool(8 % high_pool), llm=replace(cfg.llm, max_seq_len=4096))
+    return cfg
 
 
 def table() -> str:

@@ -264,6 +264,7 @@ def write_int8(src, dst):
     tokenizer files. Written to a temporary directory beside dst, then renamed."""
     import weights
     from model import Dragonfly
+    from pretrained import checkpoint_names
     src, dst = Path(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"quantize.py: {dst} exists and is not an empty directory; choose a new DST")
@@ -272,7 +273,7 @@ def write_int8(src, dst):
     hf = json.loads((src / "config.json").read_text())
     dtype = getattr(torch, hf.get("torch_dtype") or "bfloat16")
     model = Dragonfly.from_pretrained(src, dtype=torch.float32, quantize="int8")
-    names = model.checkpoint_names()
+    names = checkpoint_names(model)
     state = {names[n]: p if p.dtype == torch.int8 or n.endswith(".scales") else p.to(dtype)
              for n, p in model.named_parameters()}
     tmp = dst.with_name(dst.name + ".tmp")

@@ -31,11 +31,8 @@ try:
     from tqdm import tqdm
 
     import checkpoint
-    import crops
-    import llama
     import model as M
     import presets
-    import vit
     import weights
     from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
     from tokenizer import Tokenizer
@@ -123,29 +120,6 @@ def parse_config(argv=None) -> TrainConfig:
     return replace(TrainConfig(), **{**STAGES[args.get("stage", TrainConfig.stage)], **args})
 
 
-def tiny_config(low_only=False, preset="", high_pool=0) -> M.DragonflyConfig:
-    """The zoom demo's model: 56 px crops (medium 112, high 336) cut into 7 px patches, a 3-block
-    ViT read at block 2, a 2-layer Llama with the real Llama-3 vocabulary and tied embeddings so
-    the checkpoint stays small. The medium and high crops pool their 8x8 grids to 2x2 (kernel 4,
-    the release's 24x24 -> 6x6): the zoom data repeat the answer all over the page, so averaging
-    loses nothing and the LLM reads 258 image positions instead of 738.
-    The paper's ablations at this scale (data/zoom/ablations.py): `preset` keeps the resolution
-    levels of a presets.py configuration (v2 Table 2); `high_pool` pools the high crops to the
-    paper's sides (v2 Table 8), adaptively where the side does not divide 8 (3x3, 6x6)."""
-    cfg = M.v2_config(vit.ViTConfig(56, 7, 64, 3, 1, 256),
-                      llama.LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
-                                        tie_embeddings=True, max_seq_len=1024))
-    cfg = replace(cfg, crops=replace(crops.V2, size=56), low_pool=4, medium_pool=2, high_pool=2)
-    if low_only:
-        cfg = replace(cfg, crops=replace(cfg.crops, medium=False, high=False))
-    if preset:
-        levels = presets.PRESETS[preset].crops
-        cfg = replace(cfg, crops=replace(cfg.crops, low=levels.low, medium=levels.medium, high=levels.high))
-    if high_pool:  # 8x8 unpooled: 36 x 66 high positions, beyond the demo's context of 1024
-        cfg = replace(cfg, high_pool=high_pool, adaptive_pool=bool(8 % high_pool), llm=replace(cfg.llm, max_seq_len=4096))
-    return cfg
-
-
 # ---- setup ---------------------------------------------------------------------------------
 def setup_distributed():
     if "RANK" not in os.environ:
@@ -177,7 +151,7 @@ def init_weights(model):
 def build_model(cfg: TrainConfig, device):
     if cfg.model == "tiny":
         torch.manual_seed(cfg.seed)
-        return init_weights(M.Dragonfly(tiny_config(cfg.low_only, cfg.preset, cfg.high_pool))).to(device)
+        return init_weights(M.Dragonfly(presets.tiny_config(cfg.low_only, cfg.preset, cfg.high_pool))).to(device)
     if cfg.init:
         return M.Dragonfly.from_pretrained(weights.require_checkpoint(cfg.init), device=device)
     if cfg.clip and cfg.llama:

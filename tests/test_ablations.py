@@ -4,7 +4,7 @@ import json
 import pytest
 
 import model as M
-import train
+import presets
 
 
 @pytest.mark.parametrize("preset,high_pool,expected", [
@@ -15,7 +15,7 @@ import train
     ("v2-LH-64", 8, 18 + 36 * (1 + 64 + 1)),         # 8x8: the high crops unpooled
 ])
 def test_tiny_ablation_configs_have_the_hand_counted_image_positions(preset, high_pool, expected):
-    cfg = train.tiny_config(preset=preset, high_pool=high_pool)
+    cfg = presets.tiny_config(preset=preset, high_pool=high_pool)
     assert M.image_positions(cfg) == expected
     assert M.image_positions(cfg) + 64 <= cfg.llm.max_seq_len
 

@@ -11,6 +11,7 @@ import torch
 
 import model
 import pool
+import pretrained
 import weights
 from conftest import GOLDEN
 import tiny_checkpoints as tiny
@@ -35,7 +36,7 @@ def check_fingerprint(path, g):
 def test_vit_hidden_states_match_hugging_face_clip(tmp_path, variant, fmt, file):
     g = golden(file)
     check_fingerprint(tiny.write_tiny_clip(tmp_path, variant, fmt), g)
-    vision = model.load_clip_vision(tmp_path)
+    vision = pretrained.load_clip_vision(tmp_path)
     pixels = tiny.make_test_pixels(*g["pixel_shape"][[0, 2]], seed=int(g["pixel_seed"]))
     assert pixels.astype(np.float64).sum() == pytest.approx(float(g["pixel_sum"]))
     x = torch.from_numpy(pixels)
@@ -51,7 +52,7 @@ def test_vit_hidden_states_match_hugging_face_clip(tmp_path, variant, fmt, file)
 def test_llama_logits_and_greedy_ids_match_hugging_face(tmp_path, rope, file):
     g = golden(file)
     check_fingerprint(tiny.write_tiny_llama(tmp_path, rope_scaling=rope), g)
-    llm = model.load_llama(tmp_path)
+    llm = pretrained.load_llama(tmp_path)
     ids = torch.from_numpy(g["input_ids"])
     with torch.no_grad():
         close(llm(llm.embed(ids)), g["logits"])
@@ -176,6 +177,6 @@ def test_from_backbones_loads_clip_and_llama_checkpoints(tmp_path):
     tiny.write_tiny_clip(tmp_path / "clip", "l14-336", "bin")
     tiny.write_tiny_llama(tmp_path / "llama")
     m = model.Dragonfly.from_backbones(tmp_path / "clip", tmp_path / "llama")
-    ref = model.load_clip_vision(tmp_path / "clip")
+    ref = pretrained.load_clip_vision(tmp_path / "clip")
     assert all(torch.equal(a, b) for a, b in zip(m.vision.parameters(), ref.parameters()))
     assert m.cfg.llm.vocab_size == 512 and m.projection.weight.shape == (64, 128)

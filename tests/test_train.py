@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import model as M
+import presets
 import train
 from conftest import ROOT
 
@@ -74,7 +75,7 @@ def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(zoom_data, tmp_
 def test_pretrain_stage_trains_only_the_projection(zoom_data, tmp_path):
     trained = run_single(zoom_data, tmp_path, "--stage", "pretrain", "--max-steps", "2")
     torch.manual_seed(0)
-    initial = train.init_weights(M.Dragonfly(train.tiny_config()))
+    initial = train.init_weights(M.Dragonfly(presets.tiny_config()))
     for (name, p), q in zip(trained.named_parameters(), initial.parameters()):
         if name.startswith("projection."):
             assert not torch.equal(p, q), name
@@ -89,7 +90,7 @@ def test_data_may_be_a_prepared_folder(zoom_data, tmp_path):
 
 
 def test_frozen_weights_are_not_in_the_optimizer(zoom_data, tmp_path):
-    m = train.init_weights(M.Dragonfly(train.tiny_config()))
+    m = train.init_weights(M.Dragonfly(presets.tiny_config()))
     train.freeze(m, ("projection", "vision"))
     groups = train.param_groups(m, 0.1)
     in_optim = {id(p) for g in groups for p in g["params"]}

@@ -37,6 +37,7 @@ import demo  # noqa: E402  (the zoom demo: its training flags)
 import eval as evaluate  # noqa: E402
 import model as M  # noqa: E402
 import prepare  # noqa: E402
+import presets  # noqa: E402
 import train  # noqa: E402
 
 # name: (paper table, train.py flags). Table 8 rows use the presets of those rows (same levels as v2-LH).
@@ -64,7 +65,7 @@ def positions(flags) -> int:
     """The image block's length for a run (model.image_positions of its tiny config)."""
     preset = flags[flags.index("--preset") + 1]
     high_pool = int(flags[flags.index("--high-pool") + 1]) if "--high-pool" in flags else 0
-    return M.image_positions(train.tiny_config(preset=preset, high_pool=high_pool))
+    return M.image_positions(presets.tiny_config(preset=preset, high_pool=high_pool))
 
 
 def cpu_seconds() -> float:
