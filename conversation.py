@@ -52,7 +52,7 @@ class Conversation:
     @torch.no_grad()
     def set_image(self, image):
         """Start over about `image` (crops.Crops, or None): its block is computed here, once."""
-        self.image = None
+        self.image, self.crops = None, image  # the crops: for looked.py's picture of an answer
         if image is not None:
             device = self.model.llm.lm_head.weight.device
             pixels = torch.as_tensor(image.pixels)[None].to(device)
@@ -190,8 +190,9 @@ def answer(conv, question, as_json=False, out=sys.stdout, **sampling) -> dict:
 HELP = "/image FILE: another image (starts over)   /reset: start over   /quit or Ctrl-D: quit   Ctrl-C: stop an answer"
 
 
-def chat(conv, crop_image, as_json=False, **sampling):
-    """The interactive loop on a terminal. crop_image: path -> crops.Crops (model.crop_image)."""
+def chat(conv, crop_image, as_json=False, on_first_answer=None, **sampling):
+    """The interactive loop on a terminal. crop_image: path -> crops.Crops (model.crop_image);
+    on_first_answer(question, result): called after the first answer about each image."""
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     except ImportError:  # not on every platform; the chat works without it
@@ -224,8 +225,9 @@ def chat(conv, crop_image, as_json=False, **sampling):
         if command[:1] == "/" and command[1:].isalpha():  # a mistyped command is not a question
             print(HELP, file=sys.stderr)
             continue
+        first = not conv.tokens and conv.crops is not None
         try:
-            answer(conv, line, as_json, **sampling)
+            result = answer(conv, line, as_json, **sampling)
         except ContextFull as e:
             print(f"context full: {e}; /reset starts over", file=sys.stderr)
             continue
@@ -234,3 +236,5 @@ def chat(conv, crop_image, as_json=False, **sampling):
             continue
         if conv.finish == "context":
             print(f"(the context is full: {conv.positions_left} positions left; /reset starts over)", file=sys.stderr)
+        if first and on_first_answer:
+            on_first_answer(line, result)

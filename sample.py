@@ -59,7 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
-    p.add_argument("--show", metavar="PNG", help="after the first answer, draw where it looked (looked.py)")
+    p.add_argument("--show", metavar="PNG", help="after the first answer about the image, draw where it looked "
+                   "(looked.py; in the chat, after the first answer about each /image)")
     return p.parse_args(argv)
 
 
@@ -73,8 +74,8 @@ def main(argv=None):
     asked_length = args.max_new_tokens is not None  # only a limit the user set is worth a note when cut
     if not asked_length:
         args.max_new_tokens = 1024
-    if args.show and (not args.image or interactive):
-        raise ValueError("--show draws the first answer's attention over the image's crops: give --image and --prompt")
+    if args.show and not args.image:
+        raise ValueError("--show draws the answer's attention over the image's crops: give --image")
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
     device = pick_device(args.device)
@@ -103,8 +104,13 @@ def main(argv=None):
     conv = Conversation(model, tok, crops)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     generator=torch.Generator(device=device).manual_seed(args.seed))
+    def show(question, result):  # --show: where the first answer about the image looked
+        import looked
+        shown = looked.show(model, tok, tok.encode_prompt(question), result["token_ids"], conv.crops, args.show, question)
+        print(f"wrote {args.show}: {looked.summary(shown)} of the answer's attention", file=sys.stderr)
+
     if interactive:
-        return chat(conv, model.crop_image, args.json, **sampling)
+        return chat(conv, model.crop_image, args.json, on_first_answer=show if args.show else None, **sampling)
     for i, question in enumerate(args.prompt):
         if len(args.prompt) > 1 and not args.json:
             print(f"> {question}", flush=True)
@@ -119,9 +125,7 @@ def main(argv=None):
             raise ValueError(f"--prompt number {i + 1}: {e}; shorten it, ask fewer, or use a checkpoint "
                              "with a longer context") from None
         if args.show and i == 0:
-            import looked
-            shown = looked.show(model, tok, tok.encode_prompt(question), result["token_ids"], crops, args.show, question)
-            print(f"wrote {args.show}: {looked.summary(shown)} of the answer's attention", file=sys.stderr)
+            show(question, result)
 
 
 if __name__ == "__main__":

@@ -178,3 +178,21 @@ def test_turn_past_the_context_says_how_many_positions_are_left(tiny_v2, tok):
     assert conv.finish == "context" and conv.image_len + len(conv.tokens) == 41 and conv.positions_left == 0
     conv.reset()
     assert len(list(conv.ask("Hi", max_new_tokens=3))) == 3
+
+
+def test_chat_calls_the_first_answer_hook_once_per_image(tiny_v2, tok, crops, monkeypatch, capsys):
+    # sample.py --show in the chat: the first answer about each image is drawn, later turns are
+    # not (looked.py reads a single-turn prompt), a text-only conversation never is
+    from conversation import chat
+    lines = iter(["What is this?", "And behind it?", "/reset", "Again?", "/image x.png", "New one?", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    conv = Conversation(tiny_v2, tok, crops)
+    chat(conv, lambda path: crops, on_first_answer=lambda q, r: seen.append((q, len(r["token_ids"]), conv.crops)),
+         max_new_tokens=2)
+    assert [(q, n) for q, n, _ in seen] == [("What is this?", 2), ("Again?", 2), ("New one?", 2)]
+    assert all(c is crops for _, _, c in seen)
+    lines = iter(["Hello?", "/quit"])
+    seen.clear()
+    chat(Conversation(tiny_v2, tok), lambda path: crops, on_first_answer=lambda q, r: seen.append(q), max_new_tokens=2)
+    assert seen == []
