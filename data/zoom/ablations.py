@@ -117,22 +117,24 @@ def summarise(runs) -> dict:
             out[name] = {"accuracy": statistics.mean(r["accuracy"] for r in rs), "seeds": [r["accuracy"] for r in rs],
                          "positions": rs[0]["positions"], "train_s": statistics.mean(r["train_s"] for r in rs),
                          "step_s": statistics.mean(r["step_s"] for r in rs), "steps": rs[0]["steps"],
-                         "train_cpu_s": statistics.mean(r["train_cpu_s"] for r in rs)}
+                         "train_cpu_s": statistics.mean(r["train_cpu_s"] for r in rs),
+                         "late_loss": statistics.mean(statistics.mean(r["losses"][-10:]) for r in rs)}
     return out
 
 
-def table(summary, meta) -> str:
+def table(summary, meta, command="", study_s=0) -> str:
     head = ["| run | paper row (presets.py) | image positions | held-out accuracy, mean (per seed) "
-            "| training s (steps x median step) | training CPU s | paper TextVQA | paper ChartQA |",
-            "|---|---|---:|---|---:|---:|---:|---:|"]
+            "| loss, last 10 steps | training s (steps x median step) | training CPU s | paper TextVQA | paper ChartQA |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|"]
     rows = []
     for name, s in summary.items():
         preset = RUNS[name][1][1]
         tv, cq = PAPER[name]
         seeds = ", ".join(f"{a:.1f}" for a in s["seeds"])
         rows.append(f"| {name} | v2 Table {RUNS[name][0]}: `{preset}`{' + high ' + name.split()[-1] if ' ' in name else ''} "
-                    f"| {s['positions']} | {s['accuracy']:.1f} ({seeds}) | {s['steps'] * s['step_s']:.0f} | {s['train_cpu_s']:.0f} | {tv} | {cq} |")
-    return "\n".join([f"Zoom demo ablations: {meta}", "", *head, *rows, ""])
+                    f"| {s['positions']} | {s['accuracy']:.1f} ({seeds}) | {s['late_loss']:.3f} | {s['steps'] * s['step_s']:.0f} | {s['train_cpu_s']:.0f} | {tv} | {cq} |")
+    made = [f"Made by `{command}`: {study_s / 60:.0f} min of training and scoring on this 2-core CPU.", ""] if command else []
+    return "\n".join([f"Zoom demo ablations: {meta}", "", *made, *head, *rows, ""])
 
 
 def plot(summary, path, meta):
@@ -206,8 +208,8 @@ def main(argv=None):
     def write_results():
         done = [r for r in runs if r["steps"] == args.steps]
         summary = summarise(done)
-        (results / "ablations.md").write_text(table(summary, meta))
         study_s = sum(r["train_s"] + r["eval_s"] for r in done)
+        (results / "ablations.md").write_text(table(summary, meta, command, study_s))
         (results / "ablations.json").write_text(json.dumps({"meta": meta, "command": command, "study_s": round(study_s),
                                                             "summary": summary, "runs": done}, indent=1))
         plot(summary, results / "ablations.png", meta)
