@@ -296,6 +296,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, help="decode steps timed after the first token (default 64; full 16)")
     p.add_argument("--contexts", help="text-only prompt lengths ('' skips; default 2100,4000,6000,8000; full '')")
     p.add_argument("--context-tokens", type=int, default=16, help="decode steps timed at each context length")
+    p.add_argument("--turns", action=argparse.BooleanOptionalAction,
+                   help="time a two-question conversation (default on; off for the full config: its turn 1 is a second prefill)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)")
     p.add_argument("--json", help="also write the numbers to this file")
     p.add_argument("--write-checkpoint", metavar="DIR", help="write a random checkpoint of --config's shape "
@@ -304,7 +306,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     full = args.config == "full"  # the 8B on a CPU: one prefill takes minutes
     for name, small, big in [("repeats", 5, 1), ("warmup", 1, 0), ("new_tokens", 64, 16),
-                             ("contexts", "2100,4000,6000,8000", "")]:
+                             ("contexts", "2100,4000,6000,8000", ""), ("turns", True, False)]:
         if getattr(args, name) is None:
             setattr(args, name, big if full else small)
     if args.write_checkpoint:
@@ -348,15 +350,15 @@ def main(argv=None):
         calls.clear()
         (prefill, decode, _), *b2 = quiet(time_generate, model, PROMPT, crops, args.new_tokens, progress, tries=tries)
         context = [quiet(time_generate, model, context_prompt(n), None, args.context_tokens) for n in contexts]
-        turns, *b3 = quiet(time_conversation, model, tok, crops)
+        turns, *b3 = quiet(time_conversation, model, tok, crops) if args.turns else ([], 0, 0.0)
         if i >= args.warmup:
-            busy += [b, b2, *[c[1:] for c in context], b3]
+            busy += [b, b2, *[c[1:] for c in context], *([b3] if args.turns else [])]
             for key, seconds in zip(runs, [crop_s, prefill, decode, *[c[0][1] for c in context], *turns]):
                 runs[key].append(seconds)
             if i == args.warmup:
                 kernels = {f"{name} ({'1 row' if one else 'more rows'})": n for (name, one), n in calls.items()}
 
-    median = {k: 1e3 * statistics.median(v) for k, v in runs.items()}  # ms
+    median = {k: 1e3 * statistics.median(v) for k, v in runs.items() if v}  # ms
     if cuda:  # the peak of one image + prompt + decode, not of the long text-only prompts
         torch.cuda.reset_peak_memory_stats(args.device)
         time_generate(model, PROMPT, crops, args.new_tokens)
@@ -392,9 +394,10 @@ def main(argv=None):
     print(line)
     for n in contexts:
         print(f"{f'context {n}':<14}{median[f'context {n}']:10.2f} ms/token   text-only prompt, {args.context_tokens} tokens")
-    print(f"{'turn 1':<14}{median['turn 1']:10.1f} ms         conversation: image block + first question to its first token")
-    print(f"{'turn 2':<14}{median['turn 2']:10.1f} ms         the next question to its first token "
-          f"({100 * median['turn 2'] / median['turn 1']:.2f}% of turn 1)")
+    if args.turns:
+        print(f"{'turn 1':<14}{median['turn 1']:10.1f} ms         conversation: image block + first question to its first token")
+        print(f"{'turn 2':<14}{median['turn 2']:10.1f} ms         the next question to its first token "
+              f"({100 * median['turn 2'] / median['turn 1']:.2f}% of turn 1)")
     if kernels:
         print(f"{'products':<14}" + ", ".join(f"{n} x {k}" for k, n in kernels.items()) + " (quantize.py, prefill + decode)")
     print(f"{'peak memory':<14}{peak:10.2f} GiB        {'torch.cuda.max_memory_allocated, image + prompt + decode' if cuda else 'process peak RSS, whole run'}")
