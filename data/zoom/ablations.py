@@ -153,9 +153,10 @@ def plot(summary, path, meta):
         d.text((28 + 260 * k, 27), {"toy": "toy: mean of the seeds (dots: each seed)"}.get(label, f"paper {label}"),
                fill="black", font=small)
     for v in (0, 10, 50, 100):
-        d.line((40, y(v), W - 10, y(v)), fill=(225, 225, 225) if v else "black")
+        d.line((40, y(v), W - 10, y(v)), fill={0: "black", 10: (120, 120, 120)}.get(v, (225, 225, 225)))
         d.text((12, y(v) - 7), str(v), fill="black", font=small)
-    d.text((W - 90, y(10) - 13), "chance (toy)", fill=(150, 150, 150), font=small)
+    d.line((790, 34, 810, 34), fill=(120, 120, 120))
+    d.text((816, 27), "chance (toy): 10", fill="black", font=small)
     x = 60
     for table_no in ("2", "8"):
         names = [n for n in summary if RUNS[n][0] == table_no]
