@@ -53,7 +53,7 @@ try:
     import weights
     from conversation import Conversation
     from model import Dragonfly, image_positions, v2_config
-    from pretrained import build, checkpoint_names, release_config
+    from pretrained import allocate, checkpoint_names, release_config
     from tokenizer import Tokenizer
 except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
     sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
@@ -75,15 +75,12 @@ TOKENIZER = Path(__file__).parent / "checkpoints" / "zoom-tiny"  # Meta's Llama-
 
 
 def random_model(cfg, device="cpu", dtype=torch.float32, seed=0, compute=None, quantize=None) -> Dragonfly:
-    """Allocated once (pretrained.build; `compute`, `quantize`: as in Dragonfly.from_pretrained), then
+    """Allocated once (pretrained.allocate; `compute`, `quantize`: as in Dragonfly.from_pretrained), then
     filled: norms weight 1 / bias 0, every matrix N(0, 1/fan_in) (int8: uniform in [-127, 127]
     times a scale of the same standard deviation), so activations keep unit scale and logits
     are O(1); vectors N(0, 0.02)."""
     torch.manual_seed(seed)
-    compute = compute or dtype
-    model = build(cfg, compute, device, storage=quantize_lib.storage_dtype(dtype, compute, quantize))
-    if compute != dtype:
-        model.llm.rope_dtype = dtype
+    model = allocate(cfg, dtype, device, compute, quantize)
     with torch.no_grad():
         for m in model.modules():
             for name, p in m.named_parameters(recurse=False):
@@ -325,7 +322,7 @@ def main(argv=None):
     loading = None
     try:
         if not cuda:  # shapes only: a model too large for this machine stops here, before the limits
-            meta = build(cfg, compute, "meta", storage=quantize_lib.storage_dtype(dtype, compute, args.quantize))
+            meta = allocate(cfg, dtype, "meta", compute, args.quantize)
             weights.ensure_memory(sum(p.numel() * p.element_size() for p in meta.parameters()))
         limits = None if cuda else quiet(machine_limits)[0]  # before the model: its memory is free now
         if args.checkpoint:

@@ -48,23 +48,17 @@ def load(path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -
     dtype: the model's; compute: the dtype the layers compute in when it differs (float32 on
     CPUs slow in bf16, quantize.compute_dtype), the matrices then kept in `dtype`;
     quantize="int8": int8 matrices, quantized while loading unless already int8."""
-    path = Path(path)
-    cfg_file = path / "config.json"
-    if not cfg_file.exists():
-        raise weights.CheckpointError(f"{path}: no config.json (is this a Dragonfly checkpoint directory?)")
-    hf = weights.read_config(cfg_file)
+    path = weights.require_checkpoint(path)
+    hf = weights.read_config(path / "config.json")
     vcfg = vit_lib.config_from_weights(weights.read_shapes(path), "image_encoder.vision_model.")
     llm = llm_config(hf)
     cfg = (M.v1_config if vcfg.patch_size == 32 else M.v2_config)(vcfg, llm)
     if "dragonfly_nano" in hf:  # settings of a model trained here (ablation presets)
         cfg = config_from_dict(hf["dragonfly_nano"], vcfg, llm)
-    compute = compute or dtype
-    storage = quantize_lib.storage_dtype(dtype, compute, hf.get("quantization") or quantize)
-    model = build(cfg, compute, device, storage=storage)
-    if compute != dtype:
-        model.llm.rope_dtype = dtype  # the frequencies the checkpoint was trained with
+    quantize = hf.get("quantization") or quantize
+    model = allocate(cfg, dtype, device, compute, quantize)
     names = checkpoint_names(model)
-    convert = quantize_lib.int8_converter(model, names) if storage == torch.int8 else None
+    convert = quantize_lib.int8_converter(model, names) if quantize == "int8" else None
     weights.load_into(model, path, names, ignore=saved_buffer, convert=convert)
     return model.eval()
 
@@ -156,6 +150,17 @@ def build(cfg, dtype, device, cls=None, storage=None):
     for m in model.modules():
         if isinstance(m, Llama):
             m.tie_weights()
+    return model
+
+
+def allocate(cfg, dtype, device, compute=None, quantize=None):
+    """`build` for a model of `dtype` that computes in `compute` (quantize.compute_dtype; default
+    `dtype`): its matrices kept as quantize.storage_dtype says, RoPE's frequencies rounded to
+    `dtype`, the ones the checkpoint was trained with."""
+    compute = compute or dtype
+    model = build(cfg, compute, device, storage=quantize_lib.storage_dtype(dtype, compute, quantize))
+    if compute != dtype:
+        model.llm.rope_dtype = dtype
     return model
 
 
