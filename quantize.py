@@ -34,8 +34,6 @@ rows to the compute dtype a block at a time and scale the product's columns.
     python quantize.py --compare SRC   # int8 and bf16 against float32: greedy ids, log-probabilities
 """
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -261,31 +259,23 @@ def compare(path, image, prompt, n=32) -> dict:
 def write_int8(src, dst):
     """Quantize checkpoint `src` into a new directory `dst`: int8 weights and bf16 scales, every
     other tensor in the checkpoint's own dtype, src's config.json + "quantization": "int8", its
-    tokenizer files. Written to a temporary directory beside dst, then renamed."""
+    tokenizer files. Written to a temporary directory beside dst, then renamed (weights.staged)."""
     import weights
     from model import Dragonfly
     from pretrained import checkpoint_names
-    src, dst = Path(src), Path(dst)
+    src, dst = weights.require_checkpoint(src), Path(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"quantize.py: {dst} exists and is not an empty directory; choose a new DST")
-    if not (src / "config.json").exists():
-        raise ValueError(f"quantize.py: {src} has no config.json (is it a Dragonfly checkpoint directory?)")
-    hf = json.loads((src / "config.json").read_text())
+    hf = weights.read_config(src / "config.json")
     dtype = getattr(torch, hf.get("torch_dtype") or "bfloat16")
     model = Dragonfly.from_pretrained(src, dtype=torch.float32, quantize="int8")
     names = checkpoint_names(model)
     state = {names[n]: p if p.dtype == torch.int8 or n.endswith(".scales") else p.to(dtype)
              for n, p in model.named_parameters()}
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    weights.save(state, tmp)
-    (tmp / "config.json").write_text(json.dumps({**hf, "quantization": "int8"}, indent=2))
-    for other in os.listdir(src):
-        if other.endswith((".json", ".model", ".txt")) and other not in ("config.json", *weights.INDEX_FILES):
-            shutil.copy2(src / other, tmp / other)
-    if dst.exists():
-        dst.rmdir()
-    tmp.rename(dst)
+    with weights.staged(dst) as tmp:
+        weights.save(state, tmp)
+        (tmp / "config.json").write_text(json.dumps({**hf, "quantization": "int8"}, indent=2))
+        weights.copy_side_files(src, tmp, skip=("config.json",))
     return sum(t.numel() * t.element_size() for t in state.values())
 
 

@@ -21,6 +21,7 @@ import mmap
 import os
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 try:
@@ -231,11 +232,7 @@ def convert_to_safetensors(src, dst, force=False):
         raise CheckpointError(f"{dst} exists and is not empty; choose a new folder or pass --force to replace it")
     if dst.resolve() == src.resolve() or dst.resolve() in src.resolve().parents:
         raise CheckpointError(f"{dst} is or holds the source {src}; write to a new folder")
-    tmp = dst.resolve().with_name(f".{dst.resolve().name}.tmp")
-    if tmp.exists():  # left by an interrupted run
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    try:
+    with staged(dst) as tmp:
         weight_map, total = {}, 0
         for i, file in enumerate(files):
             state = {k: t.contiguous() for k, t in iter_file(file)}
@@ -246,9 +243,21 @@ def convert_to_safetensors(src, dst, force=False):
             print(f"{file.name} -> {name} ({len(state)} tensors)", file=sys.stderr)
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-        for other in os.listdir(src):
-            if other.endswith((".json", ".model", ".txt")) and other not in INDEX_FILES:
-                shutil.copy2(src / other, tmp / other)
+        copy_side_files(src, tmp)
+
+
+@contextmanager
+def staged(dst):
+    """A new checkpoint directory written in a temporary sibling folder (yielded) that replaces
+    `dst` only once everything is in it: `dst` is never half-written nor a mix of old and new
+    files, and an error or a kill leaves at most the temporary folder, removed by the next run."""
+    dst = Path(dst).resolve()
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.exists():  # left by an interrupted run
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -257,6 +266,14 @@ def convert_to_safetensors(src, dst, force=False):
     elif dst.exists():
         dst.unlink()
     tmp.rename(dst)
+
+
+def copy_side_files(src, dst, skip=()):
+    """The checkpoint's other files (config, tokenizer, generation settings) from `src` to `dst`;
+    never its weight index, which belongs to the weights written."""
+    for other in os.listdir(src):
+        if other.endswith((".json", ".model", ".txt")) and other not in (*INDEX_FILES, *skip):
+            shutil.copy2(Path(src) / other, Path(dst) / other)
 
 
 if __name__ == "__main__":
