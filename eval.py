@@ -17,19 +17,19 @@ of SPEC §5, implemented in metrics.py.
 """
 import argparse
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 try:
-    import torch
     from tqdm import tqdm
 
     import metrics as M
     import quantize
     import weights
-    from model import Dragonfly, image_positions
-    from sample import pick_device
+    from model import Dragonfly, greedy_ids, image_positions
+    from sample import DTYPES, pick_device, pick_dtype
     from tokenizer import Tokenizer
 except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
     sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
@@ -65,7 +65,6 @@ TASKS = {
     "zoom": Task("{question}", "exact", 4),  # the zoom demo (data/zoom): asked exactly as in its training data
 }
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def build_prompt(task: Task, record: dict) -> str:
@@ -179,15 +178,8 @@ def append_line(f, entry: dict):
 
 
 def greedy(model, tok, prompts, crops, max_new_tokens) -> list:
-    """Batched greedy answers; each row ends at its first stop id, the batch when all have."""
-    ids = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
-    for token, _ in model.generate(prompts, crops, max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids):
-        for i, t in enumerate(token.tolist()):
-            stopped[i] = stopped[i] or t in tok.stop_ids
-            if not stopped[i]:
-                ids[i].append(t)
-    return [tok.decode(x).strip() for x in ids]
+    """Batched greedy answers as text; each row ends at its first stop id, the batch when all have."""
+    return [tok.decode(x).strip() for x in greedy_ids(model, prompts, crops, max_new_tokens, tok.stop_ids)]
 
 
 def answer_batch(model, tok, task, batch, image_root, max_new_tokens) -> list:
@@ -214,6 +206,21 @@ def answer_batch(model, tok, task, batch, image_root, max_new_tokens) -> list:
         else:
             entries.append({"id": r["id"], "question": r.get("question"), "prediction": text, "answers": r["answers"]})
     return entries
+
+
+def show_records(model, tok, task, records, image_root, max_new_tokens, out: Path):
+    """--show-dir: one picture per record of where its answer looked (looked.py), answered
+    greedily again one by one."""
+    import looked
+    out.mkdir(parents=True, exist_ok=True)
+    for r in records:
+        crops, question = model.crop_image(image_root / r["image"]), build_prompt(task, r)
+        prompt = tok.encode_prompt(question)
+        answer = greedy_ids(model, [prompt], [crops], max_new_tokens, tok.stop_ids)[0]
+        path = out / (re.sub(r"[^\w.-]", "_", r["id"]) + ".png")
+        if answer:
+            shown = looked.show(model, tok, prompt, answer, crops, path, question)
+            print(f"{path}: {looked.summary(shown)}", file=sys.stderr)
 
 
 def parse_args(argv=None):
@@ -258,13 +265,14 @@ def main(argv=None) -> dict:
     print(f"{args.task}: {len(records)} questions, {len(records) - len(todo)} already answered in {pred_file}",
           file=sys.stderr)
 
-    if todo:
-        dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    max_new = args.max_new_tokens or task.max_new_tokens
+    if todo or args.show_dir:
+        dtype = pick_dtype(args.dtype, device)
         weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
         tok = Tokenizer.from_file(args.checkpoint)
         model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device,
                                           compute=quantize.compute_dtype(dtype, device), quantize=args.quantize)
-        max_new = args.max_new_tokens or task.max_new_tokens
+    if todo:
         ctx, block = model.cfg.llm.max_seq_len, image_positions(model.cfg)
         if max_new >= ctx - block:
             print(f"note: --max-new-tokens {max_new} capped: the context holds {ctx} positions and an image block "
@@ -276,10 +284,9 @@ def main(argv=None) -> dict:
                     done[entry["id"]] = entry
                 bar.update(len(todo[i:i + args.batch_size]))
 
-    if args.show_dir:  # answered again one by one for the pictures; `model` exists if there was work to do
-        import looked
-        looked.show_records(model if todo else None, args, [r for r in records if r.get("image")][:args.show_n],
-                            image_root, lambda r: build_prompt(task, r), args.max_new_tokens or task.max_new_tokens)
+    if args.show_dir:
+        show_records(model, tok, task, [r for r in records if r.get("image")][:args.show_n], image_root, max_new,
+                     Path(args.show_dir))
 
     predictions = {i: e["prediction"] for i, e in done.items() if "prediction" in e}
     failed = [r["id"] for r in records if r["id"] not in predictions]

@@ -233,45 +233,12 @@ def legend(look_: Look, cfg) -> list:
     return lines
 
 
-def greedy(model, tok, prompt_ids, crops, max_new_tokens) -> list:
-    ids = []
-    for token, _ in model.generate([prompt_ids], [crops], max_new_tokens=max_new_tokens, stop_ids=tok.stop_ids):
-        if int(token[0]) in tok.stop_ids:
-            break
-        ids.append(int(token[0]))
-    return ids
-
-
 def show(model, tok, prompt_ids, answer_ids, crops, path, question="") -> Look:
     """Compute the answer's attention over the crops and write the picture to `path` (PNG)."""
     result = look(model, prompt_ids, answer_ids, crops)
     caption = [f"Q: {question}   A: {tok.decode(answer_ids)!r}"] if question else []
     draw(result, crops, model.cfg, caption).save(path, format="PNG")
     return result
-
-
-def show_records(model, args, records, image_root, prompt_of, max_new_tokens):
-    """eval.py --show-dir: one picture per record, answered greedily again. model: the one
-    eval.py loaded, or None (every answer was on disk), then loaded here as eval.py would."""
-    import re
-    from pathlib import Path
-
-    from tokenizer import Tokenizer
-    tok = Tokenizer.from_file(args.checkpoint)
-    if model is None:
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (
-            torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        model = M.Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device)
-    out = Path(args.show_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for r in records:
-        crops, question = model.crop_image(image_root / r["image"]), prompt_of(r)
-        prompt = tok.encode_prompt(question)
-        answer = greedy(model, tok, prompt, crops, max_new_tokens)
-        path = out / (re.sub(r"[^\w.-]", "_", r["id"]) + ".png")
-        if answer:
-            print(f"{path}: {summary(show(model, tok, prompt, answer, crops, path, question))}", file=sys.stderr)
 
 
 def summary(result: Look) -> str:
@@ -285,7 +252,7 @@ def high_over_low(model, tok, records, image_root) -> list:
     for r in records:
         crops = model.crop_image(image_root / r["image"])
         prompt = tok.encode_prompt(r["question"])
-        answer = greedy(model, tok, prompt, crops, 4)
+        answer = M.greedy_ids(model, [prompt], [crops], 4, tok.stop_ids)[0]
         levels = look(model, prompt, answer, crops).levels
         (high, n_high), (low, n_low) = levels["high"], levels["low"]
         out.append((tok.decode(answer), (high / n_high) / (low / n_low)))

@@ -299,6 +299,18 @@ def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
     return pool.PerceiverResampler(cfg.vit.width, cfg.resampler_depth, cfg.high_pool ** 2, heads=cfg.vit.heads)
 
 
+def greedy_ids(model: Dragonfly, prompts, images, max_new_tokens: int, stop_ids) -> list:
+    """Batched greedy answers as token-id lists (generate's arguments); each row ends before its
+    first stop id, the batch when every row has stopped."""
+    ids, stopped = [[] for _ in prompts], [False] * len(prompts)
+    for token, _ in model.generate(prompts, images, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
+        for i, t in enumerate(token.tolist()):
+            stopped[i] = stopped[i] or t in stop_ids
+            if not stopped[i]:
+                ids[i].append(t)
+    return ids
+
+
 def sample(logits, temperature: float, top_p: float, generator=None):
     """Greedy when temperature is 0; otherwise softmax(logits / T) restricted to the smallest
     set of tokens whose probability reaches top_p (nucleus sampling)."""

@@ -42,6 +42,11 @@ def pick_device(name: str) -> str:
     return name
 
 
+def pick_dtype(name: str, device: str) -> torch.dtype:
+    """--dtype: 'auto' is bfloat16 on CUDA (as released), float32 elsewhere."""
+    return DTYPES[name] if name != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="Dragonfly checkpoint directory")
@@ -79,7 +84,7 @@ def main(argv=None):
     if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
     device = pick_device(args.device)
-    dtype = DTYPES[args.dtype] if args.dtype != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    dtype = pick_dtype(args.dtype, device)
     ckpt = Path(args.checkpoint)
     if not ckpt.is_dir():
         raise ValueError(f"checkpoint directory {ckpt} not found (download one, see README)")
