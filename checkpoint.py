@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 import pretrained
+from tokenizer import Tokenizer
 
 MARKER = "complete.json"
 
@@ -144,8 +145,7 @@ def export(final: Path, model, mcfg, tokenizer_path, rank, dtype):
         full = pretrained.build(mcfg, torch.float32, "cpu")
         full.load_state_dict(state)
         full.save_pretrained(final, dtype=getattr(torch, dtype))
-        tok = Path(tokenizer_path)
-        tok = tok if tok.is_file() else next(p for p in (tok / "tokenizer.model", tok / "tokenizer.json") if p.exists())
+        tok = Tokenizer.find_file(tokenizer_path)
         shutil.copy(tok, final / tok.name)
 
 

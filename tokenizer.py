@@ -100,9 +100,9 @@ class Tokenizer:
         self.image_id = special_tokens.get("<|reserved_special_token_0|>")
         self.separator_id = special_tokens.get("<|reserved_special_token_1|>")
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Tokenizer":
-        """Load from a checkpoint directory or a tokenizer file (see the module docstring)."""
+    @staticmethod
+    def find_file(path: str | Path) -> Path:
+        """The tokenizer file a checkpoint directory holds (or `path` itself, a file)."""
         path = Path(path)
         if path.is_dir():
             names = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model")
@@ -112,6 +112,12 @@ class Tokenizer:
             path = found[0]
         if not path.is_file():
             raise FileNotFoundError(f"{path}: tokenizer file not found")
+        return path
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Tokenizer":
+        """Load from a checkpoint directory or a tokenizer file (see the module docstring)."""
+        path = cls.find_file(path)
         data = path.read_bytes()
         if data.lstrip()[:1] == b"{":
             return cls._from_hf_json(data, path)
