@@ -91,7 +91,7 @@ class Conversation:
         join the history however the iteration ends (a stop token, a limit, `close()`, Ctrl-C).
         Raises ContextFull here, before any work, when the question does not fit."""
         new = self.turn_ids(question)
-        room = self.context - self.image_len - len(self.tokens) - len(new)
+        room = self.positions_left - len(new)
         if room < 1:
             raise ContextFull(self.positions_left, len(new) + 1, self.context)
         return self._answer(new, min(max_new_tokens, room), max_new_tokens, temperature, top_p, generator)

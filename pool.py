@@ -38,12 +38,11 @@ def mean_pool(tokens, grid: int, keep_cls: bool = True, adaptive: bool = False):
         raise ValueError(f"cannot mean-pool a {g}x{g} token grid to {grid}x{grid}: {grid} must divide {g}")
     cls, patches = tokens[:, :1], tokens[:, 1:]
     if grid != g:
-        k = g // grid
         patches = patches.transpose(1, 2).reshape(N, D, g, g)               # (N, D, g, g)
         if g % grid:
             patches = F.adaptive_avg_pool2d(patches, grid)                  # (N, D, grid, grid)
         else:
-            patches = F.avg_pool2d(patches, kernel_size=k, stride=k)        # (N, D, grid, grid)
+            patches = F.avg_pool2d(patches, kernel_size=g // grid)          # (N, D, grid, grid)
         patches = patches.flatten(2).transpose(1, 2)                        # (N, grid*grid, D)
     return torch.cat([cls, patches], dim=1) if keep_cls else patches
 

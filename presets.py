@@ -286,8 +286,8 @@ def tiny_config(low_only=False, preset="", high_pool=0) -> model.DragonflyConfig
     levels of a preset above (v2 Table 2); `high_pool` pools the high crops to the
     paper's sides (v2 Table 8), adaptively where the side does not divide 8 (3x3, 6x6)."""
     cfg = model.v2_config(ViTConfig(56, 7, 64, 3, 1, 256),
-                      LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
-                                        tie_embeddings=True, max_seq_len=1024))
+                          LlamaConfig(dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=128,
+                                      tie_embeddings=True, max_seq_len=1024))
     cfg = replace(cfg, crops=replace(crops_lib.V2, size=56), low_pool=4, medium_pool=2, high_pool=2)
     if low_only:
         cfg = replace(cfg, crops=replace(cfg.crops, medium=False, high=False))
