@@ -23,9 +23,9 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   turn 2   the same conversation's next question, from `ask` to its first token: the LLM runs
            over 17 new positions (turn 1's one answer token and <|eot_id|>, the question's 15
            turn ids) after the 2120 in the cache.
-  limits   (CPU) this machine's float32 matmul peak and memory read bandwidth, measured in the
-           same run: prefill is reported as FLOP/s against the first, decode as the bytes one
-           token reads (every LLM weight, the KV cache) per second against the second.
+  limits   (CPU) the float32 and bf16 matmul peaks and the memory read bandwidth, measured in the
+           same run: prefill is reported as FLOP/s against the peak of the dtype it computes in,
+           decode as the bytes one token reads (every LLM weight, the KV cache) per second against the second.
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
@@ -248,15 +248,32 @@ def count_calls(module, names) -> collections.Counter:
 
 
 def machine_limits(n=4096) -> dict:
-    """This machine's two ceilings, measured in the same run: float32 matmul FLOP/s (best of 4
-    products of two n x n matrices; what a compute-bound prefill can reach) and memory read
-    bandwidth (best of 5 sums over a 1 GiB array, far beyond any cache; what bounds decoding,
-    which reads every weight once per token)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    matmul = max(2 * n ** 3 / timed(torch.mm, a, b)[0] for _ in range(4))
+    """This machine's ceilings, measured in the same run: float32 and bf16 matmul FLOP/s (best of
+    4 products of two n x n matrices; what a compute-bound prefill can reach in that dtype) and
+    memory read bandwidth (best of 5 sums over a 1 GiB array, far beyond any cache; what bounds
+    decoding, which reads every weight once per token). Without bf16 instructions a bf16 product
+    runs at 1-10 GFLOP/s: one 1024^3 product tells, and a slow one is not repeated at 4096."""
+    peak = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
+        timed(torch.mm, a, b)  # first call: kernel set-up (oneDNN's JIT)
+        small = 2 * 1024 ** 3 / timed(torch.mm, a, b)[0]
+        if small > 4e10:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            small = max(2 * n ** 3 / timed(torch.mm, a, b)[0] for _ in range(4))
+        peak[dtype] = small
     big = torch.ones(2 ** 28)
     bandwidth = max(big.numel() * 4 / timed(torch.sum, big)[0] for _ in range(5))
-    return {"matmul_flops": matmul, "read_bytes_per_s": bandwidth}
+    return {"matmul_flops": peak[torch.float32], "bf16_matmul_flops": peak[torch.bfloat16],
+            "read_bytes_per_s": bandwidth}
+
+
+def cpu_kind() -> str:
+    """The CPU flags that decide which kernels run (not a brand name), and ATen's capability."""
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in quantize_lib.cpu_flags()]
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return f"{' '.join(flags) or 'flags unreadable'} (ATen {torch.backends.cpu.get_cpu_capability()}" + \
+        (f", ONEDNN_MAX_CPU_ISA={isa})" if isa else ")")
 
 
 def prefill_flops(cfg, text_tokens: int) -> float:
@@ -286,6 +303,9 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="bfloat16 on a CPU without bf16 "
                    "instructions: bf16 weights computed in float32 (quantize.py), as sample.py runs it")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only (quantize.py)")
+    p.add_argument("--compute", choices=list(DTYPES), help="the dtype the layers compute in (default: "
+                   "quantize.compute_dtype's choice for this machine); e.g. float32 to time bf16 weights computed "
+                   "in float32 on a CPU with bf16 instructions")
     p.add_argument("--checkpoint", metavar="DIR", help="load DIR (timed, peak memory sampled) instead of "
                    "random weights, e.g. one written by --write-checkpoint")
     p.add_argument("--repeats", type=int, help="default 5; full config 1")
@@ -318,7 +338,7 @@ def main(argv=None):
     if contexts and max(contexts) + args.context_tokens + 1 > cfg.llm.max_seq_len:
         p.error(f"--contexts: {max(contexts)} + {args.context_tokens + 1} positions exceed the context of {cfg.llm.max_seq_len}")
     dtype = DTYPES[args.dtype]
-    compute = quantize_lib.compute_dtype(dtype, args.device)
+    compute = DTYPES[args.compute] if args.compute else quantize_lib.compute_dtype(dtype, args.device)
     loading = None
     try:
         if not cuda:  # shapes only: a model too large for this machine stops here, before the limits
@@ -369,20 +389,25 @@ def main(argv=None):
     print(f"dragonfly-nano bench: {args.config} config, {args.device}, {args.dtype}"
           f"{' int8' if args.quantize else ''} (compute {str(compute).removeprefix('torch.')}), "
           f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warmup")
+    if not cuda:
+        print(f"{'CPU':<14}{cpu_kind()}")
     print(f"{len(crops.pixels)} crops of an {image.width}x{image.height} image; {positions} "
           f"positions = image block {image_positions(cfg)} + prompt {len(PROMPT)}")
     print(f"{'weights':<14}{size / 2**30:10.2f} GiB        {', '.join(sorted(stored))}")
     if limits:
         print(f"{'limits':<14}{limits['matmul_flops'] / 1e9:10.1f} GFLOP/s    float32 matmul 4096^3, best of 4; "
+              f"bf16 {limits['bf16_matmul_flops'] / 1e9:.1f} GFLOP/s; "
               f"{limits['read_bytes_per_s'] / 1e9:.1f} GB/s memory read (sum over 1 GiB, best of 5)")
     if loading:
         print(f"{'load':<14}{loading['seconds']:10.1f} s          {args.checkpoint}: peak resident "
               f"{loading['peak_rss_gib']:.2f} GiB ({loading['peak_anon_gib']:.2f} GiB anonymous)")
     print(f"{'crops':<14}{median['crops']:10.1f} ms")
     line = f"{'prefill':<14}{median['prefill']:10.1f} ms         image block + LLM to the first token"
-    if limits:
+    if limits:  # against the peak of the dtype the products run in
         achieved = flops / (median["prefill"] / 1e3)
-        line += f"; {flops / 1e12:.2f} TFLOP: {achieved / 1e9:.1f} GFLOP/s = {achieved / limits['matmul_flops']:.0%} of the matmul peak"
+        bf16 = compute == torch.bfloat16
+        line += (f"; {flops / 1e12:.2f} TFLOP: {achieved / 1e9:.1f} GFLOP/s = "
+                 f"{achieved / limits['bf16_matmul_flops' if bf16 else 'matmul_flops']:.0%} of the {'bf16' if bf16 else 'float32'} matmul peak")
     print(line)
     line = f"{'decode':<14}{median['decode']:10.2f} ms/token   {1e3 / median['decode']:.2f} tokens/s, {args.new_tokens} tokens"
     if limits:
@@ -402,7 +427,7 @@ def main(argv=None):
           f"{len(busy)} kept while other processes took > 10% of a core")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "median_ms": median, "peak_memory_gib": peak, "busy": busy,
+            json.dump({"args": vars(args), "cpu": None if cuda else cpu_kind(), "compute": str(compute), "median_ms": median, "peak_memory_gib": peak, "busy": busy,
                        "weights_bytes": size, "limits": limits, "loading": loading, "prefill_flops": flops,
                        "decode_bytes_per_token": read, "int8_products": kernels,
                        "runs_ms": {k: [1e3 * x for x in v] for k, v in runs.items()}}, f, indent=2)

@@ -194,3 +194,34 @@ def test_model_larger_than_available_memory_is_refused_in_one_line():
         pytest.skip("MemAvailable is read from Linux's /proc/meminfo")
     with pytest.raises(weights.CheckpointError, match=r"needs 1000000\.0 GiB .* try --dtype bfloat16 or --quantize int8"):
         weights.ensure_memory(10 ** 6 * 2 ** 30)
+
+
+# ---- both branches of the CPU detection, on whichever CPU runs the tests ------------------------
+# A CPU with bf16 instructions computes bf16 models in bf16; any other computes them in float32
+# over bf16-stored weights. The suite runs on one kind at a time, so each branch is forced here.
+ZOOM = ROOT / "checkpoints" / "zoom-tiny"
+BRANCHES = {"no bf16 instructions": ({"avx2", "fma"}, torch.float32),
+            "avx512_bf16": ({"avx2", "avx512f", "avx512_bf16"}, torch.bfloat16),
+            "amx_bf16": ({"avx2", "avx512f", "amx_bf16"}, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("quantized", [None, "int8"])
+@pytest.mark.parametrize("branch", list(BRANCHES))
+def test_each_cpu_branch_builds_its_layers_and_answers_the_zoom_page(branch, quantized, monkeypatch):
+    from tokenizer import Tokenizer
+    flags, want = BRANCHES[branch]
+    monkeypatch.setattr(quantize, "cpu_flags", lambda: flags)
+    compute = quantize.compute_dtype(torch.bfloat16, "cpu")
+    assert compute == want
+    m = model.Dragonfly.from_pretrained(ZOOM, dtype=torch.bfloat16, compute=compute, quantize=quantized)
+    fc1 = m.vision.blocks[0].mlp.fc1
+    stored = torch.int8 if quantized else torch.bfloat16
+    if compute == torch.bfloat16 and not quantized:
+        assert type(fc1) is torch.nn.Linear and fc1.weight.dtype == torch.bfloat16  # bf16 throughout
+    else:
+        assert type(fc1) is quantize.StoredLinear and fc1.weight.dtype == stored and fc1.bias.dtype == compute
+    assert m.llm.norm.weight.dtype == compute
+    tok = Tokenizer.from_file(ZOOM)
+    crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")
+    ids = model.greedy_ids(m, [tok.encode_prompt("What digit is this page printed in?")], [crops], 4, tok.stop_ids)
+    assert tok.decode(ids[0]) == "7"  # data/zoom/example.png is printed in 7s

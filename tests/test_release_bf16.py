@@ -3,6 +3,7 @@ bf16, in inference and in training; checked against goldens that transformers 4.
 modules made, cast with `.to(torch.bfloat16)` as the release does (tests/make_golden_bf16.py).
 The golden script keeps only checkpoints where float32 RoPE fails these tests."""
 import os
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -99,11 +100,10 @@ def load_golden(version):
     return g
 
 
-@pytest.fixture(scope="module", params=["v2", "v1"])
-def release(request, tmp_path_factory):
-    g = load_golden(request.param)
-    path = tiny.write_tiny_dragonfly(tmp_path_factory.mktemp(request.param), request.param, "bin",
-                                     seed=int(g["checkpoint_seed"]), llm=tiny.LLM_HEAD128)
+def load_release(version, tmp):
+    """The golden's tiny release-layout checkpoint, written under `tmp` and loaded in bf16."""
+    g = load_golden(version)
+    path = tiny.write_tiny_dragonfly(tmp / version, version, "bin", seed=int(g["checkpoint_seed"]), llm=tiny.LLM_HEAD128)
     assert tiny.fingerprint(path) == pytest.approx(float(g["weights_fingerprint"]), rel=1e-9)
     m = model.Dragonfly.from_pretrained(path, dtype=torch.bfloat16)
     crops = m.crop_image(GOLDEN / str(g["image_file"]))
@@ -112,16 +112,52 @@ def release(request, tmp_path_factory):
     return m, g, crops
 
 
-def test_bf16_first_token_logits_match_the_release(release):
-    m, g, crops = release
-    text = torch.from_numpy(g["text_ids"])[None]
+@pytest.fixture(scope="module", params=["v2", "v1"])
+def release(request, tmp_path_factory):
+    return load_release(request.param, tmp_path_factory.mktemp("release"))
+
+
+# How far other CPU kernels move these numbers (tests/measure_kernel_spread.py, which prints the
+# table): the goldens were written on an AVX2 CPU, where our forward is bit-identical to the
+# reference (0 ulps). With oneDNN's avx512_bf16 / AMX kernels, ATen's avx512 kernels, and 1 or 2
+# threads, the first-token logits moved by up to 3.5 ulps (v1; v2: 1.0) on a CPU with avx512_bf16
+# and amx_bf16, and by 6.5 (v1) on one with avx512_bf16 only (issue 16); a golden greedy id fell
+# at most MEASURED ulps behind our top logit. KERNEL_ULPS is about twice the largest of these and
+# still 7x below what the old float32-RoPE numerics move the logits (111 ulps v2, 148 v1), which
+# fail both checks (test_float32_rope_fails_these_checks).
+KERNEL_ULPS = 16
+
+
+def first_token_ulps(m, g, crops):
+    """max |our first-token logits - the golden's|, in bf16 ulps of the golden's largest |logit|."""
     with torch.no_grad():
-        logits, _ = m(text, torch.from_numpy(crops.pixels)[None])
-    first = logits[0, -1].float()
+        first = m(torch.from_numpy(g["text_ids"])[None], torch.from_numpy(crops.pixels)[None])[0][0, -1].float()
     ref = torch.from_numpy(g["first_logits_sub"])
-    atol = int(g["tolerance_ulps"]) * bf16_ulp(ref.abs().max())
-    assert (first[::int(g["vocab_step"])] - ref).abs().max() <= atol
-    assert (first[torch.from_numpy(g["first_top_ids"])] - torch.from_numpy(g["first_top_logits"])).abs().max() <= atol
+    diff = max((first[::int(g["vocab_step"])] - ref).abs().max(),
+               (first[torch.from_numpy(g["first_top_ids"])] - torch.from_numpy(g["first_top_logits"])).abs().max())
+    return float(diff / bf16_ulp(ref.abs().max()))
+
+
+def greedy_ulps_behind(m, g, crops):
+    """generate's own prefill and KV-cache steps, fed the golden's 12 greedy ids in turn
+    (model.sample replaced): per step, how far (in bf16 ulps of our top logit) the golden's id
+    is behind our top logit. 0 everywhere: our greedy ids are the golden's."""
+    golden = g["greedy_ids"].tolist()
+    behind = []
+
+    def take_golden(logits, *args):
+        logits = logits[0].float()
+        top = logits.max()
+        behind.append(float((top - logits[golden[len(behind)]]) / bf16_ulp(top)))
+        return torch.tensor([golden[len(behind) - 1]])
+    with mock.patch.object(model, "sample", take_golden):
+        for _ in m.generate([g["text_ids"].tolist()], [crops], max_new_tokens=len(golden)):
+            pass
+    return behind
+
+
+def test_bf16_first_token_logits_match_the_release(release):
+    assert first_token_ulps(*release) <= KERNEL_ULPS
 
 
 def test_bf16_greedy_ids_match_the_release_for_12_tokens(release):
@@ -131,6 +167,16 @@ def test_bf16_greedy_ids_match_the_release_for_12_tokens(release):
             pixels = torch.from_numpy(crops.pixels)[None]
             medium, high = m.encode(pixels)[1:]
             assert m.select_high(medium, high)[0].tolist() == g["selected"].tolist()
-    ids = [int(t[0]) for t, _ in m.generate([g["text_ids"].tolist()], [crops], max_new_tokens=12)]
-    assert ids == g["greedy_ids"].tolist()
-    assert ids != g["float32_rope_greedy_ids"].tolist()  # the golden separates the two RoPEs
+    behind = greedy_ulps_behind(m, g, crops)
+    assert len(behind) == 12 and max(behind) <= KERNEL_ULPS
+    # where the golden's winner led by more than the spread of two runs, it is our winner too
+    clear = g["greedy_margin_ulps"] > 2 * KERNEL_ULPS
+    assert all(b == 0 for b, c in zip(behind, clear) if c)
+
+
+def test_float32_rope_fails_these_checks(release, monkeypatch):
+    # the numerics before the fix: frequencies, tables and rotation in float32, the rest in bf16
+    real = llama.rope_cos_sin
+    monkeypatch.setattr(llama, "rope_cos_sin", lambda inv, pos, dtype=torch.float32: real(inv, pos))
+    assert first_token_ulps(*release) > 2 * KERNEL_ULPS
+    assert max(greedy_ulps_behind(*release)) > 2 * KERNEL_ULPS
