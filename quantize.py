@@ -235,7 +235,9 @@ def compare(path, image, prompt, n=32) -> dict:
     image + `prompt`); every way of running it reads that same sequence (teacher forcing). For
     each pair we count the positions where both pick the same greedy id, and the largest
     difference of the log-probabilities they give the float32 tokens. int8 of the bf16 model is
-    also compared with bf16 itself: both round RoPE's frequencies to bf16, float32 does not."""
+    also compared with bf16 itself: both round RoPE's frequencies to bf16, float32 does not.
+    Both CPU branches run whatever this CPU is: compute is forced (float32 over bf16 weights, as
+    without bf16 instructions; bf16 throughout, as with them), only the kernels are this CPU's."""
     from model import Dragonfly
     ref = Dragonfly.from_pretrained(path)
     crops = ref.crop_image(image)
@@ -243,13 +245,15 @@ def compare(path, image, prompt, n=32) -> dict:
     tokens, pixels = torch.tensor([prompt + ids]), torch.as_tensor(crops.pixels)[None]
     ways = {"float32": {}, "bf16 weights, float32 compute": dict(dtype=torch.bfloat16, compute=torch.float32),
             "bf16 weights and compute": dict(dtype=torch.bfloat16), "int8, float32 compute": dict(quantize="int8"),
-            "int8 of bf16, float32 compute": dict(dtype=torch.bfloat16, compute=torch.float32, quantize="int8")}
+            "int8 of bf16, float32 compute": dict(dtype=torch.bfloat16, compute=torch.float32, quantize="int8"),
+            "int8 of bf16, bf16 compute": dict(dtype=torch.bfloat16, quantize="int8")}
     logprobs = {}  # (n, vocab): the predictions of the n generated tokens
     for name, kwargs in ways.items():
         logits = (ref if name == "float32" else Dragonfly.from_pretrained(path, **kwargs))(tokens, pixels)[0]
         logprobs[name] = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), dim=-1)
     target = torch.tensor(ids)[:, None]
-    pairs = [(name, "float32") for name in list(ways)[1:]] + [("int8 of bf16, float32 compute", "bf16 weights, float32 compute")]
+    pairs = [(name, "float32") for name in list(ways)[1:]] + [("int8 of bf16, float32 compute", "bf16 weights, float32 compute"),
+                                                              ("int8 of bf16, bf16 compute", "bf16 weights and compute")]
     return {f"{a} vs {b}": {"greedy_ids_equal": f"{int((logprobs[a].argmax(1) == logprobs[b].argmax(1)).sum())} of {n}",
                             "max_logprob_diff": round(float((logprobs[a] - logprobs[b]).gather(1, target).abs().max()), 4)}
             for a, b in pairs}

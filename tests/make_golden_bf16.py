@@ -51,9 +51,11 @@ TEXT_IDS = [BOS, 128006, 882, 128007, 271, 3923, 6211, 374, 304, 279, 1948, 2163
             30, 128009, 128006, 78191, 128007, 271]
 STEPS = 12
 VOCAB_STEP = 97          # first-token logits kept at vocab columns ::97, plus the top 16
-MARGIN_ULPS = 1          # each greedy step has a strict winner (top-1 > top-2 in bf16); our forward is
-                         # bit-identical to the reference on this CPU, so no wider margin is needed
-TOLERANCE_ULPS = 4       # the tests' bound on |ours - golden| first-token logits, in ulps of max |logit|
+MARGIN_ULPS = 1          # each greedy step has a strict winner (top-1 > top-2 in bf16); other CPU kernels
+                         # may flip a near tie, which test_release_bf16.py's teacher-forced check allows
+TOLERANCE_ULPS = 16      # test_release_bf16.KERNEL_ULPS: the tests' bound on |ours - golden| first-token
+                         # logits in ulps of max |logit| (the spread between CPU kernels, measured by
+                         # tests/measure_kernel_spread.py); the float32-RoPE numerics must miss it twice over
 
 torch.set_num_threads(2)
 hf_logging.set_verbosity_error()

@@ -225,3 +225,20 @@ def test_each_cpu_branch_builds_its_layers_and_answers_the_zoom_page(branch, qua
     crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")
     ids = model.greedy_ids(m, [tok.encode_prompt("What digit is this page printed in?")], [crops], 4, tok.stop_ids)
     assert tok.decode(ids[0]) == "7"  # data/zoom/example.png is printed in 7s
+
+
+def test_compare_runs_both_cpu_branches_and_int8_stays_close_to_its_own_dtype(tiny_release):
+    # quantize.py --compare: every way is forced (float32 compute over bf16 weights, bf16 throughout),
+    # so its table covers both branches of the CPU detection on any CPU
+    prompt = [128000, 128006, 882, 128007, 271, 3923, 374, 420, 30, 128009, 128006, 78191, 128007, 271]
+    table = quantize.compare(tiny_release, make_test_image(200, 150), prompt, n=8)
+    assert set(table) == {"bf16 weights, float32 compute vs float32", "bf16 weights and compute vs float32",
+                          "int8, float32 compute vs float32", "int8 of bf16, float32 compute vs float32",
+                          "int8 of bf16, bf16 compute vs float32",
+                          "int8 of bf16, float32 compute vs bf16 weights, float32 compute",
+                          "int8 of bf16, bf16 compute vs bf16 weights and compute"}
+    # int8 against the model it quantizes (same dtype, same RoPE): each weight within half a scale;
+    # the README's table measured 0.0021-0.0039 on this checkpoint shape
+    for pair in ("int8, float32 compute vs float32", "int8 of bf16, bf16 compute vs bf16 weights and compute",
+                 "int8 of bf16, float32 compute vs bf16 weights, float32 compute"):
+        assert table[pair]["max_logprob_diff"] < 0.05
