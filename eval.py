@@ -13,7 +13,7 @@ where it stopped: ids already answered are skipped (ids that failed, e.g. on an 
 are tried again, and so is a last line torn by a kill, which is dropped on start).
 OUT/metrics.json holds the scores, in percent, over the answered questions, and the count of
 failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes); metrics are those
-of SPEC §5, implemented in metrics.py.
+of docs/release-facts.md#metrics, implemented in metrics.py.
 """
 import argparse
 import json

@@ -12,7 +12,8 @@ Figure 1, in the order of `Dragonfly.image_block`:
   6. the image block (2098 positions in the release) comes first, then <|begin_of_text|> and
      the chat prompt; positions run 0..L-1 and attention is causal over everything.
 Paper vs release: the paper counts 2016 image tokens (no CLS, no separators); the release,
-whose weights we load, keeps CLS and adds separators. We follow the release (SPEC §2.8).
+whose weights we load, keeps CLS and adds separators. We follow the release
+(docs/release-facts.md#image-block).
 """
 import math
 import sys
@@ -46,7 +47,7 @@ class DragonflyConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     llm: LlamaConfig = field(default_factory=LlamaConfig)
     crops: crops_lib.CropConfig = field(default_factory=lambda: crops_lib.V2)
-    vision_layer: int = -2            # penultimate ViT block (SPEC §2.5)
+    vision_layer: int = -2            # penultimate ViT block (docs/release-facts.md#features)
     low_pool: Optional[int] = None    # pooled grid side per crop; None keeps the full grid
     medium_pool: Optional[int] = 6
     high_pool: Optional[int] = 6
@@ -101,7 +102,8 @@ def image_token_ids(cfg: DragonflyConfig) -> list:
 
 
 def image_positions(cfg: DragonflyConfig) -> int:
-    """Length of the image block: 2098 for the released v2, 867 for v1 (SPEC §2.8, §3)."""
+    """Length of the image block: 2098 for the released v2, 867 for v1
+    (docs/release-facts.md#image-block)."""
     return len(image_token_ids(cfg))
 
 
@@ -203,7 +205,7 @@ class Dragonfly(nn.Module):
         if pixels is not None:
             image = self.image_block(pixels, *grids).to(x.dtype)  # grids: per-image lists, for v1 "spatial"
             P = image.shape[1]
-            x = torch.cat([image, x], dim=1)  # the image block comes first (SPEC §2.8)
+            x = torch.cat([image, x], dim=1)  # the image block comes first (docs/release-facts.md#image-block)
         if P + tokens.shape[1] > self.cfg.llm.max_seq_len:
             raise ValueError(f"sequence of {P + tokens.shape[1]} positions exceeds the context of {self.cfg.llm.max_seq_len}")
         h = self.llm.hidden(x)[:, P:]                      # (B, T, dim)

@@ -7,10 +7,11 @@ A row that appears in several tables (the paper reuses runs: Table 2 "L + M" is 
 "36 tokens") is one preset. LLaVA-UHD (v2 Tables 1, 11, 12) is a different architecture
 (variable slices compressed to 64 tokens each) and is not built; only its FLOPs are computed.
 
-Two token counts (SPEC §2.8): `image_tokens_paper` is the papers' accounting (no CLS, no
-separators: 2016 for Dragonfly); `model.image_positions` is the layout the model really runs
-(the release keeps each crop's CLS and adds a separator after it: 2098). Every preset here
-keeps the release layout, so the ablations differ from the release in one knob at a time.
+Two token counts (docs/release-facts.md#image-block): `image_tokens_paper` is the papers'
+accounting (no CLS, no separators: 2016 for Dragonfly); `model.image_positions` is the layout
+the model really runs (the release keeps each crop's CLS and adds a separator after it: 2098).
+Every preset here keeps the release layout, so the ablations differ from the release in one knob
+at a time.
 
 FLOPs follow v2 appendix F (Chinchilla-style forward FLOPs: the ViT over every crop, the
 projection over the image tokens, the LLM over the image tokens); `flops(cfg)` reproduces
@@ -201,7 +202,7 @@ def flops(cfg, text_tokens=0, paper=True) -> float:
     return sum(flops_parts(cfg, text_tokens, paper).values())
 
 
-TRAINABLE = ("vision", "projection", "llm")  # the switches of v2 Table 10 / SPEC §4
+TRAINABLE = ("vision", "projection", "llm")  # v2 Table 10's switches (docs/release-facts.md#training-recipe)
 FORWARD_ORDER = (("vision", "vision"), ("resampler", "projection"), ("projection", "projection"), ("llm", "llm"))
 
 

@@ -1,6 +1,7 @@
 """
-Train Dragonfly: one flat script for both stages of the v2 paper's recipe (Table 10; SPEC §4)
-and Dragonfly-Med's vision stage (Table 16), on one CPU process or many GPUs.
+Train Dragonfly: one flat script for both stages of the v2 paper's recipe (Table 10;
+docs/release-facts.md#training-recipe) and Dragonfly-Med's vision stage (Table 16), on one CPU
+process or many GPUs.
 
     torchrun --nproc_per_node=8 train.py --stage pretrain --data llava_pretrain.jsonl --images DIR --clip DIR --llama DIR
     torchrun --nproc_per_node=8 train.py --stage sft --data mix.jsonl --images DIR --init out/pretrain/final

@@ -1,4 +1,4 @@
-"""LLaVA's public training sets -> the release's JSONL records (SPEC §4).
+"""LLaVA's public training sets -> the release's JSONL records (docs/release-facts.md#training-records).
 
 Stage 1 (`pretrain`) trains on LLaVA-Pretrain, 558K image-caption pairs; stage 2 (`sft`) on
 instruction data such as LLaVA-Instruct's 665K mix. Neither is downloaded here. On a machine

@@ -16,8 +16,9 @@ first; a page puts the answer in every high-crop token, which mean pooling keeps
     python data/zoom/prepare.py --out data/zoom --train 4000 --test 500 --seed 0
 
 writes images/, example.png (one fixed sample, digit 7), train.jsonl (the release's record
-format, SPEC §4, image_url relative to --out) and test.jsonl in the common eval format
-({"id", "image", "question", "answers"}). About 3 KB per image, ~10 s for 4500 on one core.
+format, docs/release-facts.md#training-records, image_url relative to --out) and test.jsonl in
+the common eval format ({"id", "image", "question", "answers"}). About 3 KB per image, ~10 s for
+4500 on one core.
 Everything is a function of (seed, split, index): the same command gives the same bytes.
 """
 import argparse
