@@ -31,12 +31,12 @@ import sys
 import warnings
 from dataclasses import dataclass
 
-try:
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

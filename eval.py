@@ -22,18 +22,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    from tqdm import tqdm
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import metrics as M
-    import quantize
-    import weights
-    from model import Dragonfly, greedy_ids, image_positions
-    from sample import DTYPES, pick_device, pick_dtype
-    from tokenizer import Tokenizer
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+from tqdm import tqdm
+
+import metrics as M
+import quantize
+import weights
+from model import Dragonfly, greedy_ids, image_positions
+from sample import DTYPES, pick_device, pick_dtype
+from tokenizer import Tokenizer
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."

@@ -16,23 +16,22 @@ whose weights we load, keeps CLS and adds separators. We follow the release
 (docs/release-facts.md#image-block).
 """
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-try:
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import crops as crops_lib
-    import pool
-    import vit as vit_lib
-    from llama import Llama, LlamaConfig
-    from vit import ViTConfig, VisionTransformer
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import crops as crops_lib
+import pool
+import vit as vit_lib
+from llama import Llama, LlamaConfig
+from vit import ViTConfig, VisionTransformer
 
 # Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
 # the ablation modules included (presets.py counts their FLOPs the same way).

@@ -24,15 +24,15 @@ import argparse
 import sys
 from dataclasses import replace
 
-try:
-    import crops as crops_lib
-    import model
-    import vit as vit_lib
-    from llama import LlamaConfig
-    from vit import ViTConfig
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import crops as crops_lib
+import model
+import vit as vit_lib
+from llama import LlamaConfig
+from vit import ViTConfig
 
 L14, B32 = vit_lib.PRESETS["l14-336"], vit_lib.PRESETS["b32-224"]
 V2, V1 = model.v2_config(), model.v1_config()

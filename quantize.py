@@ -37,6 +37,10 @@ import json
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
