@@ -87,23 +87,28 @@ def crop_levels(cfg: DragonflyConfig) -> list:
     return [level for level, present in zip(levels, (c.low, c.medium, c.high)) if present]
 
 
+def kept_levels(cfg: DragonflyConfig) -> list:
+    """`crop_levels` after v1's zoom-in selection: (level, crops in the image block, grid side)."""
+    levels = crop_levels(cfg)
+    n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
+    if cfg.zoom_select and n_medium:
+        levels = [(name, min(n, n_medium * cfg.zoom_k) if name == "high" else n, side) for name, n, side in levels]
+    return levels
+
+
 def image_token_ids(cfg: DragonflyConfig) -> list:
     """The image block as `input_ids`: the placeholder at every image position, the separator
     after every crop (the release's processor builds this list; the model replaces placeholders)."""
-    levels = crop_levels(cfg)
-    n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
     ids = []
-    for name, count, grid in levels:
-        if name == "high" and cfg.zoom_select and n_medium:
-            count = min(count, n_medium * cfg.zoom_k)
-        ids += count * ([IMAGE_ID] * crop_tokens(cfg, grid) + [SEPARATOR_ID] * cfg.separators)
+    for _, count, side in kept_levels(cfg):
+        ids += count * ([IMAGE_ID] * crop_tokens(cfg, side) + [SEPARATOR_ID] * cfg.separators)
     return ids
 
 
 def image_positions(cfg: DragonflyConfig) -> int:
     """Length of the image block: 2098 for the released v2, 867 for v1
     (docs/release-facts.md#image-block)."""
-    return len(image_token_ids(cfg))
+    return sum(count * (crop_tokens(cfg, side) + cfg.separators) for _, count, side in kept_levels(cfg))
 
 
 class Dragonfly(nn.Module):
@@ -150,18 +155,21 @@ class Dragonfly(nn.Module):
         """pixels (B, N, 3, S, S), the crops of B images in crops.py order -> (B, P, dim)."""
         cfg, c = self.cfg, self.cfg.crops
         B = pixels.shape[0]
-        levels = [(tokens, grid) for tokens, (_, _, grid) in zip(self.encode(pixels), crop_levels(cfg))]
+        # side: the grid side each level keeps (pooled, else the encoder's); the medium_grid and
+        # high_grid arguments are the tile grids (cols, rows) crops.py chose for each image
+        levels = [(tokens, side) for tokens, (_, _, side) in zip(self.encode(pixels), crop_levels(cfg))]
         if cfg.zoom_select and c.high and c.medium:
-            (medium, _), (high, grid) = levels[-2], levels[-1]
+            (medium, _), (high, side) = levels[-2], levels[-1]
             idx = self.select_high(medium, high, medium_grid, high_grid)                # (B, 4k)
-            levels[-1] = (high[torch.arange(B, device=idx.device)[:, None], idx], grid)  # (B, 4k, T, dim)
+            levels[-1] = (high[torch.arange(B, device=idx.device)[:, None], idx], side)  # (B, 4k, T, dim)
         sep = self.llm.embed(torch.tensor([SEPARATOR_ID], device=pixels.device))  # (1, dim)
         block = []
-        for level, grid in levels:                               # (B, n, T, dim)
+        for level, side in levels:                               # (B, n, T, dim)
             b, n, T, D = level.shape
             x = level.flatten(0, 1)
-            if T != 1 + grid * grid or not cfg.keep_cls:
-                x = pool.mean_pool(x, grid, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)
+            encoded_side = math.isqrt(T - 1)  # T = CLS + side^2 as the ViT (or the resampler) gave it
+            if side != encoded_side or not cfg.keep_cls:  # pooled to a smaller grid, or CLS dropped
+                x = pool.mean_pool(x, side, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)
             if cfg.separators:
                 x = torch.cat([x, sep.to(x.dtype).expand(x.shape[0], 1, D)], dim=1)
             block.append(x.reshape(b, -1, D))
@@ -249,6 +257,10 @@ class Dragonfly(nn.Module):
         if bool(pad.any()):
             valid = slots[None, :] >= pad[:, None]                          # (B, S) real positions
             causal = slots[:L, None] >= slots[None, :L]                     # (L, L)
+            # Not part of the paper: a padding position sees no real position, and a query row
+            # with nothing to attend to is NaN on some attention kernels (PyTorch before 2.5; on
+            # 2.13's CPU kernels it is zeros, so no test here fails without it). Letting each
+            # position see itself keeps every row finite; real positions never see padding.
             mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
             mask = mask[:, None]                                            # (B, 1, L, L)
         self.llm.setup_cache(B, L + max_new_tokens)
