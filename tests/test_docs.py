@@ -1,5 +1,7 @@
-"""The documents a reader follows from the code: every citation of docs/release-facts.md names
-one of its headings, and nothing cites the facts file the repository never had."""
+"""The documents a reader follows: every citation of docs/release-facts.md names one of its
+headings, nothing cites the facts file the repository never had, and the README's reading path
+names only functions that exist."""
+import importlib
 import os
 import re
 from pathlib import Path
@@ -61,3 +63,49 @@ def test_no_file_cites_the_unpublished_spec():
            for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
            if UNPUBLISHED.search(line)]
     assert old == [], f"cite docs/release-facts.md#<heading> instead: {old}"
+
+
+# ---- the README's reading path ------------------------------------------------------------------
+NAMED = re.compile(r"`([^`]+)`")
+
+
+def reading_section() -> str:
+    return (ROOT / "README.md").read_text().split("\n## Reading the code\n", 1)[1].split("\n## ", 1)[0]
+
+
+def resolve(file: str, dotted: str):
+    """The object `dotted` (e.g. `Dragonfly.encode`) in the module of `file`, or None."""
+    obj = importlib.import_module(file[:-3].replace("/", "."))
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def named_functions():
+    """(where, file, name) for every function the reading path names: `file.py:name` anywhere;
+    a bare `name` in a numbered step belongs to one of the files that step names."""
+    steps = re.split(r"\n(?=\d+\. )", reading_section())
+    for step in steps:
+        tokens = NAMED.findall(step)
+        files = [t for t in tokens if t.endswith(".py")]
+        for token in tokens:
+            if ":" in token:
+                file, name = token.split(":", 1)
+                yield token, [file], name
+            elif not token.endswith(".py") and files and re.fullmatch(r"[A-Za-z_][\w.]*", token):
+                yield f"{token} (step naming {', '.join(files)})", files, token
+
+
+def test_reading_path_names_only_functions_that_exist():
+    named = list(named_functions())
+    assert len(named) > 40  # the steps and the concept map; fewer means the section was not parsed
+    missing = [where for where, files, name in named if all(resolve(f, name) is None for f in files)]
+    assert missing == [], f"README's reading path names what the code does not have: {missing}"
+
+
+def test_concept_map_covers_the_papers_ideas():
+    table = [line for line in reading_section().splitlines() if line.startswith("| ")][1:]  # after the header
+    concepts = " ".join(line.split("|")[1] for line in table)
+    for idea in ("low, medium and high crops", "grid choice", "mean pooling", "separator", "projection",
+                 "zoom-in", "two training stages"):
+        assert idea in concepts, idea
