@@ -39,25 +39,25 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import numpy as np
-    import torch
-    import torch.nn as nn
-    from PIL import Image
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import crops as crops_lib
-    import llama
-    import presets
-    import quantize as quantize_lib
-    import vit
-    import weights
-    from conversation import Conversation
-    from model import Dragonfly, image_positions, v2_config
-    from pretrained import allocate, checkpoint_names, release_config
-    from tokenizer import Tokenizer
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+import numpy as np
+import torch
+import torch.nn as nn
+from PIL import Image
+
+import crops as crops_lib
+import llama
+import presets
+import quantize as quantize_lib
+import vit
+import weights
+from conversation import Conversation
+from model import Dragonfly, image_positions, v2_config
+from pretrained import allocate, checkpoint_names, release_config
+from tokenizer import Tokenizer
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
     "small": lambda: v2_config(vit.ViTConfig(336, 14, 384, 6, 6, 1536),

@@ -1,8 +1,9 @@
 """
 Conversations about an image: multi-turn chat that encodes the image once.
 
-Dragonfly reads the image block, then Llama-3 chat turns (SPEC §2.8, §2.9; data/formats.py
-writes the release's training conversations the same way, with no system prompt):
+Dragonfly reads the image block, then Llama-3 chat turns (docs/release-facts.md#image-block and
+docs/release-facts.md#prompt-format; data/formats.py writes the release's training conversations
+the same way, with no system prompt):
 
     [image block] <|begin_of_text|>
     <|start_header_id|>user<|end_header_id|>\\n\\n{question 1}<|eot_id|>

@@ -1,15 +1,15 @@
 """Multi-resolution crops: the image side of Dragonfly, before the vision encoder.
 
-One image becomes a stack of CLIP-sized crops at three resolutions (v2 paper §3.1,
-v1 paper §3.1, SPEC §2.1-2.4): a *low* crop (the whole image squashed to size x size), *medium* tiles
-(the whole image resized to a best-fit grid of 4 tiles) and *high* tiles ("zoom in":
-a finer grid). Order: [low] + medium row-major + high row-major.
+One image becomes a stack of CLIP-sized crops at three resolutions (v2 paper §3.1, v1 paper
+§3.1, docs/release-facts.md#crop-grids): a *low* crop (the whole image squashed to size x size),
+*medium* tiles (the whole image resized to a best-fit grid of 4 tiles) and *high* tiles ("zoom
+in": a finer grid). Order: [low] + medium row-major + high row-major.
 
-v2 (released Llama-3.1-8B-Dragonfly-v2, size 336): medium grid chosen among
-(2,2), (1,4), (4,1) by the LLaVA-NeXT best-fit rule; high grid = 3 x the medium grid,
-so 1 + 4 + 36 = 41 crops. v1 (SPEC §3, size 224): the high grid is chosen by best fit on
-its own among (6,4), (4,6), (3,8), (8,3), (2,12), (12,2), so 1 + 4 + 24 = 29 crops; the
-zoom-in selection of 12 of the 24 happens later, in the model.
+v2 (released Llama-3.1-8B-Dragonfly-v2, size 336): medium grid chosen among (2,2), (1,4), (4,1)
+by the LLaVA-NeXT best-fit rule; high grid = 3 x the medium grid, so 1 + 4 + 36 = 41 crops. v1
+(docs/release-facts.md#v1-pipeline, size 224): the high grid is chosen by best fit on its own
+among (6,4), (4,6), (3,8), (8,3), (2,12), (12,2), so 1 + 4 + 24 = 29 crops; the zoom-in
+selection of 12 of the 24 happens later, in the model.
 
 Release facts reproduced here (togethercomputer/Dragonfly, processing_dragonfly.py,
 `process_anyres_image`): the whole original image is resized with PIL's default filter
@@ -23,19 +23,20 @@ Quirks of the rules, kept because the checkpoints were trained with them:
   candidate keeps the first grid whatever its shape (a 300x75 strip gets medium (2,2));
 - v1's high grid ignores the medium grid: a square image gets medium (2,2) but high (6,4),
   and v1 small images always get (6,4). The release's zoom-in region i = high crops
-  [6i, 6i+6) is then high row i, not medium tile i's quadrant (SPEC §3).
+  [6i, 6i+6) is then high row i, not medium tile i's quadrant
+  (docs/release-facts.md#zoom-in-selection).
 """
 import argparse
 import sys
 import warnings
 from dataclasses import dataclass
 
-try:
-    import numpy as np
-    from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -156,7 +157,7 @@ def _to_rgb(img, name, background):
 # ---------------------------------------------------------------------------- best fit
 
 def select_best_resolution(image_size, candidates):
-    """LLaVA-NeXT best fit (SPEC §2.2): among (W, H) candidates keep the one showing the
+    """LLaVA-NeXT best fit (docs/release-facts.md#crop-grids): among (W, H) candidates keep the one showing the
     most original pixels once the image is fitted inside it (never more than the image
     has); ties go to the candidate wasting the least area, then to the earlier one."""
     w, h = image_size
@@ -222,7 +223,7 @@ def _tiles(img, grid, size):
 
 
 def make_crops(img, cfg=V2) -> Crops:
-    """The low / medium / high crops of one image (SPEC §2.1-2.4; v1: §3)."""
+    """The low / medium / high crops of one image (docs/release-facts.md#crop-grids)."""
     img = load_image(img)
     S, size = cfg.size, img.info.get(FULL_SIZE, img.size)   # a huge JPEG's grids follow its full size
     medium_grid = _best_grid(size, cfg.medium_grids, S)

@@ -13,7 +13,7 @@ where it stopped: ids already answered are skipped (ids that failed, e.g. on an 
 are tried again, and so is a last line torn by a kill, which is dropped on start).
 OUT/metrics.json holds the scores, in percent, over the answered questions, and the count of
 failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes); metrics are those
-of SPEC §5, implemented in metrics.py.
+of docs/release-facts.md#metrics, implemented in metrics.py.
 """
 import argparse
 import json
@@ -22,18 +22,18 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-try:
-    from tqdm import tqdm
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import metrics as M
-    import quantize
-    import weights
-    from model import Dragonfly, greedy_ids, image_positions
-    from sample import DTYPES, pick_device, pick_dtype
-    from tokenizer import Tokenizer
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+from tqdm import tqdm
+
+import metrics as M
+import quantize
+import weights
+from model import Dragonfly, greedy_ids, image_positions
+from sample import DTYPES, pick_device, pick_dtype
+from tokenizer import Tokenizer
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."

@@ -12,7 +12,15 @@ halves of each head are the pairs), while Meta's `consolidated.pth` pairs adjace
 We load Hugging Face names (`model.layers.*`, `lm_head`), so we rotate halves.
 
 The released Dragonfly config has `rope_scaling: null`: the model runs Llama-3.1 *without*
-the llama3 scaling. We read it from the config, never assume it.
+the llama3 scaling. We read it from the config, never assume it
+(docs/release-facts.md#config).
+
+Not part of Llama-3 as Meta describes it, and marked where it sits (skip on a first read):
+- "Release fidelity": RoPE frequencies rounded to bf16 and the rotation rounded in bf16
+  (`rope_cos_sin`, `apply_rope`, `Llama.rope_dtype`), because the release ran and trained so
+  (docs/release-facts.md#bf16-numerics);
+- "Speed only": the one-token attention path in `Attention.forward` and the output matrix's
+  re-layout in `Llama.setup_cache`. Neither changes a value.
 """
 import math
 import re
@@ -96,18 +104,21 @@ def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq, positions, dtype=torch.float32):
-    """cos, sin tables of shape (B, 1, T, head_dim) in `dtype`, for integer positions (B, T).
-    In bf16/fp16 the release (whole module cast with `.to(bfloat16)`, transformers 4.45) rounds
-    the frequencies to that dtype and rotates in it; its weights were trained so, and we match it."""
+    """cos, sin tables of shape (B, 1, T, head_dim) in `dtype`, for integer positions (B, T)."""
     if dtype != torch.float32:
-        inv_freq = inv_freq.to(dtype).float()  # the cast buffer: up to 0.4% off, > 1 rad at 2098+
+        # Release fidelity, not part of Llama-3: the release casts its whole module to bf16, which
+        # rounds this buffer too (up to 0.4% off: > 1 rad at positions 2098+), and its weights were
+        # trained so (docs/release-facts.md#bf16-numerics). tests/test_release_bf16.py needs it.
+        inv_freq = inv_freq.to(dtype).float()
     angles = positions[..., None].float() * inv_freq  # (B, T, d/2): angles in float32, as the reference
     angles = torch.cat([angles, angles], dim=-1)       # rotate-half layout: halves are pairs
     return angles.cos().to(dtype)[:, None], angles.sin().to(dtype)[:, None]
 
 
 def apply_rope(x, cos, sin):
-    """Rotate in the dtype of the tables (the compute dtype): each product and the sum round to it."""
+    """Rotate in the dtype of the tables (the compute dtype): each product and the sum round to it.
+    Release fidelity: in bf16 that rounding is the release's (docs/release-facts.md#bf16-numerics;
+    tests/test_release_bf16.py::test_bf16_rotation_rounds_each_product_as_the_release)."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.to(cos.dtype) * cos + rotated.to(cos.dtype) * sin).to(x.dtype)
@@ -181,8 +192,10 @@ class Attention(nn.Module):
         if self.cache is not None:
             k, v = self.cache.update(start, k, v)  # (B, kv, start+T, d)
         if T == 1:
-            # One new token: the query heads sharing a kv head become rows of one product against
-            # that head's cache, (B, kv, heads/kv, d), instead of copying the cache per head.
+            # Speed only, not part of Llama-3: one new token's query heads that share a kv head
+            # become rows of one product against that head's cache, (B, kv, heads/kv, d), instead
+            # of copying the cache per head. Same values as the general path below
+            # (tests/test_model.py::test_kv_cache_generation_equals_recomputing_the_sequence).
             y = F.scaled_dot_product_attention(q.view(B, self.n_kv_heads, -1, self.head_dim), k, v, attn_mask=mask)
             return self.o_proj(y.reshape(B, 1, -1))
         # A fresh causal prefill takes the fused causal path; otherwise `mask` says what is visible.
@@ -231,9 +244,11 @@ class Llama(nn.Module):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.tie_weights()
-        # The dtype RoPE's frequencies are rounded to; None: the compute dtype's (rope_cos_sin).
-        # Set by the loader when bf16-stored weights compute in float32 (quantize.py): the
-        # checkpoint was trained with bf16-rounded frequencies, whatever the compute dtype.
+        # Release fidelity, not part of Llama-3: the dtype RoPE's frequencies are rounded to;
+        # None: the compute dtype's (rope_cos_sin). Set by the loader when bf16-stored weights
+        # compute in float32 (quantize.py): the checkpoint was trained with bf16-rounded
+        # frequencies, whatever the compute dtype (docs/release-facts.md#bf16-numerics;
+        # tests/test_quantize.py::test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release).
         self.rope_dtype: Optional[torch.dtype] = None
 
     def tie_weights(self):
@@ -272,9 +287,11 @@ class Llama(nn.Module):
         p = self.lm_head.weight
         plain = type(self.lm_head) is nn.Linear  # quantize.py's stored weights are read by rows
         if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings and plain:
-            # Each decoded token is one product with the (vocab, dim) output matrix, the largest
-            # read of the step; CPU BLAS runs it ~1.4x faster on column-major storage (bench.py).
-            # Same values, same shape: only the memory order changes, once.
+            # Speed only, not part of Llama-3: each decoded token is one product with the
+            # (vocab, dim) output matrix, the largest read of the step, and this CPU's BLAS runs
+            # it ~1.4x faster on column-major storage (bench.py measures it). Same values, same
+            # shape: only the memory order changes, once. No test needs it; the tests that
+            # compare cached generation with recomputation check that it changes nothing.
             p.data = p.data.t().contiguous().t()
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim,

@@ -23,6 +23,10 @@ import math
 import sys
 from dataclasses import dataclass
 
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont

@@ -1,4 +1,4 @@
-"""Evaluation metrics of the Dragonfly papers (SPEC §5), one small pure function each.
+"""Evaluation metrics of the Dragonfly papers (docs/release-facts.md#metrics), one small pure function each.
 
 VQA accuracy (VQAv2 / VizWiz / TextVQA), ChartQA relaxed accuracy, POPE, multiple-choice
 accuracy (ScienceQA / AI2D / MMBench), the biomedical closed accuracy and token F1

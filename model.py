@@ -12,26 +12,26 @@ Figure 1, in the order of `Dragonfly.image_block`:
   6. the image block (2098 positions in the release) comes first, then <|begin_of_text|> and
      the chat prompt; positions run 0..L-1 and attention is causal over everything.
 Paper vs release: the paper counts 2016 image tokens (no CLS, no separators); the release,
-whose weights we load, keeps CLS and adds separators. We follow the release (SPEC §2.8).
+whose weights we load, keeps CLS and adds separators. We follow the release
+(docs/release-facts.md#image-block).
 """
 import math
-import sys
 from dataclasses import dataclass, field
 from typing import Optional
 
-try:
-    import torch
-    import torch.nn as nn
-    import torch.nn.functional as F
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import crops as crops_lib
-    import pool
-    import vit as vit_lib
-    from llama import Llama, LlamaConfig
-    from vit import ViTConfig, VisionTransformer
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import crops as crops_lib
+import pool
+import vit as vit_lib
+from llama import Llama, LlamaConfig
+from vit import ViTConfig, VisionTransformer
 
 # Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
 # the ablation modules included (presets.py counts their FLOPs the same way).
@@ -46,7 +46,7 @@ class DragonflyConfig:
     vit: ViTConfig = field(default_factory=ViTConfig)
     llm: LlamaConfig = field(default_factory=LlamaConfig)
     crops: crops_lib.CropConfig = field(default_factory=lambda: crops_lib.V2)
-    vision_layer: int = -2            # penultimate ViT block (SPEC §2.5)
+    vision_layer: int = -2            # penultimate ViT block (docs/release-facts.md#features)
     low_pool: Optional[int] = None    # pooled grid side per crop; None keeps the full grid
     medium_pool: Optional[int] = 6
     high_pool: Optional[int] = 6
@@ -87,22 +87,28 @@ def crop_levels(cfg: DragonflyConfig) -> list:
     return [level for level, present in zip(levels, (c.low, c.medium, c.high)) if present]
 
 
+def kept_levels(cfg: DragonflyConfig) -> list:
+    """`crop_levels` after v1's zoom-in selection: (level, crops in the image block, grid side)."""
+    levels = crop_levels(cfg)
+    n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
+    if cfg.zoom_select and n_medium:
+        levels = [(name, min(n, n_medium * cfg.zoom_k) if name == "high" else n, side) for name, n, side in levels]
+    return levels
+
+
 def image_token_ids(cfg: DragonflyConfig) -> list:
     """The image block as `input_ids`: the placeholder at every image position, the separator
     after every crop (the release's processor builds this list; the model replaces placeholders)."""
-    levels = crop_levels(cfg)
-    n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
     ids = []
-    for name, count, grid in levels:
-        if name == "high" and cfg.zoom_select and n_medium:
-            count = min(count, n_medium * cfg.zoom_k)
-        ids += count * ([IMAGE_ID] * crop_tokens(cfg, grid) + [SEPARATOR_ID] * cfg.separators)
+    for _, count, side in kept_levels(cfg):
+        ids += count * ([IMAGE_ID] * crop_tokens(cfg, side) + [SEPARATOR_ID] * cfg.separators)
     return ids
 
 
 def image_positions(cfg: DragonflyConfig) -> int:
-    """Length of the image block: 2098 for the released v2, 867 for v1 (SPEC §2.8, §3)."""
-    return len(image_token_ids(cfg))
+    """Length of the image block: 2098 for the released v2, 867 for v1
+    (docs/release-facts.md#image-block)."""
+    return sum(count * (crop_tokens(cfg, side) + cfg.separators) for _, count, side in kept_levels(cfg))
 
 
 class Dragonfly(nn.Module):
@@ -149,18 +155,21 @@ class Dragonfly(nn.Module):
         """pixels (B, N, 3, S, S), the crops of B images in crops.py order -> (B, P, dim)."""
         cfg, c = self.cfg, self.cfg.crops
         B = pixels.shape[0]
-        levels = [(tokens, grid) for tokens, (_, _, grid) in zip(self.encode(pixels), crop_levels(cfg))]
+        # side: the grid side each level keeps (pooled, else the encoder's); the medium_grid and
+        # high_grid arguments are the tile grids (cols, rows) crops.py chose for each image
+        levels = [(tokens, side) for tokens, (_, _, side) in zip(self.encode(pixels), crop_levels(cfg))]
         if cfg.zoom_select and c.high and c.medium:
-            (medium, _), (high, grid) = levels[-2], levels[-1]
+            (medium, _), (high, side) = levels[-2], levels[-1]
             idx = self.select_high(medium, high, medium_grid, high_grid)                # (B, 4k)
-            levels[-1] = (high[torch.arange(B, device=idx.device)[:, None], idx], grid)  # (B, 4k, T, dim)
+            levels[-1] = (high[torch.arange(B, device=idx.device)[:, None], idx], side)  # (B, 4k, T, dim)
         sep = self.llm.embed(torch.tensor([SEPARATOR_ID], device=pixels.device))  # (1, dim)
         block = []
-        for level, grid in levels:                               # (B, n, T, dim)
+        for level, side in levels:                               # (B, n, T, dim)
             b, n, T, D = level.shape
             x = level.flatten(0, 1)
-            if T != 1 + grid * grid or not cfg.keep_cls:
-                x = pool.mean_pool(x, grid, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)
+            encoded_side = math.isqrt(T - 1)  # T = CLS + side^2 as the ViT (or the resampler) gave it
+            if side != encoded_side or not cfg.keep_cls:  # pooled to a smaller grid, or CLS dropped
+                x = pool.mean_pool(x, side, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)
             if cfg.separators:
                 x = torch.cat([x, sep.to(x.dtype).expand(x.shape[0], 1, D)], dim=1)
             block.append(x.reshape(b, -1, D))
@@ -203,7 +212,7 @@ class Dragonfly(nn.Module):
         if pixels is not None:
             image = self.image_block(pixels, *grids).to(x.dtype)  # grids: per-image lists, for v1 "spatial"
             P = image.shape[1]
-            x = torch.cat([image, x], dim=1)  # the image block comes first (SPEC §2.8)
+            x = torch.cat([image, x], dim=1)  # the image block comes first (docs/release-facts.md#image-block)
         if P + tokens.shape[1] > self.cfg.llm.max_seq_len:
             raise ValueError(f"sequence of {P + tokens.shape[1]} positions exceeds the context of {self.cfg.llm.max_seq_len}")
         h = self.llm.hidden(x)[:, P:]                      # (B, T, dim)
@@ -248,6 +257,10 @@ class Dragonfly(nn.Module):
         if bool(pad.any()):
             valid = slots[None, :] >= pad[:, None]                          # (B, S) real positions
             causal = slots[:L, None] >= slots[None, :L]                     # (L, L)
+            # Not part of the paper: a padding position sees no real position, and a query row
+            # with nothing to attend to is NaN on some attention kernels (PyTorch before 2.5; on
+            # 2.13's CPU kernels it is zeros, so no test here fails without it). Letting each
+            # position see itself keeps every row finite; real positions never see padding.
             mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
             mask = mask[:, None]                                            # (B, 1, L, L)
         self.llm.setup_cache(B, L + max_new_tokens)

@@ -1,17 +1,17 @@
 """
 Token reduction for the zoomed-in crops.
 
-v2 (Dragonfly v2 paper, §3 "mean pooling"; SPEC §2.7): every medium and high crop keeps its CLS
-token and average-pools its g x g patch-token grid to a smaller grid — 24x24 -> 6x6 with
-kernel 4, stride 4 in the release. The paper's ablations pool to 3x3 ... 12x12 (9 ... 144 tokens).
-Pooling commutes with the linear projection, so it may run before or after it.
+v2 (Dragonfly v2 paper, §3.2 "mean pooling"; docs/release-facts.md#pooling): every medium and
+high crop keeps its CLS token and average-pools its g x g patch-token grid to a smaller grid —
+24x24 -> 6x6 with kernel 4, stride 4 in the release. The paper's ablations pool to 3x3 ... 12x12
+(9 ... 144 tokens). Pooling commutes with the linear projection, so it may run before or after it.
 
-v1 (Dragonfly v1 paper, §3.2 "zoom-in patch selection"; SPEC §3): no pooling; instead each crop
-gets a *summary* (the mean of its projected tokens), and each medium crop keeps the k high crops
-of its region whose summaries have the largest dot product with its own summary.
-Two definitions of "region" exist: the paper's spatial one (the high crops lying inside the
-medium crop) and the released code's index runs (high crops [6i, 6i+6) of the row-major list),
-which is what v1 checkpoints were trained with.
+v1 (Dragonfly v1 paper, §3.2 "zoom-in patch selection"; docs/release-facts.md#zoom-in-selection):
+no pooling; instead each crop gets a *summary* (the mean of its projected tokens), and each medium
+crop keeps the k high crops of its region whose summaries have the largest dot product with its
+own summary. Two definitions of "region" exist: the paper's spatial one (the high crops lying
+inside the medium crop) and the released code's index runs (high crops [6i, 6i+6) of the
+row-major list), which is what v1 checkpoints were trained with.
 
 The learned alternative (v2 paper Table 1, "Perceiver Resampler"; Alayrac et al. 2022, Flamingo
 §2.1): a fixed set of learned latents cross-attends to a crop's tokens and becomes its summary,

@@ -7,10 +7,11 @@ A row that appears in several tables (the paper reuses runs: Table 2 "L + M" is 
 "36 tokens") is one preset. LLaVA-UHD (v2 Tables 1, 11, 12) is a different architecture
 (variable slices compressed to 64 tokens each) and is not built; only its FLOPs are computed.
 
-Two token counts (SPEC §2.8): `image_tokens_paper` is the papers' accounting (no CLS, no
-separators: 2016 for Dragonfly); `model.image_positions` is the layout the model really runs
-(the release keeps each crop's CLS and adds a separator after it: 2098). Every preset here
-keeps the release layout, so the ablations differ from the release in one knob at a time.
+Two token counts (docs/release-facts.md#image-block): `image_tokens_paper` is the papers'
+accounting (no CLS, no separators: 2016 for Dragonfly); `model.image_positions` is the layout
+the model really runs (the release keeps each crop's CLS and adds a separator after it: 2098).
+Every preset here keeps the release layout, so the ablations differ from the release in one knob
+at a time.
 
 FLOPs follow v2 appendix F (Chinchilla-style forward FLOPs: the ViT over every crop, the
 projection over the image tokens, the LLM over the image tokens); `flops(cfg)` reproduces
@@ -23,15 +24,15 @@ import argparse
 import sys
 from dataclasses import replace
 
-try:
-    import crops as crops_lib
-    import model
-    import vit as vit_lib
-    from llama import LlamaConfig
-    from vit import ViTConfig
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import crops as crops_lib
+import model
+import vit as vit_lib
+from llama import LlamaConfig
+from vit import ViTConfig
 
 L14, B32 = vit_lib.PRESETS["l14-336"], vit_lib.PRESETS["b32-224"]
 V2, V1 = model.v2_config(), model.v1_config()
@@ -201,7 +202,7 @@ def flops(cfg, text_tokens=0, paper=True) -> float:
     return sum(flops_parts(cfg, text_tokens, paper).values())
 
 
-TRAINABLE = ("vision", "projection", "llm")  # the switches of v2 Table 10 / SPEC §4
+TRAINABLE = ("vision", "projection", "llm")  # v2 Table 10's switches (docs/release-facts.md#training-recipe)
 FORWARD_ORDER = (("vision", "vision"), ("resampler", "projection"), ("projection", "projection"), ("llm", "llm"))
 
 

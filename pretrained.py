@@ -1,7 +1,8 @@
 """
-Dragonfly checkpoints as released: config.json <-> DragonflyConfig, our parameter names <->
-the release's (SPEC §1), loading a released or saved directory, and starting a new model from
-OpenAI's CLIP and a Hugging Face Llama (the paper's initialisation, before stage 1).
+Dragonfly checkpoints as released: config.json <-> DragonflyConfig, our parameter names <-> the
+release's (docs/release-facts.md#weight-names), loading a released or saved directory, and
+starting a new model from OpenAI's CLIP and a Hugging Face Llama (the paper's initialisation,
+before stage 1).
 
 `Dragonfly.from_pretrained`, `Dragonfly.from_backbones` and `Dragonfly.save_pretrained`
 (model.py) are these functions; weights.py reads and writes the files themselves.
@@ -31,7 +32,7 @@ def saved_buffer(key: str) -> bool:
 
 
 def checkpoint_names(model: "M.Dragonfly") -> dict:
-    """Our parameter names -> the released checkpoint's names (SPEC §1)."""
+    """Our parameter names -> the released checkpoint's names (docs/release-facts.md#weight-names)."""
     prefix = {"vision": lambda r: "image_encoder.vision_model." + vit_key(r),
               "projection": lambda r: "vision_embed_tokens." + r,
               "llm": lambda r: "language_model." + llama_key(r),

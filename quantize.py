@@ -37,6 +37,10 @@ import json
 import sys
 from pathlib import Path
 
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -157,6 +161,12 @@ class StoredLinear(nn.Module):
         self.bias = frozen(out_features, dt=dtype) if bias else None
 
     def forward(self, x):
+        # Speed only, not part of the model: every branch computes x @ W^T + b with W dequantized;
+        # they differ in the kernel, picked for this hardware, and in its rounding (one row: bf16
+        # activations and output; see the module docstring).
+        # Tests: tests/test_quantize.py's *_matches_dequantized_float32_matmul,
+        # *_equals_float32_linear_of_the_bf16_weight_exactly and
+        # *_single_row_is_float32_accumulation_of_bf16_rounded_inputs.
         one_row = x.device.type == "cpu" and x.numel() == x.shape[-1]  # a decoded token
         if self.scales is None:
             if one_row:

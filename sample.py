@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    import torch
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import torch
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "zoom-tiny"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -138,8 +138,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, FileNotFoundError, OSError) as e:
         sys.exit(f"error: {e}")
-    except ModuleNotFoundError as e:  # imported on the way (model.py, tokenizer.py, crops.py)
-        sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-                 "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
     except KeyboardInterrupt:
         sys.exit(130)

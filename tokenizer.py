@@ -19,8 +19,11 @@ calls 128004/128005/128008 reserved tokens; the ids Dragonfly uses (128000-12800
 as special tokens by default, as the release's Hugging Face tokenizer does; Meta's
 reference does the opposite by default (`allowed_special=()` here).
 
-Prompt (SPEC 2.9): `[image block] <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\\n\\n
-{question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n`, no system prompt.
+Prompt (docs/release-facts.md#prompt-format), no system prompt:
+
+    [image block] <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\\n\\n
+    {question}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\\n\\n
+
 In the release the image block (crops + separators) comes *before* `<|begin_of_text|>`;
 `encode_prompt` returns the text part, from `<|begin_of_text|>` on.
 """
@@ -96,7 +99,7 @@ class Tokenizer:
         self.eos_id = special_tokens["<|end_of_text|>"]
         self.eot_id = special_tokens["<|eot_id|>"]
         self.stop_ids = {self.eot_id, self.eos_id}
-        # Dragonfly's image placeholder and the separator after every crop (SPEC 2.8).
+        # Dragonfly's image placeholder and the separator after every crop (docs/release-facts.md#image-block).
         self.image_id = special_tokens.get("<|reserved_special_token_0|>")
         self.separator_id = special_tokens.get("<|reserved_special_token_1|>")
 

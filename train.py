@@ -1,6 +1,7 @@
 """
-Train Dragonfly: one flat script for both stages of the v2 paper's recipe (Table 10; SPEC §4)
-and Dragonfly-Med's vision stage (Table 16), on one CPU process or many GPUs.
+Train Dragonfly: one flat script for both stages of the v2 paper's recipe (Table 10;
+docs/release-facts.md#training-recipe) and Dragonfly-Med's vision stage (Table 16), on one CPU
+process or many GPUs.
 
     torchrun --nproc_per_node=8 train.py --stage pretrain --data llava_pretrain.jsonl --images DIR --clip DIR --llama DIR
     torchrun --nproc_per_node=8 train.py --stage sft --data mix.jsonl --images DIR --init out/pretrain/final
@@ -24,21 +25,21 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
 
-try:
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from tqdm import tqdm
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import checkpoint
-    import model as M
-    import presets
-    import weights
-    from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
-    from tokenizer import Tokenizer
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import checkpoint
+import model as M
+import presets
+import weights
+from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
+from tokenizer import Tokenizer
 
 # ---- configuration -------------------------------------------------------------------------
 STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (med-vision)

@@ -5,7 +5,7 @@ Hugging Face's `CLIPVisionModel` stores it.
 
 Dragonfly (v2: ViT-L/14 at 336 px, v1: ViT-B/32 at 224 px) runs every crop through this
 encoder and keeps the hidden state of the *penultimate* block, CLS token included and
-without the final LayerNorm (SPEC §2.5). `forward(pixels, layer=-2)` returns exactly that.
+without the final LayerNorm (docs/release-facts.md#features). `forward(pixels, layer=-2)` returns exactly that.
 
 Data flow, in the order of the classes below:
     pixels (N, 3, S, S) -> conv patch embedding (no bias) -> [CLS] + patches + positions
@@ -56,7 +56,8 @@ def quick_gelu(x):
     # CLIP was trained with this sigmoid approximation of GELU; the exact GELU changes outputs.
     if torch.is_grad_enabled():
         return x * torch.sigmoid(1.702 * x)
-    # inference: one temporary instead of three (the MLP activations are the ViT's largest tensors)
+    # Speed only, not part of CLIP: at inference one temporary instead of three (the MLP
+    # activations are the ViT's largest tensors); the same values (tests/test_golden.py's ViT test).
     return torch.mul(x, 1.702).sigmoid_().mul_(x)
 
 

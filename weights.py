@@ -24,13 +24,13 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-try:
-    import torch
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")

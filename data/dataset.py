@@ -1,10 +1,10 @@
 """The training dataset: records -> (image crops, tokens, labels), batches, and the sampler.
 
-One sample is one image (or none) and one conversation (SPEC §2.8, §4). The image becomes
-crops.py's low/medium/high crops; the model puts their block of `image_positions` embeddings
-in front of the text, so a sample costs image_positions + len(tokens) positions of the
-context. Stage 2 mixes in text-only conversations (OpenHermes, MathInstruct) with
-probability 0.1 (SPEC §4): `text_prob`.
+One sample is one image (or none) and one conversation (docs/release-facts.md#image-block). The
+image becomes crops.py's low/medium/high crops; the model puts their block of `image_positions`
+embeddings in front of the text, so a sample costs image_positions + len(tokens) positions of
+the context. Stage 2 mixes in text-only conversations (OpenHermes, MathInstruct) with
+probability 0.1 (docs/release-facts.md#training-recipe): `text_prob`.
 
 Nothing here raises on bad data: a missing or broken image, a malformed record, a sample
 with nothing to learn or too long to fit comes back as `Skipped(reason, index)`, and
@@ -78,7 +78,8 @@ class VLDataset(torch.utils.data.Dataset):
         if all(label == IGNORE for label in labels):
             return Skipped("nothing supervised", i)
 
-        # the image block is fixed; only the text is cut, from the end (SPEC §4: max sequence 4096)
+        # the image block is fixed; only the text is cut, from the end (max sequence 4096:
+        # docs/release-facts.md#training-recipe)
         budget = self.max_seq - (self.image_positions if image is not None else 0)
         truncated = len(tokens) > budget
         if truncated:

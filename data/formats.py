@@ -1,17 +1,19 @@
 """Training records: the two formats they come in, and their Llama-3 chat tokens.
 
 Public datasets ship LLaVA's JSON: a list of `{"id", "image", "conversations": [{"from":
-"human"|"gpt"|"system", "value": "<image>\\n..."}, ...]}`; text-only ShareGPT sets
-(OpenHermes) use the same shape without "image". The Dragonfly release trains from JSONL
-records `{"image_url", "conversations": "<Llama-3 formatted text>", "source"}` (SPEC §4).
-Both become one normal form here, `(image path | None, [(role, text), ...])` with roles
-system / user / assistant, and then one token layout (SPEC §2.8-2.9):
+"human"|"gpt"|"system", "value": "<image>\\n..."}, ...]}`; text-only ShareGPT sets (OpenHermes)
+use the same shape without "image". The Dragonfly release trains from JSONL records
+`{"image_url", "conversations": "<Llama-3 formatted text>", "source"}`
+(docs/release-facts.md#training-records). Both become one normal form here, `(image path | None,
+[(role, text), ...])` with roles system / user / assistant, and then one token layout
+(docs/release-facts.md#prompt-format):
 
     <|begin_of_text|> (<|start_header_id|>{role}<|end_header_id|>\\n\\n{text}<|eot_id|>)*
 
 The image block is not part of these tokens: it always comes first, before
 <|begin_of_text|>, so `<image>` placeholders in the text are dropped. Caption-only samples
-(stage 1) are wrapped in a user turn with a "describe the image" instruction (SPEC §4).
+(stage 1) are wrapped in a user turn with a "describe the image" instruction
+(docs/release-facts.md#training-records).
 """
 import json
 import mmap
@@ -22,7 +24,8 @@ import numpy as np
 
 IGNORE = -100   # label of a position that is not trained on (F.cross_entropy's ignore_index)
 
-# Stage-1 wrapping for caption-only samples; one is drawn per sample (SPEC §4).
+# Stage-1 wrapping for caption-only samples; one is drawn per sample
+# (docs/release-facts.md#training-records).
 CAPTION_INSTRUCTIONS = (
     "Describe the image briefly.",
     "Write a short caption for this image.",

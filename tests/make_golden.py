@@ -4,7 +4,8 @@ The only file of the project that imports transformers. It writes the tiny check
 tests/tiny_checkpoints.py into a temporary directory, runs them through the Hugging Face
 reference models (CLIPVisionModel, LlamaForCausalLM, CLIPImageProcessorPil) in float32, and
 saves what they give. The Dragonfly pipelines are rebuilt here from those parts, following
-SPEC sections 2-3 and the release code (togethercomputer/Dragonfly):
+docs/release-facts.md#crop-grids to docs/release-facts.md#zoom-in-selection and
+the release code (togethercomputer/Dragonfly):
 
   v2  src/dragonfly/models/processing_dragonfly.py: process_anyres_image (low = resize to 336,
       medium = best fit of (672,672),(336,1344),(1344,336), high = 3x medium, row-major tiles),
@@ -351,11 +352,11 @@ DESCRIPTIONS = {
                  "nothing under RoPE); greedy 8 tokens from positions 0..11, full recompute.",
     "llama_rope3.npz": "same weights with rope_scaling='llama3' (Llama-3.1 config); the gap logits differ from "
                        "llama.npz, the plain ones barely.",
-    "dragonfly_v2.npz": "v2 pipeline (SPEC 2, release processing/modeling) rebuilt from HF parts on "
+    "dragonfly_v2.npz": "v2 pipeline (docs/release-facts.md#image-block, release processing/modeling) rebuilt from HF parts on "
                         "write_tiny_dragonfly(seed=checkpoint_seed, 'v2', 'bin') and dragonfly_image.png: 41 crops "
                         "-> 2098-position image block -> bos + prompt; text_only_* is bos + prompt alone. "
                         "logits_text_sub is logits[:, ::193] over the text positions; greedy 6 tokens.",
-    "dragonfly_v1.npz": "v1 pipeline (SPEC 3, release dragonfly/ code) on write_tiny_dragonfly(seed=checkpoint_seed, "
+    "dragonfly_v1.npz": "v1 pipeline (docs/release-facts.md#v1-pipeline, release dragonfly/ code) on write_tiny_dragonfly(seed=checkpoint_seed, "
                         "'v1', 'bin') and dragonfly_v1_image.png: 29 crops, zoom selection by index runs "
                         "(selected_release, used for the logits) and by spatial regions (selected_spatial); "
                         "867-position image block -> bos + prompt.",

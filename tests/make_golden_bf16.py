@@ -5,10 +5,10 @@
 
 The release runs (test_dragonfly.py) and was trained (DeepSpeed bf16) with the whole module cast
 to bfloat16 under transformers 4.45: `model.to(torch.bfloat16)` also rounds Llama's RoPE
-`inv_freq` buffer, cos/sin are cast to bf16 and the rotation runs in bf16 (SPEC §2.9). This
-script rebuilds the release's forward pass from transformers 4.45.2's own modules
-(CLIPVisionModel, LlamaForCausalLM, SDPA attention as `from_pretrained` picks it), casts it the
-release's way and decodes greedily with its KV cache:
+`inv_freq` buffer, cos/sin are cast to bf16 and the rotation runs in bf16
+(docs/release-facts.md#bf16-numerics). This script rebuilds the release's forward pass from
+transformers 4.45.2's own modules (CLIPVisionModel, LlamaForCausalLM, SDPA attention as
+`from_pretrained` picks it), casts it the release's way and decodes greedily with its KV cache:
 
   v2  modeling_dragonfly.py (main): all 41 crops through the ViT, hidden_states[-2],
       vision_embed_tokens on every token, CLS + avg_pool2d(4, 4) per medium/high crop, the

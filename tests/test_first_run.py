@@ -2,6 +2,7 @@
 script with .venv (installed once), one line instead of a traceback when a package is missing,
 and a short zoom demo that leaves the tracked results alone."""
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -9,10 +10,16 @@ from pathlib import Path
 
 import pytest
 
+import first_run
 from conftest import ROOT
 
 ENTRY_POINTS = ["sample.py", "train.py", "eval.py", "bench.py", "weights.py", "model.py", "presets.py", "crops.py",
-                "data/zoom/demo.py", "data/zoom/prepare.py", "data/llava/prepare.py"]
+                "quantize.py", "looked.py", "data/zoom/demo.py", "data/zoom/prepare.py", "data/zoom/ablations.py",
+                "data/llava/prepare.py"]
+# every module that imports a required package, scripts included (the tests import those too)
+MODULES = ["vit", "llama", "crops", "pool", "tokenizer", "weights", "metrics", "model", "pretrained", "quantize",
+           "presets", "conversation", "looked", "checkpoint", "data.formats", "data.dataset", "sample", "eval",
+           "train", "bench"]
 
 
 def quick_start_commands():
@@ -50,6 +57,29 @@ def test_a_missing_package_gives_one_line_naming_the_install_command(script):
     assert r.returncode == 1 and len(lines) == 1, r.stderr
     assert "is not installed" in lines[0] and f"bash run.sh {script}" in lines[0]
     assert "pip install -r requirements.txt" in lines[0]
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_importing_a_module_without_the_requirements_raises_import_error_not_exit(module):
+    # a notebook without torch (or numpy, pillow, ...): the import fails as imports do and the
+    # kernel lives on; only a script's __main__ part turns this into the one line above
+    hide = "".join(f"sys.modules[{name!r}] = None\n" for name in sorted(first_run.REQUIRED))
+    code = f"import sys\n{hide}try:\n    import {module}\nexcept ImportError as e:\n    print('ImportError', e.name)\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[0] == "ImportError" and r.stdout.split()[1] in first_run.REQUIRED
+
+
+def test_required_packages_are_those_of_requirements_txt():
+    lines = (ROOT / "requirements.txt").read_text().splitlines()
+    names = {re.split(r"[<>=!~ \[]", line.strip())[0] for line in lines if line.strip() and not line.startswith("#")}
+    assert {"PIL" if name == "pillow" else name for name in names} == first_run.REQUIRED
+
+
+def test_a_missing_optional_package_keeps_its_traceback():
+    code = "import first_run\nfirst_run.one_line_for_missing_packages()\nimport pycocoevalcap_absent_here\n"
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "Traceback" in r.stderr and "bash run.sh" not in r.stderr
 
 
 def test_a_short_zoom_demo_writes_only_under_out(tmp_path):

@@ -1,4 +1,4 @@
-"""Specification of metrics.py: the benchmark metrics of the Dragonfly papers (SPEC §5).
+"""Specification of metrics.py: the benchmark metrics of the Dragonfly papers (docs/release-facts.md#metrics).
 
 Golden values (tests/golden/metrics.json) come from tests/make_golden_metrics.py:
 pycocoevalcap 1.2's Bleu / Cider / Rouge on pre-tokenised captions, and the official VQA

@@ -1,5 +1,6 @@
 """model.py: the image block layout, generation, and checkpoint round trips (random tiny models;
 numbers against the reference implementation are in test_golden.py)."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -8,6 +9,7 @@ import torch
 from PIL import Image
 
 import model
+import presets
 import pretrained
 import weights
 
@@ -211,3 +213,10 @@ def test_llm_config_falls_back_to_top_level_fields_with_dragonfly_defaults():
     assert (llm.dim, llm.n_layers, llm.n_heads) == (64, 2, 4)
     # the release's DragonflyConfig defaults are Llama-3-8B's
     assert (llm.n_kv_heads, llm.norm_eps, llm.rope_theta, llm.max_seq_len, llm.vocab_size) == (8, 1e-5, 500000.0, 8192, 128256)
+
+
+@pytest.mark.parametrize("name", sorted(presets.PRESETS))
+def test_image_positions_counts_the_image_token_ids(name):
+    # image_positions is arithmetic; image_token_ids is the list the release's processor builds
+    for cfg in (presets.PRESETS[name], replace(presets.PRESETS[name], keep_cls=False, separators=False)):
+        assert model.image_positions(cfg) == len(model.image_token_ids(cfg))

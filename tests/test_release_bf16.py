@@ -1,7 +1,8 @@
-"""bfloat16 as the release runs it (SPEC §2.9): RoPE from bf16-rounded frequencies, rotated in
-bf16, in inference and in training; checked against goldens that transformers 4.45.2's own
-modules made, cast with `.to(torch.bfloat16)` as the release does (tests/make_golden_bf16.py).
-The golden script keeps only checkpoints where float32 RoPE fails these tests."""
+"""bfloat16 as the release runs it (docs/release-facts.md#bf16-numerics): RoPE from bf16-rounded
+frequencies, rotated in bf16, in inference and in training; checked against goldens that
+transformers 4.45.2's own modules made, cast with `.to(torch.bfloat16)` as the release does
+(tests/make_golden_bf16.py). The golden script keeps only checkpoints where float32 RoPE fails
+these tests."""
 import os
 from unittest import mock
 

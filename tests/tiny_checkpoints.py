@@ -2,7 +2,7 @@
 
 No model hub is reachable, so the loaders are tested on small deterministic checkpoints
 that copy the released layouts: the same tensor names, the same files and index files, the
-same config.json fields, the same dtypes (SPEC section 1). Golden outputs for these exact
+same config.json fields, the same dtypes (docs/release-facts.md#checkpoints). Golden outputs for these exact
 weights are made once by `tests/make_golden.py` with the Hugging Face reference models.
 
     write_tiny_clip(dir, variant="l14-336" | "b32-224", fmt="safetensors" | "bin")

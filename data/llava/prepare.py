@@ -1,4 +1,4 @@
-"""LLaVA's public training sets -> the release's JSONL records (SPEC §4).
+"""LLaVA's public training sets -> the release's JSONL records (docs/release-facts.md#training-records).
 
 Stage 1 (`pretrain`) trains on LLaVA-Pretrain, 558K image-caption pairs; stage 2 (`sft`) on
 instruction data such as LLaVA-Instruct's 665K mix. Neither is downloaded here. On a machine
@@ -33,11 +33,11 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
-try:
-    from data.formats import format_chat, read_records, to_turns  # noqa: E402
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+from data.formats import format_chat, read_records, to_turns  # noqa: E402
 
 
 MIX_PARTS = ("coco", "gqa", "ocr_vqa", "textvqa", "vg")   # the 665K mix's image folders

@@ -28,6 +28,11 @@ import sys
 import time
 from pathlib import Path
 
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # first_run.py
+    import first_run
+    first_run.one_line_for_missing_packages()
+
 from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent

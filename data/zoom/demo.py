@@ -23,11 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-try:
-    from PIL import Image, ImageDraw
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # first_run.py
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent

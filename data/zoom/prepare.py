@@ -16,8 +16,9 @@ first; a page puts the answer in every high-crop token, which mean pooling keeps
     python data/zoom/prepare.py --out data/zoom --train 4000 --test 500 --seed 0
 
 writes images/, example.png (one fixed sample, digit 7), train.jsonl (the release's record
-format, SPEC §4, image_url relative to --out) and test.jsonl in the common eval format
-({"id", "image", "question", "answers"}). About 3 KB per image, ~10 s for 4500 on one core.
+format, docs/release-facts.md#training-records, image_url relative to --out) and test.jsonl in
+the common eval format ({"id", "image", "question", "answers"}). About 3 KB per image, ~10 s for
+4500 on one core.
 Everything is a function of (seed, split, index): the same command gives the same bytes.
 """
 import argparse
@@ -28,14 +29,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
-try:
-    import numpy as np
-    from PIL import Image
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    from data.formats import format_chat  # noqa: E402
-except ModuleNotFoundError as e:  # a python without the requirements, e.g. a fresh clone's python3
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
-             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+import numpy as np
+from PIL import Image
+
+from data.formats import format_chat  # noqa: E402
 
 SIZE = 336    # the tiny model's high resolution: 6 x 56 px crops
 CELL = 7      # glyph pitch = the ViT patch: one glyph per patch in a high crop

@@ -1,0 +1,32 @@
+"""What a command-line script says when the python running it lacks the requirements.
+
+A fresh clone's `python3 sample.py` usually has no torch. Instead of a traceback it should
+print one line naming `bash run.sh`, which makes `.venv` and installs requirements.txt once.
+Only scripts do this, from their `if __name__ == "__main__":` part, before their first
+third-party import. Library modules leave a missing package alone: `import model` in a
+notebook raises an ordinary ImportError and the kernel keeps running.
+
+Standard library only, and no project imports, so any script can call it first.
+"""
+import sys
+
+# requirements.txt's packages, by the names they are imported under (pillow is PIL)
+REQUIRED = {"torch", "numpy", "PIL", "sentencepiece", "tiktoken", "safetensors", "tqdm"}
+
+
+def missing_package_line(name: str) -> str:
+    return (f"error: {name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+            "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
+
+
+def one_line_for_missing_packages():
+    """From here on, a required package that fails to import and is not caught ends the script
+    with that one line and exit status 1, instead of a traceback. Every other error, including a
+    missing optional package (METEOR's pycocoevalcap), keeps Python's usual report."""
+    def report(kind, error, traceback):
+        package = (getattr(error, "name", None) or "").split(".")[0]
+        if issubclass(kind, ModuleNotFoundError) and package in REQUIRED:
+            print(missing_package_line(package), file=sys.stderr)
+        else:
+            sys.__excepthook__(kind, error, traceback)
+    sys.excepthook = report

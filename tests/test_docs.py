@@ -1,0 +1,111 @@
+"""The documents a reader follows: every citation of docs/release-facts.md names one of its
+headings, nothing cites the facts file the repository never had, and the README's reading path
+names only functions that exist."""
+import importlib
+import os
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+FACTS = ROOT / "docs" / "release-facts.md"
+CITATION = re.compile(r"release-facts\.md#([^\s)\]`'\",.;:]*)")   # docs/release-facts.md#crop-grids
+LINK_IN_FACTS = re.compile(r"\]\(#([^)]*)\)")                   # [Crop grids](#crop-grids)
+UNPUBLISHED = re.compile(r"\bSPEC\b")                           # the old "SPEC §2.8" citations
+TEXT_SUFFIXES = {".py", ".md", ".sh", ".txt"}
+
+
+def anchor(heading: str) -> str:
+    """GitHub's anchor for a heading: lower case, only letters, digits, hyphens and underscores
+    kept, spaces turned into hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def fact_anchors() -> list:
+    return [anchor(line[3:]) for line in FACTS.read_text().splitlines() if line.startswith("## ")]
+
+
+def project_text_files():
+    """Every text file of the project (not .venv, .git or caches), except this test, which has to
+    spell out the patterns it looks for."""
+    for folder, subfolders, files in os.walk(ROOT):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d != "__pycache__")
+        for name in sorted(files):
+            path = Path(folder) / name
+            if path.suffix in TEXT_SUFFIXES and path != Path(__file__).resolve():
+                yield path
+
+
+def citations():
+    """(file:line, anchor) of every citation of the facts file, its own internal links included."""
+    for path in project_text_files():
+        for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+            found = CITATION.findall(line) + (LINK_IN_FACTS.findall(line) if path == FACTS else [])
+            for name in found:
+                yield f"{path.relative_to(ROOT)}:{number}", name
+
+
+def test_release_facts_headings_are_unique():
+    anchors = fact_anchors()
+    assert len(anchors) > 10 and len(set(anchors)) == len(anchors), anchors
+
+
+def test_every_citation_of_the_release_facts_names_one_of_its_headings():
+    found = list(citations())
+    assert len(found) > 30  # the code cites the file throughout; none found means the pattern broke
+    headings = set(fact_anchors())
+    dangling = [f"{where} #{name}" for where, name in found if name not in headings]
+    assert dangling == [], f"no such heading in docs/release-facts.md: {dangling}"
+
+
+def test_no_file_cites_the_unpublished_spec():
+    old = [f"{path.relative_to(ROOT)}:{number}" for path in project_text_files()
+           for number, line in enumerate(path.read_text(errors="replace").splitlines(), 1)
+           if UNPUBLISHED.search(line)]
+    assert old == [], f"cite docs/release-facts.md#<heading> instead: {old}"
+
+
+# ---- the README's reading path ------------------------------------------------------------------
+NAMED = re.compile(r"`([^`]+)`")
+
+
+def reading_section() -> str:
+    return (ROOT / "README.md").read_text().split("\n## Reading the code\n", 1)[1].split("\n## ", 1)[0]
+
+
+def resolve(file: str, dotted: str):
+    """The object `dotted` (e.g. `Dragonfly.encode`) in the module of `file`, or None."""
+    obj = importlib.import_module(file[:-3].replace("/", "."))
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+    return obj
+
+
+def named_functions():
+    """(where, file, name) for every function the reading path names: `file.py:name` anywhere;
+    a bare `name` in a numbered step belongs to one of the files that step names."""
+    steps = re.split(r"\n(?=\d+\. )", reading_section())
+    for step in steps:
+        tokens = NAMED.findall(step)
+        files = [t for t in tokens if t.endswith(".py")]
+        for token in tokens:
+            if ":" in token:
+                file, name = token.split(":", 1)
+                yield token, [file], name
+            elif not token.endswith(".py") and files and re.fullmatch(r"[A-Za-z_][\w.]*", token):
+                yield f"{token} (step naming {', '.join(files)})", files, token
+
+
+def test_reading_path_names_only_functions_that_exist():
+    named = list(named_functions())
+    assert len(named) > 40  # the steps and the concept map; fewer means the section was not parsed
+    missing = [where for where, files, name in named if all(resolve(f, name) is None for f in files)]
+    assert missing == [], f"README's reading path names what the code does not have: {missing}"
+
+
+def test_concept_map_covers_the_papers_ideas():
+    table = [line for line in reading_section().splitlines() if line.startswith("| ")][1:]  # after the header
+    concepts = " ".join(line.split("|")[1] for line in table)
+    for idea in ("low, medium and high crops", "grid choice", "mean pooling", "separator", "projection",
+                 "zoom-in", "two training stages"):
+        assert idea in concepts, idea
