@@ -141,7 +141,7 @@ def shard_numel(p, world) -> int:
     return math.ceil(p.shape[0] / world) * (p[0].numel() if p.ndim > 1 else 1) if p.ndim else p.numel()
 
 
-def sharded(model, world, param_dtype=torch.bfloat16, master_dtype=torch.float32) -> dict:
+def sharded(model, world, param_dtype=torch.bfloat16, master_dtype=torch.float32, fsdp=None) -> dict:
     """Bytes per rank: float32 shards of every parameter, gradients and AdamW moments of the
     trained ones; and the unsharded working set FSDP2 all-gathers in `param_dtype`."""
     m, c = torch.tensor([], dtype=master_dtype).element_size(), torch.tensor([], dtype=param_dtype).element_size()
@@ -149,7 +149,7 @@ def sharded(model, world, param_dtype=torch.bfloat16, master_dtype=torch.float32
     trained = [p for p in params if p.requires_grad]
     per_rank = (lambda ps: sum(shard_numel(p, world) for p in ps)) if world > 1 else (lambda ps: sum(p.numel() for p in ps))
     out = dict(params=m * per_rank(params), grads=m * per_rank(trained), adam=2 * m * per_rank(trained), gathered=0, grad_buffers=0)
-    if world > 1:
+    if world > 1 if fsdp is None else fsdp:  # train.py shards only when there are several processes
         inner, root = units(model)
         largest = max(inner, key=lambda ps: sum(p.numel() for p in ps))
         numel = lambda ps, train_only=False: sum(p.numel() for p in ps if p.requires_grad or not train_only)
@@ -159,10 +159,10 @@ def sharded(model, world, param_dtype=torch.bfloat16, master_dtype=torch.float32
 
 
 # ---- the plan ----------------------------------------------------------------------------------
-def memory(model, world, micro_batch, grad_checkpoint, text, flash=True) -> dict:
+def memory(model, world, micro_batch, grad_checkpoint, text, flash=True, fsdp=None) -> dict:
     """Bytes per GPU by kind, and their sum: the predicted peak."""
     vocab, c = model.cfg.llm.vocab_size, next(model.parameters()).element_size()
-    s = sharded(model, world, next(model.parameters()).dtype)
+    s = sharded(model, world, next(model.parameters()).dtype, fsdp=fsdp)
     rows = dict(params=s["params"], grads=s["grads"], adam=s["adam"],
                 activations=activations(model, micro_batch, text, grad_checkpoint, flash),
                 transient=s["gathered"] + s["grad_buffers"] + micro_batch * (text - 1) * vocab * (4 + 4 + c))

@@ -149,3 +149,12 @@ def test_plan_refuses_a_sequence_shorter_than_the_image_block():
     out = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--max-seq", "1000"], capture_output=True, text=True, timeout=300)
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
         "error: --max-seq 1000: the image block alone takes 2098 positions"]
+
+
+def test_gpu_script_dry_run_takes_the_training_steps_on_cpu():
+    out = subprocess.run(["bash", str(ROOT / "tests" / "gpu.sh"), "--dry"], capture_output=True, text=True, timeout=240,
+                         env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, MASTER_PORT=str(29100 + os.getpid() % 400)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bench.py --config full --device cuda --dtype bfloat16 --quantize int8" in out.stdout
+    steps = [x for x in out.stdout.splitlines() if x.startswith("checkpointing")]
+    assert len(steps) == 2 and all("samples/s (plan " in x and "GiB (plan " in x for x in steps)
