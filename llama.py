@@ -126,8 +126,9 @@ def apply_rope(x, cos, sin):
 
 def compute_dtype(x):
     """The dtype the layers compute in: autocast's when it is on (train.py on one process casts
-    there), else the activations' (a bf16 model, or FSDP2's bf16 parameters)."""
-    if torch.is_autocast_enabled(x.device.type):
+    there), else the activations' (a bf16 model, or FSDP2's bf16 parameters). The meta device
+    (plan.py) has no autocast to ask about."""
+    if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
 

@@ -218,10 +218,14 @@ class Dragonfly(nn.Module):
         h = self.llm.hidden(x)[:, P:]                      # (B, T, dim)
         if labels is None:
             return self.llm.lm_head(h), None
-        targets = labels[:, 1:]
-        supervised = targets != -100
-        logits = self.llm.lm_head(h[:, :-1][supervised])   # (n supervised, vocab)
-        return None, F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
+        rows, targets = h[:, :-1], labels[:, 1:]
+        if h.is_meta:  # plan.py: meta tensors hold no labels to select by; every row (the worst case), copied as selecting does
+            rows, targets = rows.flatten(0, 1).clone(), targets.flatten()
+        else:
+            supervised = targets != -100
+            rows, targets = rows[supervised], targets[supervised]      # (n supervised, dim)
+        logits = self.llm.lm_head(rows)                                 # (n supervised, vocab)
+        return None, F.cross_entropy(logits.float(), targets, reduction=reduction)
 
     @torch.no_grad()
     def generate(self, prompts, images=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
