@@ -15,6 +15,7 @@ import torch
 import model as M
 import presets
 import train
+from train_config import TrainConfig, fields
 from conftest import ROOT
 
 COMMON = ["--model", "tiny", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0",
@@ -301,8 +302,8 @@ def test_every_train_flag_has_help_with_its_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for f in train.fields(train.TrainConfig):
+    for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
-    assert text.count("(default: ") == len(train.fields(train.TrainConfig))
+    assert text.count("(default: ") == len(fields(TrainConfig))
     assert "--model {tiny} tiny: the zoom demo's small random model" in text
     assert "(default: pretrain 64, sft 16, med-vision 64)" in text  # --batch-size follows --stage
