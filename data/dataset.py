@@ -91,7 +91,8 @@ class VLDataset(torch.utils.data.Dataset):
 
         pixels = grids = None
         if image is not None:
-            path = self.images_dir / image if self.images_dir is not None else Path(image)
+            # opened as judged: `..` taken away in the text, as _inside counts it
+            path = Path(os.path.normpath(self.images_dir / image if self.images_dir is not None else image))
             if self.images_dir is not None and not self.images_anywhere and not _inside(image):
                 return Skipped("image outside the images folder", i, str(path))
             if not path.is_file():

@@ -90,7 +90,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     for flag, least in (("steps", 0), ("train", 1), ("test", 1)):
         if getattr(args, flag) < least:
-            p.exit(2, f"error: --{flag} {getattr(args, flag)}: must be {least} or more\n")
+            sys.exit(f"error: --{flag} {getattr(args, flag)}: must be {least} or more")
     if args.ship and (args.steps, args.train, args.test) != (0, FULL["train"], FULL["test"]):
         p.error("--ship writes the tracked results and checkpoint: only for the full run (no --steps, --train, --test)")
     out, t0 = Path(args.out), time.time()
