@@ -344,7 +344,10 @@ def lock(out: Path):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            host, _, pid = path.read_text().partition(" ")
+            try:
+                host, _, pid = path.read_text().partition(" ")
+            except OSError:                 # not a file we wrote (a folder named lock): not ours to judge
+                host = pid = ""
             if host == socket.gethostname() and pid.strip().isdigit() and not alive(int(pid)):
                 path.unlink(missing_ok=True)
                 continue

@@ -103,6 +103,8 @@ def open_records(cfg: TrainConfig) -> RecordFile:
         except ValueError as e:              # a JSON list that does not parse, a first line that is not JSON
             raise SystemExit(f"error: {flag} {path}: {e}") from None
     records = opened["--data"]
+    if cfg.text_prob > 0 and not cfg.text_data:
+        raise SystemExit(f"error: --text-prob {cfg.text_prob:g} mixes in text-only records: give them with --text-data")
     if len(records) == 0:
         raise SystemExit(f"error: --data {data} holds no records")
     return records
@@ -167,7 +169,8 @@ def loss_warning(log: Path):
 def diverged(step, what, out: Path, saved: int) -> str:
     """The line that ends a run whose numbers stopped being numbers (--lr far too high, say)."""
     kept = f"{out / f'step_{saved:07d}'} is the newest checkpoint, kept" if saved else "no checkpoint was saved"
-    return f"error: step {step}: {what}: training diverged; stopped, {kept}, nothing exported; lower --lr or check the data"
+    return (f"error: step {step}: {what}: training diverged; stopped, {kept}, nothing exported; "
+            "lower --lr (in a new --out, or with --force) or check the data")
 
 
 def step_counts(parts, group, world):
@@ -359,5 +362,5 @@ if __name__ == "__main__":
         main()
     except weights.CheckpointError as e:  # a wrong --init, --clip or --llama: one line, not a traceback
         sys.exit(f"error: {e}")
-    except KeyboardInterrupt:             # the second Ctrl-C (the first saves)
-        sys.exit("aborted by a second Ctrl-C: nothing saved since the newest checkpoint")
+    except KeyboardInterrupt:             # a second Ctrl-C in the loop (the first saves), or one before it
+        sys.exit("aborted by Ctrl-C: nothing saved since the newest checkpoint")

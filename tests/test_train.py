@@ -396,7 +396,7 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_exports_nothin
     assert r.returncode == 1 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1] == (
         f"error: step 2: the loss is nan and the gradient norm nan: training diverged; stopped, {tmp_path / 'step_0000001'} "
-        "is the newest checkpoint, kept, nothing exported; lower --lr or check the data")
+        "is the newest checkpoint, kept, nothing exported; lower --lr (in a new --out, or with --force) or check the data")
     assert not (tmp_path / "final").exists() and sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000001"]
     assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
 
