@@ -187,7 +187,7 @@ def step_counts(parts, group, world):
 
 def main(argv=None):
     """Check the flags, data and --out, claim --out for this run, train, release --out."""
-    cfg = parse_config(argv)
+    cfg = parse_config(argv, __doc__)
     records = open_records(cfg)
     tok_path = find_tokenizer(cfg)
     out = Path(cfg.out)

@@ -81,9 +81,10 @@ def show(value) -> str:
     return (" ".join(value) if isinstance(value, tuple) else str(value)) or "none"
 
 
-def parse_config(argv=None) -> TrainConfig:
-    """Stage defaults first, then every field overridable from the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_config(argv=None, description=None) -> TrainConfig:
+    """Stage defaults first, then every field overridable from the command line; a value outside
+    its field's range (`valid`) is a one-line error."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         by_stage = {stage: d[f.name] for stage, d in STAGES.items() if f.name in d}
         default = ", ".join(f"{stage} {show(v)}" for stage, v in by_stage.items()) if by_stage else show(f.default)
@@ -110,7 +111,8 @@ def run_identity(cfg: TrainConfig, data: Path, world: int) -> dict:
     (paths made absolute) and the number of processes (each one's share of the data)."""
     names = [f.name for f in fields(cfg)]
     kept = {k: getattr(cfg, k) for k in names[:names.index("out")]}
-    paths = {k: str(Path(v).resolve()) for k, v in kept.items() if k in ("init", "clip", "llama", "tokenizer", "images", "text_data") and v}
+    paths = {k: str(Path(v).resolve()) for k, v in kept.items()
+             if k in ("init", "clip", "llama", "tokenizer", "images", "text_data") and v}
     return json.loads(json.dumps({**kept, **paths, "data": str(data.resolve()), "processes": world}))
 
 
@@ -118,6 +120,6 @@ def inputs(cfg: TrainConfig, data: Path, tokenizer: Path) -> dict:
     """The paths training reads, which --out must not write over: flag -> (path, whether an --out
     inside it is refused too, as inside a model folder)."""
     found = {"--init": (cfg.init, True), "--clip": (cfg.clip, True), "--llama": (cfg.llama, True),
-             "--tokenizer" if cfg.tokenizer else "the tokenizer": (tokenizer, True), "--data": (data, False), "--images": (cfg.images or data.parent, False),
-             "--text-data": (cfg.text_data, False)}
+             "--tokenizer" if cfg.tokenizer else "the tokenizer": (tokenizer, True),
+             "--data": (data, False), "--images": (cfg.images or data.parent, False), "--text-data": (cfg.text_data, False)}
     return {flag: (path, inside) for flag, (path, inside) in found.items() if path}
