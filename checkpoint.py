@@ -1,20 +1,32 @@
-"""Training checkpoints that survive a kill: save, recognise a torn one, resume, stop on SIGTERM.
+"""Training checkpoints that survive a kill: save, recognise a damaged one, resume, stop on
+SIGTERM or Ctrl-C; and the run that owns an output folder.
 
 A checkpoint is a folder OUT/step_N: model + optimizer through torch.distributed.checkpoint
 (DCP: `.metadata` and one `__R_0.distcp` shard per process), one `extra_rankR.pt` per process
-(step, data position, scheduler, RNG) and, written last, `complete.json`, which lists every
-file with its size. It is written as step_N.tmp and renamed, and OUT/latest names the newest.
-A kill, a full disk or a lost file can still leave a folder without its marker, or with a file
-missing or cut short: `resume` says which checkpoint is damaged and takes the newest intact one.
+(step, data position, scheduler, RNG: tensors and plain values, read back with
+`torch.load(weights_only=True)`) and, written last, `complete.json`, which lists every file
+with its size and sha256 (each process hashes the files it wrote) and the id of the run that
+wrote it. It is written as step_N.tmp and renamed, and OUT/latest names the newest. A kill, a
+full disk, a lost file or flipped bytes can still leave a folder without its marker, or with a
+file missing, cut short or changed: `resume` says which checkpoint is damaged and takes the
+newest intact one.
+
+One output folder holds one run (`claim`): OUT/run.json records the run's id and the settings
+that decide what it learns, and OUT/lock the process writing it now. --resume continues only
+that run with those settings; a fresh run refuses a folder holding another (unless --force),
+and a second train.py on the same folder refuses while the first is alive.
 
 Resuming also drops the lines of log.jsonl after the checkpoint's step: the interrupted run
 logged them, the resumed one trains those steps again, and a plot of the log stays a function
 of the step. `Stop` makes SIGTERM (a scheduler's preemption, `kill`) end a run within seconds.
 `export` writes the end of a run as a directory that Dragonfly.from_pretrained loads.
 """
+import hashlib
 import json
 import os
 import random
+import socket
+import uuid
 import shutil
 import signal
 import sys
@@ -32,6 +44,8 @@ import pretrained
 from tokenizer import Tokenizer
 
 MARKER = "complete.json"
+RUN, LOCK = "run.json", "lock"
+OUTPUTS = ("run.json", "config.json", "log.jsonl", "latest", "final")   # what a run writes in OUT, with step_N
 
 
 def barrier():
@@ -39,22 +53,68 @@ def barrier():
         dist.barrier()
 
 
-def save(out: Path, step, model, optim, scheduler, sampler_state, rank):
-    """model + optimizer sharded through DCP, the rest per rank, then the marker; written to
-    step_N.tmp and renamed, and `latest` is replaced atomically afterwards."""
+def gather(value, world):
+    """value from every process, in rank order."""
+    if world == 1:
+        return [value]
+    every = [None] * world
+    dist.all_gather_object(every, value)
+    return every
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def writer(name: str, world: int) -> int:
+    """The process that wrote (and hashes) file `name`: DCP's `__R_k.distcp` and our
+    `extra_rankR.pt` are rank R's; the rest (DCP's .metadata) rank 0's."""
+    for prefix, end in (("__", "_"), ("extra_rank", ".")):
+        head = name[len(prefix):].split(end)[0] if name.startswith(prefix) else ""
+        if head.isdigit() and int(head) < world:
+            return int(head)
+    return 0
+
+
+def rng_state() -> dict:
+    """Every RNG's state as tensors and plain values, which torch.load(weights_only=True) reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(rng: dict):
+    torch.set_rng_state(rng["torch"])
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    kind, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if rng["cuda"] is not None:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def save(out: Path, step, model, optim, scheduler, sampler_state, rank, run_id="", world=1):
+    """model + optimizer sharded through DCP, the rest per rank, then the marker with every
+    file's size and sha256; written to step_N.tmp and renamed, and `latest` is replaced
+    atomically afterwards."""
     final, tmp = out / f"step_{step:07d}", out / f"step_{step:07d}.tmp"
     if rank == 0 and tmp.exists():
         shutil.rmtree(tmp)
     barrier()
     msd, osd = get_state_dict(model, optim)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-             "python": random.getstate(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}}
+    extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
     torch.save(extra, tmp / f"extra_rank{rank}.pt")
     barrier()
+    mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
+            for p in sorted(tmp.iterdir()) if p.is_file() and writer(p.name, world) == rank}
+    files = {name: entry for part in gather(mine, world) for name, entry in part.items()}
     if rank == 0:
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / "marker.tmp").write_text(json.dumps({"step": step, "files": files}))
+        (tmp / "marker.tmp").write_text(json.dumps({"step": step, "run_id": run_id, "files": files}))
         os.replace(tmp / "marker.tmp", tmp / MARKER)
         if final.exists():
             shutil.rmtree(final)
@@ -64,20 +124,29 @@ def save(out: Path, step, model, optim, scheduler, sampler_state, rank):
     barrier()
 
 
-def damage(path: Path):
-    """Why the checkpoint folder `path` cannot be resumed from, or None if it is intact."""
+def damage(path: Path, run_id=None, rank=0, world=1):
+    """Why the checkpoint folder `path` cannot be resumed from, or None if it is intact. Every
+    file's size is checked; its sha256 by the process that wrote it. run_id: the folder's run
+    (a checkpoint of another run is not this run's to continue)."""
     try:
-        files = json.loads((path / MARKER).read_text())["files"]
+        marker = json.loads((path / MARKER).read_text())
+        files = marker["files"]
     except FileNotFoundError:
         return f"no {MARKER}: its save never finished"
     except (ValueError, KeyError, TypeError):
         return f"{MARKER} is unreadable"
-    for name, size in files.items():
+    if run_id is not None and marker.get("run_id") != run_id:
+        return f"written by another run (run id {marker.get('run_id') or 'none'}, this folder's run is {run_id})"
+    for name, entry in files.items():
         f = path / name
+        size = entry["size"] if isinstance(entry, dict) else entry
         if not f.is_file():
             return f"{name} is missing"
         if f.stat().st_size != size:
             return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    for name, entry in files.items():
+        if writer(name, world) == rank and (not isinstance(entry, dict) or sha256(path / name) != entry.get("sha256")):
+            return f"{name} does not match the sha256 written with it: its bytes changed"
     return None
 
 
@@ -92,22 +161,22 @@ def load(path: Path, model, optim, scheduler, rank):
     state = {"model": msd, "optim": osd}
     dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(path / f"extra_rank{rank}.pt", weights_only=False)
+    try:   # the project's own file holds no code: a pickle that asks to run some is refused, not run
+        extra = torch.load(path / f"extra_rank{rank}.pt", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: {path / f'extra_rank{rank}.pt'}: not a checkpoint this train.py wrote "
+                         f"({str(e).splitlines()[0][:200]}); delete {path.name} to resume from an older one") from None
     scheduler.load_state_dict(extra["scheduler"])
-    torch.set_rng_state(extra["rng"]["torch"])
-    np.random.set_state(extra["rng"]["numpy"])
-    random.setstate(extra["rng"]["python"])
-    if extra["rng"]["cuda"] is not None:
-        torch.cuda.set_rng_state_all(extra["rng"]["cuda"])
+    set_rng_state(extra["rng"])
     return extra["step"], extra["sampler"]
 
 
-def resume(out: Path, model, optim, scheduler, rank):
-    """Load the newest intact checkpoint in out: (step, sampler state), or (0, None) if out has
-    none. Damaged ones are named and passed over; none intact stops the run."""
+def resume(out: Path, model, optim, scheduler, rank, run_id=None, world=1):
+    """Load the newest intact checkpoint of run `run_id` in out: (step, sampler state), or
+    (0, None) if out has none. Damaged ones are named and passed over; none intact stops the run."""
     found = checkpoints(out)
     for path in found:
-        why = damage(path)
+        why = next((w for w in gather(damage(path, run_id, rank, world), world) if w), None)
         if why is None:
             break
         say(rank, f"checkpoint {path} is damaged ({why}); trying an older one")
@@ -155,27 +224,38 @@ def say(rank, message):
 
 
 class Interrupted(BaseException):
-    """SIGTERM while the loop waits for data. A BaseException, like KeyboardInterrupt, so that
-    the dataset's `except Exception` around image decoding cannot swallow it."""
+    """SIGTERM or Ctrl-C while the loop waits for data. A BaseException, like KeyboardInterrupt,
+    so that the dataset's `except Exception` around image decoding cannot swallow it."""
 
 
 class Stop:
-    """SIGTERM handling. During a step the signal only sets `requested`, which the loop reads
-    after the step, so the step is finished and saved; while the loop waits for data (a stalled
-    worker, a slow disk) it raises Interrupted at once, since the wait may never end."""
+    """SIGTERM and Ctrl-C (SIGINT) handling. During a step the signal only sets `requested`,
+    which the loop reads after the step, so the step is finished and saved; while the loop waits
+    for data (a stalled worker, a slow disk) it raises Interrupted at once, since the wait may
+    never end. A second Ctrl-C is Python's KeyboardInterrupt again: it aborts without saving.
+    `close` puts the previous handlers back."""
 
     def __init__(self):
         self.requested, self.waiting, self.pid = False, False, os.getpid()
-        signal.signal(signal.SIGTERM, self._handle)
+        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        if os.getpid() != self.pid:     # a forked DataLoader worker: end as SIGTERM normally does
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
+        if os.getpid() != self.pid:     # a forked DataLoader worker: the training process decides
+            if signum == signal.SIGTERM:    # end as SIGTERM normally does; a terminal's Ctrl-C reaches
+                signal.signal(signum, signal.SIG_DFL)   # the workers too, and they keep serving the save
+                os.kill(os.getpid(), signum)
             return
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("Ctrl-C: stopping after this step and saving it; Ctrl-C again aborts without saving",
+                  file=sys.stderr, flush=True)
         self.requested = True
         if self.waiting:
             raise Interrupted()
+
+    def close(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
     @contextmanager
     def waiting_for_data(self):
@@ -186,3 +266,122 @@ class Stop:
             yield
         finally:
             self.waiting = False
+
+
+# ---- the run that owns an output folder ------------------------------------------------------
+def check_out(out: Path, inputs: dict):
+    """Refuse, before anything is written, an --out that cannot hold a run or would write over
+    an input. inputs: flag -> (path, whether an --out inside it is refused too: a model folder)."""
+    where = out.resolve()
+    for flag, (path, inside) in inputs.items():
+        p = Path(path).resolve()
+        how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""
+        if how:
+            raise SystemExit(f"error: --out {out} {how} {flag} {path}: training would write over its input; "
+                             "choose another --out")
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"error: --out {out} is a file; give a folder (new or empty) for the run")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"error: --out {out}: cannot create it ({e.strerror}); choose another folder") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SystemExit(f"error: --out {out} is not writable; choose another folder")
+
+
+def claim(out: Path, identity: dict, resume: bool, force: bool, rank: int) -> str:
+    """Lock out for this process and return the id of the run it continues (--resume) or starts.
+    identity: the settings that decide what the run learns; a resume must repeat them."""
+    if rank == 0:
+        lock(out)
+        try:
+            own(out, identity, resume, force)
+        except BaseException:
+            release(out, rank)
+            raise
+    barrier()
+    return json.loads((out / RUN).read_text())["run_id"]
+
+
+def own(out: Path, identity: dict, resume: bool, force: bool):
+    """Check that this run may write out, and record it in OUT/run.json (a fresh run: a new id)."""
+    held = [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in checkpoints(out)]
+    try:
+        record = json.loads((out / RUN).read_text()) if (out / RUN).exists() else None
+        recorded = record and record["identity"]
+    except (ValueError, KeyError, TypeError):
+        raise SystemExit(f"error: {out / RUN} is unreadable, so whose run {out} holds is unknown; "
+                         "train into a new --out") from None
+    if resume and record:
+        changed = [k for k in sorted(identity.keys() | recorded.keys()) if identity.get(k) != recorded.get(k)]
+        if changed:
+            said = "; ".join(f"{'' if k == 'processes' else '--'}{k.replace('_', '-')} {recorded.get(k)}, now {identity.get(k)}"
+                             for k in changed[:3])
+            raise SystemExit(f"error: --resume: the run in {out} was started with other settings ({said}): "
+                             "resume with its flags, or train into a new --out")
+        return
+    if resume and held:
+        raise SystemExit(f"error: --resume: {out} holds {', '.join(held[:3])} but no {RUN}, so which run they "
+                         "belong to is unknown (an older train.py's, or no run's); train into a new --out")
+    a_run = bool({RUN, "log.jsonl"} & set(held) or checkpoints(out))
+    if held and not a_run:
+        raise SystemExit(f"error: --out {out} holds {', '.join(held)}, not a training run's; choose a new --out")
+    if held and not force:
+        raise SystemExit(f"error: --out {out} already holds a run: continue it with --resume, train into a new --out, "
+                         "or pass --force to delete that run and start over")
+    for name in held + [p.name for p in out.glob("step_*.tmp")]:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+    (out / "run.tmp").write_text(json.dumps({"run_id": uuid.uuid4().hex, "identity": identity}, indent=2))
+    os.replace(out / "run.tmp", out / RUN)
+
+
+def lock(out: Path):
+    """OUT/lock, created exclusively, names this process; a lock whose process has died (a kill,
+    a power cut) is stale and taken over."""
+    path, me = out / LOCK, f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                host, _, pid = path.read_text().partition(" ")
+            except OSError:                 # not a file we wrote (a folder named lock): not ours to judge
+                host = pid = ""
+            if host == socket.gethostname() and pid.strip().isdigit() and not alive(int(pid)):
+                path.unlink(missing_ok=True)
+                continue
+            raise SystemExit(f"error: --out {out} is in use by another train.py (pid {pid.strip() or '?'} on {host or '?'}); "
+                             f"wait for it to end or train into another --out (if it is not running, delete {path})") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(me)
+        return
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:     # someone else's process
+        return True
+    return True
+
+
+def release(out: Path, rank: int):
+    """Remove OUT/lock if this process holds it."""
+    path = out / LOCK
+    if rank == 0 and path.exists() and path.read_text() == f"{socket.gethostname()} {os.getpid()}":
+        path.unlink()
+
+
+def finite(model) -> bool:
+    """Whether every trained weight is a finite number, on every process (a diverged run's are
+    not: such weights are neither saved nor exported)."""
+    trained = [p.detach() for p in model.parameters() if p.requires_grad]
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in trained)
+    if dist.is_initialized():
+        flag = torch.tensor(float(bad), device=trained[0].device if trained else "cpu")
+        dist.all_reduce(flag)
+        bad = int(flag.item())
+    return bad == 0

@@ -35,15 +35,16 @@ from contextlib import nullcontext
 from functools import lru_cache
 from unittest import mock
 
-try:
-    import torch
-    import torch.nn.functional as F
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
 
-    import model as M
-    import presets
-    import train
-except ModuleNotFoundError as e:
-    sys.exit(f"error: {e.name} is not installed: run `bash run.sh {sys.argv[0]} ...` or pip install -r requirements.txt")
+import torch
+import torch.nn.functional as F
+
+import model as M
+import presets
+import train
 
 GiB = 2 ** 30
 H100 = dict(name="H100 SXM 80 GB", memory=81559 * 2 ** 20, bf16=989e12, fp32=67e12)  # nvidia-smi's 81559 MiB; dense peak

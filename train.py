@@ -8,12 +8,12 @@ process or many GPUs.
     python train.py --model tiny --data data/zoom/train.jsonl --images data/zoom --out out/zoom
 
 Plain torch.distributed: FSDP2 (`fully_shard`) per ViT block and per Llama block, bf16 compute
-with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. Checkpoints (checkpoint.py)
-every --save-every steps and on SIGTERM; --resume continues from the newest intact one. Data
-that cannot train (missing, empty, mostly skipped) stop the run with one line. The end exports
-a safetensors directory that `Dragonfly.from_pretrained` and `sample.py` load.
+with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. The flags: train_config.py.
+Checkpoints (checkpoint.py) every --save-every steps and on SIGTERM or Ctrl-C; --resume
+continues the run in --out from its newest intact one. Data that cannot train (missing, empty,
+mostly skipped) and a loss or weight that is no longer a finite number stop the run with one
+line. The end exports a safetensors directory that `Dragonfly.from_pretrained` and `sample.py` load.
 """
-import argparse
 import json
 import math
 import os
@@ -21,7 +21,7 @@ import random
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -40,85 +40,7 @@ import presets
 import weights
 from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
 from tokenizer import Tokenizer
-
-# ---- configuration -------------------------------------------------------------------------
-STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (med-vision)
-    "pretrain":   dict(trainable=("projection",), batch_size=64, lr=2e-5, grad_checkpoint=False),
-    "sft":        dict(trainable=("projection", "vision", "llm"), batch_size=16, lr=2e-6, grad_checkpoint=True),
-    "med-vision": dict(trainable=("projection", "vision"), batch_size=64, lr=2e-5, grad_checkpoint=False),
-}
-
-
-def opt(default, help, choices=None):
-    """A TrainConfig field with its --help line (and the values it accepts)."""
-    return field(default=default, metadata={"help": help, "choices": choices})
-
-
-@dataclass
-class TrainConfig:
-    stage: str = opt("sft", "what trains, with the stage's batch, lr and checkpointing (v2 Table 10, Med Table 16)", tuple(STAGES))
-    model: str = opt("", "tiny: the zoom demo's small random model; omit to start from --init, or --clip + --llama", ("tiny",))
-    init: str = opt("", "a Dragonfly checkpoint directory to start from (e.g. stage 1's OUT/final)")
-    clip: str = opt("", "OpenAI CLIP directory (Hugging Face layout): stage 1 from the backbones, with --llama")
-    llama: str = opt("", "Llama-3 directory (Hugging Face layout), with --clip")
-    tokenizer: str = opt("", "tokenizer.model/.json or a folder with one; default: from --init, then --llama "
-                             "(--model tiny: the shipped checkpoints/zoom-tiny one)")
-    data: str = opt("", "training records (LLaVA JSON or release JSONL), or a folder holding train.jsonl; required")
-    images: str = opt("", "folder the records' image paths are relative to; empty: the records file's folder")
-    text_data: str = opt("", "text-only conversations to mix in at --text-prob")
-    text_prob: float = opt(0.0, "chance that a sample comes from --text-data (the release: 0.1 in stage 2)")
-    loss_on: str = opt("assistant", "the text that gets a loss; all = every token after <|begin_of_text|>, as the release",
-                       ("assistant", "all"))
-    max_seq: int = opt(4096, "positions per sample, image block included; longer text is cut from the end")
-    low_only: bool = opt(False, "the low-resolution crop only (the paper's L ablation; --model tiny)")
-    preset: str = opt("", "a presets.py name: from --clip/--llama the whole config; with --model tiny its resolution levels")
-    high_pool: int = opt(0, "--model tiny: pooled side of each high crop's 8x8 grid (0: the demo's 2)")
-    trainable: tuple = opt((), "the parts that train", ("projection", "vision", "llm"))
-    batch_size: int = opt(16, "global batch in samples, whatever the number of processes")
-    micro_batch: int = opt(1, "samples per forward pass and process; gradient accumulation makes up the batch")
-    lr: float = opt(2e-6, "peak learning rate (AdamW, betas 0.9, 0.999)")
-    min_lr_ratio: float = opt(0.0, "the cosine schedule's last lr, as a fraction of --lr")
-    warmup: float = opt(0.01, "linear warmup, as a fraction of the steps")
-    weight_decay: float = opt(0.1, "AdamW weight decay (none on biases, norms and CLS)")
-    grad_clip: float = opt(1.0, "clip the gradient norm to this")
-    epochs: float = opt(1.0, "passes over --data (fractions allowed)")
-    max_steps: int = opt(0, "optimizer steps; 0: from --epochs")
-    grad_checkpoint: bool = opt(True, "recompute each block in the backward: less memory, ~1/3 more compute")
-    dtype: str = opt("auto", "compute dtype; auto: bfloat16 on CUDA, float32 on CPU", ("auto", "float32", "bfloat16"))
-    workers: int = opt(2, "DataLoader worker processes per training process")
-    seed: int = opt(0, "seed of the data order, the captions' instructions and a fresh model's weights")
-    out: str = opt("out/run", "output folder: config.json, log.jsonl, checkpoints step_N, the exported final")
-    save_every: int = opt(1000, "a checkpoint every N steps (also on SIGTERM and at the end)")
-    resume: bool = opt(False, "continue from the newest intact checkpoint in --out")
-    stop_after: int = opt(0, "testing aid: stop after N steps as if interrupted; 0: never")
-    export_dtype: str = opt("float32", "dtype of OUT/final's weights (bfloat16 halves the size)", ("float32", "bfloat16", "float16"))
-    max_skip: float = opt(0.5, "stop once more than this fraction of the records read is skipped (malformed, missing image, ...)")
-
-
-def show(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return (" ".join(value) if isinstance(value, tuple) else str(value)) or "none"
-
-
-def parse_config(argv=None) -> TrainConfig:
-    """Stage defaults first, then every field overridable from the command line."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for f in fields(TrainConfig):
-        by_stage = {stage: d[f.name] for stage, d in STAGES.items() if f.name in d}
-        default = ", ".join(f"{stage} {show(v)}" for stage, v in by_stage.items()) if by_stage else show(f.default)
-        kw = dict(default=None, choices=f.metadata["choices"], help=f"{f.metadata['help']} (default: {default})")
-        if f.type in (bool, "bool"):
-            p.add_argument("--" + f.name.replace("_", "-"), action=argparse.BooleanOptionalAction, **kw)
-        else:
-            p.add_argument("--" + f.name.replace("_", "-"), type=str if f.name == "trainable" else type(f.default),
-                           nargs="+" if f.name == "trainable" else None, **kw)
-    args = {k: v for k, v in vars(p.parse_args(argv)).items() if v is not None}
-    if "trainable" in args:
-        args["trainable"] = tuple(args["trainable"])
-    if args.get("preset") and (args["preset"] not in presets.PRESETS or args.get("init")):
-        p.error("--preset: a name from `python presets.py --list`, with --model tiny or --clip/--llama, not --init")
-    return replace(TrainConfig(), **{**STAGES[args.get("stage", TrainConfig.stage)], **args})
+from train_config import TrainConfig, inputs, parse_config, run_identity
 
 
 # ---- setup ---------------------------------------------------------------------------------
@@ -173,13 +95,17 @@ def open_records(cfg: TrainConfig) -> RecordFile:
     if not cfg.data:
         raise SystemExit("error: no --data: give a records file (LLaVA JSON or release JSONL) or a folder holding train.jsonl")
     data = Path(cfg.data) / "train.jsonl" if Path(cfg.data).is_dir() else Path(cfg.data)
+    opened = {}
     for path, flag in ((data, "--data"), (cfg.text_data and Path(cfg.text_data), "--text-data")):
         if path and not path.is_file():
             raise SystemExit(f"error: {flag} {path}: no such file")
-    try:
-        records = RecordFile(data)
-    except ValueError as e:                  # a JSON list that does not parse
-        raise SystemExit(f"error: --data {data}: {e}") from None
+        try:
+            opened[flag] = path and RecordFile(path)
+        except ValueError as e:              # a JSON list that does not parse, a first line that is not JSON
+            raise SystemExit(f"error: {flag} {path}: {e}") from None
+    records = opened["--data"]
+    if cfg.text_prob > 0 and not cfg.text_data:
+        raise SystemExit(f"error: --text-prob {cfg.text_prob:g} mixes in text-only records: give them with --text-data")
     if len(records) == 0:
         raise SystemExit(f"error: --data {data} holds no records")
     return records
@@ -235,9 +161,17 @@ def loss_warning(log: Path):
     otherwise looks like a finished run. "Near": above half the first step's loss, and above
     2 nats per token, so fine-tuning a pretrained model, whose loss starts low, is not flagged."""
     losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    if losses and losses[-1] > max(0.5 * losses[0], 2.0):
+    losses = [x for x in losses if x is not None]          # a step with no usable sample has no loss
+    if losses and not losses[-1] <= max(0.5 * losses[0], 2.0):   # `not <=`: a NaN is flagged too
         return (f"warning: the loss is still {losses[-1]:.2f} after {len(losses)} steps ({losses[0]:.2f} at step 1): "
                 "this model has hardly learned and may answer nothing; train longer, or check --lr")
+
+
+def diverged(step, what, out: Path, saved: int) -> str:
+    """The line that ends a run whose numbers stopped being numbers (--lr far too high, say)."""
+    kept = f"{out / f'step_{saved:07d}'} is the newest checkpoint, kept" if saved else "no checkpoint was saved"
+    return (f"error: step {step}: {what}: training diverged; stopped, {kept}, nothing exported; "
+            "lower --lr (in a new --out, or with --force) or check the data")
 
 
 def step_counts(parts, group, world):
@@ -253,15 +187,29 @@ def step_counts(parts, group, world):
 
 
 def main(argv=None):
-    cfg = parse_config(argv)
+    """Check the flags, data and --out, claim --out for this run, train, release --out."""
+    cfg = parse_config(argv, __doc__)
     records = open_records(cfg)
-    data = records.path
+    tok_path = find_tokenizer(cfg)
+    out = Path(cfg.out)
+    checkpoint.check_out(out, inputs(cfg, records.path, tok_path))   # before anything is written
     rank, world, device = setup_distributed()
+    try:
+        run_id = checkpoint.claim(out, run_identity(cfg, records.path, world), cfg.resume, cfg.force, rank)
+        try:
+            return train(cfg, records, tok_path, run_id, rank, world, device)
+        finally:
+            checkpoint.release(out, rank)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, rank, world, device):
+    data, out = records.path, Path(cfg.out)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         print(json.dumps(asdict(cfg), indent=2))
         (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
@@ -278,11 +226,11 @@ def main(argv=None):
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                               fused=device.type == "cuda")
 
-    tok_path = find_tokenizer(cfg)
     tok = Tokenizer.from_file(tok_path)
     images_dir = cfg.images or str(data.parent)
     dataset = VLDataset(records, images_dir, tok, mcfg.crops, M.image_positions(mcfg), max_seq=cfg.max_seq,
-                        loss_on=cfg.loss_on, text_path=cfg.text_data or None, text_prob=cfg.text_prob, seed=cfg.seed)
+                        loss_on=cfg.loss_on, text_path=cfg.text_data or None, text_prob=cfg.text_prob, seed=cfg.seed,
+                        images_anywhere=cfg.images_anywhere)
     per_step = cfg.micro_batch * world
     if cfg.batch_size % per_step:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} is not a multiple of micro batch x processes = {per_step}")
@@ -292,7 +240,7 @@ def main(argv=None):
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, total, cfg))
 
-    step, sampler_state = checkpoint.resume(out, model, optim, scheduler, rank) if cfg.resume else (0, None)
+    step, sampler_state = checkpoint.resume(out, model, optim, scheduler, rank, run_id, world) if cfg.resume else (0, None)
     if sampler_state:
         sampler.load_state(sampler_state)
     if rank == 0:
@@ -319,6 +267,13 @@ def main(argv=None):
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
     health = SkipCount(len(dataset), cfg.max_skip)
     saved, interrupted, waiting = step, False, False    # saved: the step of the newest checkpoint
+
+    def save():
+        if not checkpoint.finite(model):
+            raise SystemExit(diverged(step, "a weight is not a finite number", out, saved))
+        checkpoint.save(out, step, model, optim, scheduler, sampler_state, rank, run_id, world)
+        return step
+
     # one process has no FSDP to cast for it: autocast gives the same bf16 compute on fp32 weights
     autocast = torch.autocast(device.type, dtype=dtype, enabled=world == 1 and dtype != torch.float32)
     try:
@@ -346,16 +301,19 @@ def main(argv=None):
                 positions += p["tokens"].numel() + (0 if pixels is None else len(pixels) * M.image_positions(mcfg))
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # not applied: the weights stay finite
+                raise SystemExit(diverged(step + 1, f"the loss is {loss_sum.item() / max(1, n_tokens):.4g} and the gradient "
+                                                    f"norm {grad_norm.item():.4g}", out, saved))
             optim.step()
             optim.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
             sampler_state = sampler.state(consumed["n"])
-            if world > 1:
-                dist.all_reduce(loss_sum)
             dt = time.time() - t0
             if rank == 0:
-                rec = {"step": step, "loss": loss_sum.item() / max(1, n_tokens), "lr": scheduler.get_last_lr()[0],
+                rec = {"step": step, "loss": loss_sum.item() / n_tokens if n_tokens else None, "lr": scheduler.get_last_lr()[0],
                        "grad_norm": grad_norm.item(), "samples_per_s": n_samples / dt, "tokens_per_s": positions * world / dt,
                        "skipped": dict(health.skipped), "truncated": health.truncated}
                 if device.type == "cuda":
@@ -366,7 +324,7 @@ def main(argv=None):
                     rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items()
+                bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items() if v is not None
                                  if k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib")})
                 bar.update(1)
             interrupted = stop.requested or (cfg.stop_after and step == cfg.stop_after)
@@ -375,28 +333,28 @@ def main(argv=None):
                 dist.all_reduce(flag)
                 interrupted = bool(flag.item())
             if not interrupted and (step % cfg.save_every == 0 or step == total):
-                checkpoint.save(out, step, model, optim, scheduler, sampler_state, rank)
-                saved = step
+                saved = save()
     except checkpoint.Interrupted:
         interrupted = waiting = True
     finally:
-        if bar:
+        stop.close()
+        if rank == 0:
             bar.close()
+            log.close()
     if interrupted:
         # Interrupted while waiting for data, several processes may be at different points: no collective save.
         if step > saved and not (waiting and world > 1):
-            checkpoint.save(out, step, model, optim, scheduler, sampler_state, rank)
-            saved = step
+            saved = save()
         checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
     else:
         if health.problem(final=True):
             raise SystemExit(f"error: --data {data}: {health.problem(final=True)}")
+        if not checkpoint.finite(model):
+            raise SystemExit(diverged(step, "a weight is not a finite number", out, saved))
         checkpoint.export(out / "final", model, mcfg, tok_path, rank, cfg.export_dtype)
         checkpoint.say(rank, f"exported {out / 'final'}")
         checkpoint.say(rank, loss_warning(out / "log.jsonl") if rank == 0 else None)
     checkpoint.say(rank, health.summary())
-    if dist.is_initialized():
-        dist.destroy_process_group()
     return model
 
 
@@ -405,3 +363,5 @@ if __name__ == "__main__":
         main()
     except weights.CheckpointError as e:  # a wrong --init, --clip or --llama: one line, not a traceback
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:             # a second Ctrl-C in the loop (the first saves), or one before it
+        sys.exit("aborted by Ctrl-C: nothing saved since the newest checkpoint")

@@ -6,13 +6,15 @@ embeddings in front of the text, so a sample costs image_positions + len(tokens)
 the context. Stage 2 mixes in text-only conversations (OpenHermes, MathInstruct) with
 probability 0.1 (docs/release-facts.md#training-recipe): `text_prob`.
 
-Nothing here raises on bad data: a missing or broken image, a malformed record, a sample
-with nothing to learn or too long to fit comes back as `Skipped(reason, index)`, and
+Nothing here raises on bad data: a missing or broken image, a malformed record, an image path
+that leaves the images folder (absolute, or through `..`: a record must not make training read
+/etc/passwd), a sample with nothing to learn or too long to fit comes back as `Skipped(reason, index)`, and
 `collate` drops it and counts the reason, so one bad file among millions costs one sample,
 not the run. Every random choice is a function of (seed, index), so a sample is the same
 whichever worker, rank or epoch draws it.
 """
 import math
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -38,12 +40,13 @@ def _rng(seed, i, purpose):
 
 class VLDataset(torch.utils.data.Dataset):
     """records_path: LLaVA/ShareGPT JSON or release JSONL (formats.py), or its RecordFile; image paths in it are
-    relative to images_dir. JSONL is memory-mapped; a JSON list is parsed whole at start, so
+    relative to images_dir, and must stay inside it unless images_anywhere. JSONL is memory-mapped; a JSON list is parsed whole at start, so
     convert large sets first (data/llava/prepare.py). Item i: {"tokens", "labels" (T,),
     "pixels" (N, 3, S, S) | None, "grids" (medium, high) | None, "truncated", "index"} or Skipped."""
 
     def __init__(self, records_path, images_dir, tok, crop_cfg, image_positions: int, max_seq: int = 4096,
-                 loss_on: str = "assistant", text_path=None, text_prob: float = 0.0, seed: int = 0):
+                 loss_on: str = "assistant", text_path=None, text_prob: float = 0.0, seed: int = 0,
+                 images_anywhere: bool = False):
         if text_prob > 0 and text_path is None:
             raise ValueError("text_prob > 0 needs text_path, the text-only records to mix in")
         self.records = records_path if isinstance(records_path, RecordFile) else RecordFile(records_path)
@@ -53,7 +56,7 @@ class VLDataset(torch.utils.data.Dataset):
         self.images_dir = Path(images_dir) if images_dir is not None else None
         self.tok, self.crop_cfg, self.image_positions = tok, crop_cfg, image_positions
         self.max_seq, self.loss_on = max_seq, loss_on
-        self.text_prob, self.seed = text_prob, seed
+        self.text_prob, self.seed, self.images_anywhere = text_prob, seed, images_anywhere
 
     def __len__(self):
         return len(self.records)
@@ -89,7 +92,10 @@ class VLDataset(torch.utils.data.Dataset):
 
         pixels = grids = None
         if image is not None:
-            path = self.images_dir / image if self.images_dir is not None else Path(image)
+            # opened as judged: `..` taken away in the text, as _inside counts it
+            path = Path(os.path.normpath(self.images_dir / image if self.images_dir is not None else image))
+            if self.images_dir is not None and not self.images_anywhere and not _inside(image):
+                return Skipped("image outside the images folder", i, str(path))
             if not path.is_file():
                 return Skipped("missing image", i, str(path))
             try:
@@ -100,6 +106,13 @@ class VLDataset(torch.utils.data.Dataset):
             grids = (crops.medium_grid, crops.high_grid)
         return {"tokens": torch.tensor(tokens, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "pixels": pixels, "grids": grids, "truncated": truncated, "index": i}
+
+
+def _inside(relative: str) -> bool:
+    """Whether a record's image path stays in the images folder: not absolute, no `..` out of it.
+    Judged on the text, so a symlink the folder's owner put inside it still counts as inside."""
+    normal = os.path.normpath(relative)
+    return not os.path.isabs(normal) and normal.split(os.sep)[0] != ".."
 
 
 def _pad(rows, key, value):

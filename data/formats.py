@@ -74,7 +74,11 @@ class RecordFile:
                 starts.append(pos)
                 ends.append(end)
             pos = end + 1
-        if head[:1] == b"{" and len(starts) > 1 and not _parses(self.buf[starts[0]:ends[0]]):
+        if len(starts) > 1 and not _parses(self.buf[starts[0]:ends[0]]):
+            if not head.startswith(b"{") or not _parses(self.buf[:]):
+                # a later bad line costs one record; a bad first one means the file is not JSONL
+                line = self.buf[:starts[0]].count(b"\n") + 1
+                raise ValueError(f"line {line} is not a JSON record; a JSONL file holds one JSON object per line")
             starts, ends = [0], [len(self.buf)]                     # one pretty-printed object
         self.starts, self.ends = np.array(starts, np.int64), np.array(ends, np.int64)
 

@@ -6,7 +6,7 @@ the tool's usual progress lines. Rows that succeed (a capped --max-new-tokens, a
 file) name the line they must print, and some check the files left behind.
 
 Every row is a process of its own running the tool's `__main__`, with its stdout and stderr on
-file descriptors 1 and 2 and the exit code the interpreter would give. To keep 25 rows at
+file descriptors 1 and 2 and the exit code the interpreter would give. To keep 50 rows at
 seconds rather than a torch import each, the rows are forked from one interpreter that has
 imported torch already (`python tests/test_cli_errors.py` is that runner); where there is no
 fork, each row is a fresh `python TOOL ...`.
@@ -38,6 +38,7 @@ def _missing_device(kind):
 
 CUDA, MPS = _missing_device("cuda"), _missing_device("mps")
 EVAL = ["--task", "zoom", "--data", "{tmp}/bench.jsonl", "--device", "cpu", "--out"]
+TINY_RUN = ["--model", "tiny", "--data", str(RECORDS)]
 
 # (tool, case, arguments, exit code, regular expression for the line; {tmp} is the fixture folder)
 ROWS = [
@@ -93,6 +94,46 @@ ROWS = [
      r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
     ("train.py", "invalid config.json in --init", ["--init", "{tmp}/badconfig", "--data", str(RECORDS), "--out", "{tmp}/train_b"], 1,
      r"error: .*badconfig/config\.json: not valid JSON \(.*\); .*"),
+    # issue 17: training's flags, outputs and records
+    ("train.py", "--out is a file", [*TINY_RUN, "--out", "{tmp}/notes.png"], 1,
+     r"error: --out .*notes\.png is a file; give a folder \(new or empty\) for the run"),
+    ("train.py", "--out inside a file", [*TINY_RUN, "--out", "{tmp}/notes.png/run"], 1,
+     r"error: --out .*notes\.png/run: cannot create it \(Not a directory\); choose another folder"),
+    ("train.py", "--lr -1", [*TINY_RUN, "--out", "{tmp}/train_c", "--lr", "-1"], 1, r"error: --lr -1\.0: must be above 0"),
+    ("train.py", "--lr nan", [*TINY_RUN, "--out", "{tmp}/train_c", "--lr", "nan"], 1, r"error: --lr nan: must be above 0"),
+    ("train.py", "--max-steps -5", [*TINY_RUN, "--out", "{tmp}/train_c", "--max-steps", "-5"], 1,
+     r"error: --max-steps -5: must be 0 or more"),
+    ("train.py", "--seed 10**23", [*TINY_RUN, "--out", "{tmp}/train_c", "--seed", str(10**23)], 1,
+     r"error: --seed 10{23}: must be from 0 to 2\*\*32 - 1 \(numpy's range\)".replace("10{23}", str(10**23))),
+    ("train.py", "--resume with another --seed", [*TINY_RUN, "--out", "{tmp}/resume_seed", "--resume", "--seed", "1"], 1,
+     r"error: --resume: the run in .*resume_seed was started with other settings \(--seed 0, now 1\): "
+     r"resume with its flags, or train into a new --out"),
+    ("train.py", "--out is --init", ["--init", "{tmp}/init_copy", "--data", str(RECORDS), "--out", "{tmp}/init_copy"], 1,
+     r"error: --out .*init_copy is --init .*init_copy: training would write over its input; choose another --out"),
+    ("train.py", "--out inside --init", ["--init", "{tmp}/init_copy", "--data", str(RECORDS), "--out", "{tmp}/init_copy/sft"], 1,
+     r"error: --out .*init_copy/sft is inside --init .*init_copy: training would write over its input; choose another --out"),
+    ("train.py", "--out is --data", ["--model", "tiny", "--data", "{tmp}/bench.jsonl", "--out", "{tmp}/bench.jsonl"], 1,
+     r"error: --out .*bench\.jsonl is --data .*bench\.jsonl: training would write over its input; choose another --out"),
+    ("train.py", "first JSONL line not JSON", ["--model", "tiny", "--data", "{tmp}/badfirst.jsonl", "--out", "{tmp}/train_d"], 1,
+     r"error: --data .*badfirst\.jsonl: line 1 is not a JSON record; a JSONL file holds one JSON object per line"),
+    ("data/zoom/demo.py", "--train 0", ["--train", "0", "--out", "{tmp}/demo"], 1, r"error: --train 0: must be 1 or more"),
+    # issue 17, probes of train.py beyond the issue's list
+    ("train.py", "--save-every 0", [*TINY_RUN, "--out", "{tmp}/train_c", "--save-every", "0"], 1,
+     r"error: --save-every 0: must be above 0"),
+    ("train.py", "--micro-batch 0", [*TINY_RUN, "--out", "{tmp}/train_c", "--micro-batch", "0"], 1,
+     r"error: --micro-batch 0: must be above 0"),
+    ("train.py", "--epochs 0", [*TINY_RUN, "--out", "{tmp}/train_c", "--epochs", "0"], 1, r"error: --epochs 0\.0: must be above 0"),
+    ("train.py", "--text-prob without --text-data", [*TINY_RUN, "--out", "{tmp}/train_c", "--text-prob", "0.1"], 1,
+     r"error: --text-prob 0\.1 mixes in text-only records: give them with --text-data"),
+    ("train.py", "--out holds the tokenizer", [*TINY_RUN, "--tokenizer", "{tmp}/init_copy/tokenizer.model", "--out", "{tmp}/init_copy"],
+     1, r"error: --out .*init_copy holds --tokenizer .*init_copy/tokenizer\.model: training would write over its input; .*"),
+    ("train.py", "--out holds a model folder, not a run", [*TINY_RUN, "--out", "{tmp}/dst_full_model"], 1,
+     r"error: --out .*dst_full_model holds config\.json, not a training run's; choose a new --out"),
+    ("train.py", "unreadable run.json", [*TINY_RUN, "--out", "{tmp}/badrun", "--resume"], 1,
+     r"error: .*badrun/run\.json is unreadable, so whose run .*badrun holds is unknown; train into a new --out"),
+    ("train.py", "--out/lock is a folder", [*TINY_RUN, "--out", "{tmp}/lockdir"], 1,
+     r"error: --out .*lockdir is in use by another train\.py \(pid \? on \?\); wait for it to end or train into another "
+     r"--out \(if it is not running, delete .*lockdir/lock\)"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -128,6 +169,16 @@ def make_fixtures(tmp: Path):
     (tmp / "eval_torn").mkdir()   # q1 answered, q2's line cut short by a kill
     (tmp / "eval_torn" / "predictions.jsonl").write_text(
         json.dumps({"id": "q1", "prediction": "7", "answers": ["7"]}) + "\n" + '{"id": "q2", "predi')
+    shutil.copytree(TINY, tmp / "init_copy")
+    shutil.copytree(TINY, tmp / "dst_full_model", ignore=shutil.ignore_patterns("*.model"))   # a model, no run
+    (tmp / "badrun").mkdir()
+    (tmp / "badrun" / "run.json").write_text('{"run_id": ')
+    (tmp / "lockdir" / "lock").mkdir(parents=True)
+    (tmp / "badfirst.jsonl").write_text('{"image_url": "red.png", "conversations": \n' + RECORDS.read_text())
+    import train_config   # a run of TINY_RUN in resume_seed, with --seed 0
+    cfg = train_config.parse_config([*TINY_RUN, "--out", str(tmp / "resume_seed")])
+    (tmp / "resume_seed").mkdir()
+    (tmp / "resume_seed" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
     for name in ("dst_full", "dst_force"):
         (tmp / name).mkdir()
         (tmp / name / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # an older checkpoint
@@ -148,6 +199,17 @@ def check_files(case, tmp: Path):
         assert not [p for p in os.listdir(tmp) if p.endswith(".tmp")]
     elif case == ("weights.py", "SRC is a file"):
         assert not (tmp / "dst_new").exists()
+    elif case in (("train.py", "--out is --init"), ("train.py", "--out inside --init")):
+        assert sorted(os.listdir(tmp / "init_copy")) == sorted(os.listdir(TINY))
+        assert (tmp / "init_copy" / "config.json").read_bytes() == (TINY / "config.json").read_bytes()
+    elif case == ("train.py", "--resume with another --seed"):
+        assert sorted(os.listdir(tmp / "resume_seed")) == ["run.json"]       # nothing written, the lock let go
+    elif case in (("train.py", "--out holds the tokenizer"), ("train.py", "--out holds a model folder, not a run")):
+        assert sorted(os.listdir(tmp / "init_copy")) == sorted(os.listdir(TINY))
+        assert (tmp / "dst_full_model" / "config.json").read_bytes() == (TINY / "config.json").read_bytes()
+    elif case[0] == "train.py" and case[1].startswith(("--lr", "--max-steps", "--seed", "first JSONL", "--save-every",
+                                                       "--micro-batch", "--epochs", "--text-prob")):
+        assert not (tmp / "train_c").exists() and not (tmp / "train_d").exists()
 
 
 # ---- running the rows --------------------------------------------------------------------------

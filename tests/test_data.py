@@ -2,6 +2,7 @@
 import json
 import pickle
 import random
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -291,3 +292,37 @@ def test_skip_count_judges_only_after_enough_records_or_at_the_end():
     small = SkipCount(n_records=3, max_skip=0.5)
     small.add(0, Counter({"malformed record": 3}))          # a file smaller than the sample: judged whole
     assert small.problem() == "no usable sample in the 3 records read (skipped: malformed record: 3)"
+
+
+# ---------------------------------------------------------------------------- what a record may name (issue 17)
+
+def test_a_jsonl_file_whose_first_line_is_not_json_is_an_error_naming_the_line(tmp_path):
+    good = (FIXTURES / "release.jsonl").read_text().splitlines()[0]
+    (tmp_path / "bad.jsonl").write_text("\n" + '{"image_url": "red.png", "conversations": \n' + good + "\n" + good + "\n")
+    with pytest.raises(ValueError, match=r"^line 2 is not a JSON record; a JSONL file holds one JSON object per line$"):
+        RecordFile(tmp_path / "bad.jsonl")
+
+
+def test_a_pretty_printed_object_is_still_one_record(tmp_path):
+    record = json.loads((FIXTURES / "release.jsonl").read_text().splitlines()[0])
+    (tmp_path / "one.json").write_text(json.dumps(record, indent=2))
+    assert len(RecordFile(tmp_path / "one.json")) == 1 and RecordFile(tmp_path / "one.json")[0] == record
+
+
+@pytest.mark.parametrize("image", ["../images/red.png", str(IMAGES / "red.png"), "sub/../../images/red.png"])
+def test_an_image_path_leaving_the_images_folder_is_skipped(tok, tmp_path, image):
+    record = json.loads((FIXTURES / "release.jsonl").read_text().splitlines()[0])
+    (tmp_path / "r.jsonl").write_text(json.dumps({**record, "image_url": image}) + "\n")
+    inside = tmp_path / "inside"                     # its sibling ../images holds a real red.png
+    shutil.copytree(IMAGES, tmp_path / "images")
+    inside.mkdir()
+    sample = VLDataset(tmp_path / "r.jsonl", inside, tok, CROPS, P)[0]
+    assert isinstance(sample, Skipped) and sample.reason == "image outside the images folder"
+    allowed = VLDataset(tmp_path / "r.jsonl", inside, tok, CROPS, P, images_anywhere=True)[0]
+    assert not isinstance(allowed, Skipped) and allowed["pixels"] is not None
+
+
+def test_an_image_path_that_stays_inside_through_dots_is_read(tok, tmp_path):
+    record = json.loads((FIXTURES / "release.jsonl").read_text().splitlines()[0])
+    (tmp_path / "r.jsonl").write_text(json.dumps({**record, "image_url": "./x/../red.png"}) + "\n")
+    assert VLDataset(tmp_path / "r.jsonl", IMAGES, tok, CROPS, P)[0]["pixels"] is not None

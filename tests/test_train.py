@@ -2,6 +2,7 @@
 SIGTERM and damaged checkpoints."""
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import torch
 import model as M
 import presets
 import train
+from train_config import TrainConfig, fields
 from conftest import ROOT
 
 COMMON = ["--model", "tiny", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0",
@@ -301,8 +303,224 @@ def test_every_train_flag_has_help_with_its_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_config(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for f in train.fields(train.TrainConfig):
+    for f in fields(TrainConfig):
         assert "--" + f.name.replace("_", "-") in text
-    assert text.count("(default: ") == len(train.fields(train.TrainConfig))
+    assert text.count("(default: ") == len(fields(TrainConfig))
     assert "--model {tiny} tiny: the zoom demo's small random model" in text
     assert "(default: pretrain 64, sft 16, med-vision 64)" in text  # --batch-size follows --stage
+
+
+# ---- one run per --out, and nothing of it lost or faked (issue 17) ------------------------------
+def test_resume_refuses_a_run_started_with_another_seed(zoom_data, tmp_path):
+    run_single(zoom_data, tmp_path, "--max-steps", "4", "--stop-after", "2")
+    with pytest.raises(SystemExit, match=r"error: --resume: the run in .* was started with other settings "
+                                         r"\(--seed 0, now 1\): resume with its flags, or train into a new --out"):
+        run_single(zoom_data, tmp_path, "--max-steps", "4", "--resume", "--seed", "1")
+
+
+def test_resume_refuses_another_schedule(zoom_data, tmp_path):
+    run_single(zoom_data, tmp_path, "--max-steps", "4", "--stop-after", "2")
+    with pytest.raises(SystemExit, match=r"--max-steps 4, now 8"):
+        run_single(zoom_data, tmp_path, "--max-steps", "8", "--resume")
+
+
+def test_fresh_run_into_an_out_holding_another_run_is_refused_and_leaves_it_whole(zoom_data, tmp_path):
+    run_single(zoom_data, tmp_path, "--max-steps", "6", "--save-every", "3")
+    before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit, match=r"already holds a run: continue it with --resume, train into a new --out, "
+                                         r"or pass --force to delete that run and start over"):
+        run_single(zoom_data, tmp_path, "--max-steps", "4", "--stop-after", "2", "--seed", "1")
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == before
+
+
+def test_force_replaces_the_old_run_and_resume_continues_only_the_new_one(zoom_data, tmp_path):
+    # the issue's case: run A leaves step 3 and step 6; run B stops at step 2 and is resumed
+    run_single(zoom_data, tmp_path / "full", "--max-steps", "4", "--seed", "1")
+    run_single(zoom_data, tmp_path / "out", "--max-steps", "6", "--save-every", "3")
+    shutil.copytree(tmp_path / "out" / "step_0000006", tmp_path / "a_step_6")
+    run_single(zoom_data, tmp_path / "out", "--max-steps", "4", "--stop-after", "2", "--seed", "1", "--force")
+    assert sorted(p.name for p in tmp_path.joinpath("out").glob("step_*")) == ["step_0000002"]
+    shutil.copytree(tmp_path / "a_step_6", tmp_path / "out" / "step_0000006")   # run A's, put back by hand
+    run_single(zoom_data, tmp_path / "out", "--max-steps", "4", "--seed", "1", "--resume")
+    assert losses(tmp_path / "out") == losses(tmp_path / "full")
+
+
+def test_a_checkpoint_of_another_run_is_passed_over(zoom_data, tmp_path, capsys):
+    run_single(zoom_data, tmp_path / "a", "--max-steps", "6", "--save-every", "3")
+    run_single(zoom_data, tmp_path / "b", "--max-steps", "6", "--save-every", "3", "--stop-after", "2")
+    shutil.copytree(tmp_path / "a" / "step_0000006", tmp_path / "b" / "step_0000006")
+    capsys.readouterr()
+    run_single(zoom_data, tmp_path / "b", "--max-steps", "6", "--save-every", "3", "--resume")
+    err = capsys.readouterr().err
+    assert re.search(r"step_0000006 is damaged \(written by another run \(run id \w+, this folder's run is \w+\)\)", err)
+    assert "resumed from step 2" in err
+
+
+def test_a_second_train_on_the_same_out_refuses_while_the_first_lives(zoom_data, tmp_path):
+    import checkpoint
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        tmp_path.joinpath("lock").write_text(f"{checkpoint.socket.gethostname()} {sleeper.pid}")
+        with pytest.raises(SystemExit, match=rf"error: --out {tmp_path} is in use by another train.py \(pid {sleeper.pid} on "):
+            run_single(zoom_data, tmp_path, "--max-steps", "1")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["lock"]
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    run_single(zoom_data, tmp_path, "--max-steps", "1")      # its process is gone: a stale lock is taken over
+    assert (tmp_path / "final").exists() and not (tmp_path / "lock").exists()
+
+
+def test_two_train_processes_on_one_out_never_run_side_by_side(zoom_data, tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, "--max-steps", "200", "--data", str(zoom_data / "train.jsonl"),
+           "--out", str(tmp_path)]
+    first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not ((tmp_path / "log.jsonl").exists() and (tmp_path / "log.jsonl").read_text()) and time.time() < deadline:
+            time.sleep(0.2)
+        second = run_cli(*COMMON, "--max-steps", "2", "--data", str(zoom_data / "train.jsonl"), "--out", str(tmp_path), "--resume")
+        assert second.returncode == 1
+        assert second.stderr.strip().splitlines() == [
+            f"error: --out {tmp_path} is in use by another train.py (pid {first.pid} on {os.uname().nodename}); wait for it "
+            f"to end or train into another --out (if it is not running, delete {tmp_path / 'lock'})"]
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=300)
+    assert first.returncode == 0 and not (tmp_path / "lock").exists()
+
+
+def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_exports_nothing(zoom_data, tmp_path):
+    r = run_cli(*COMMON, "--max-steps", "4", "--save-every", "1", "--lr", "1e30", "--data", str(zoom_data / "train.jsonl"),
+                "--out", str(tmp_path))
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == (
+        f"error: step 2: the loss is nan and the gradient norm nan: training diverged; stopped, {tmp_path / 'step_0000001'} "
+        "is the newest checkpoint, kept, nothing exported; lower --lr (in a new --out, or with --force) or check the data")
+    assert not (tmp_path / "final").exists() and sorted(p.name for p in tmp_path.glob("step_*")) == ["step_0000001"]
+    assert [json.loads(line)["step"] for line in (tmp_path / "log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_non_finite_weights_are_neither_saved_nor_exported(zoom_data, tmp_path, monkeypatch):
+    import checkpoint
+    real_step = torch.optim.AdamW.step
+
+    def poisoning_step(self, *a, **kw):   # the update itself overflows, the loss before it was fine
+        out = real_step(self, *a, **kw)
+        self.param_groups[0]["params"][0].data[0] = float("inf")
+        return out
+    monkeypatch.setattr(torch.optim.AdamW, "step", poisoning_step)
+    with pytest.raises(SystemExit, match=r"error: step 1: a weight is not a finite number: training diverged; "
+                                         r"stopped, no checkpoint was saved, nothing exported"):
+        run_single(zoom_data, tmp_path, "--max-steps", "1")
+    assert not list(tmp_path.glob("step_*")) and not (tmp_path / "final").exists()
+    assert checkpoint.finite(train.init_weights(M.Dragonfly(presets.tiny_config())))
+
+
+def test_a_step_with_no_usable_sample_logs_no_loss(zoom_data, tmp_path):
+    data = with_malformed(zoom_data, tmp_path, 8, 8)
+    train.main([*COMMON, *data, "--out", str(tmp_path / "out"), "--batch-size", "2", "--max-steps", "8", "--max-skip", "1"])
+    records = [json.loads(line) for line in (tmp_path / "out" / "log.jsonl").read_text().splitlines()]
+    skipped = [r["skipped"].get("malformed record", 0) for r in records]
+    empty = [now - before == 2 for before, now in zip([0] + skipped, skipped)]  # both samples of the step skipped
+    assert any(empty) and not all(empty)
+    assert [r["loss"] is None for r in records] == empty
+    assert all(r["loss"] > 0 for r, e in zip(records, empty) if not e)
+
+
+def test_the_loss_warning_sees_a_nan_and_skips_steps_without_a_loss(tmp_path):
+    def warning(curve):
+        (tmp_path / "log.jsonl").write_text("".join(json.dumps({"step": i + 1, "loss": v}) + "\n" for i, v in enumerate(curve)))
+        return train.loss_warning(tmp_path / "log.jsonl")
+    assert "still nan after 2 steps (12.20 at step 1)" in warning([12.2, float("nan")])
+    assert warning([12.2, None, 0.5, None]) is None
+    assert "still 8.00 after 2 steps" in warning([None, 12.2, 8.0])
+
+
+def test_flipped_bytes_in_a_checkpoint_are_found_and_resume_falls_back(zoom_data, tmp_path, capsys):
+    import checkpoint
+    run_single(zoom_data, tmp_path / "full", "--max-steps", "4")
+    run_single(zoom_data, tmp_path / "cut", "--max-steps", "4", "--save-every", "2", "--stop-after", "3")
+    step3 = tmp_path / "cut" / "step_0000003"
+    shard = next(step3.glob("*.distcp"))
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2: len(raw) // 2 + 8] = bytes(b ^ 0xFF for b in raw[len(raw) // 2: len(raw) // 2 + 8])
+    shard.write_bytes(raw)                      # same size, other bytes: a bad disk, a bad copy
+    assert checkpoint.damage(step3) == f"{shard.name} does not match the sha256 written with it: its bytes changed"
+    capsys.readouterr()
+    run_single(zoom_data, tmp_path / "cut", "--max-steps", "4", "--resume")
+    err = capsys.readouterr().err
+    assert f"checkpoint {step3} is damaged ({shard.name} does not match the sha256" in err
+    assert "resumed from step 2 (step_0000002, the newest intact checkpoint)" in err
+    assert losses(tmp_path / "cut") == losses(tmp_path / "full")
+
+
+@pytest.mark.parametrize("where", ["is", "holds"])
+def test_an_out_that_is_or_holds_the_init_checkpoint_is_refused_before_writing(zoom_data, tmp_path, where):
+    init = tmp_path / "run" / "final"
+    shutil.copytree(ROOT / "checkpoints" / "zoom-tiny", init)
+    before = {p.name: p.read_bytes() for p in init.iterdir()}
+    out = init if where == "is" else init.parent
+    with pytest.raises(SystemExit, match=rf"error: --out {out} {where} --init {init}: training would write over its input"):
+        train.main(["--init", str(init), "--data", str(zoom_data), "--out", str(out), "--max-steps", "1", "--workers", "0"])
+    assert {p.name: p.read_bytes() for p in init.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file() and p.parent != init) == []
+
+
+def test_an_out_inside_the_init_checkpoint_is_refused(zoom_data, tmp_path):
+    shutil.copytree(ROOT / "checkpoints" / "zoom-tiny", tmp_path / "ckpt")
+    with pytest.raises(SystemExit, match=r"is inside --init .*ckpt: training would write over its input"):
+        train.main(["--init", str(tmp_path / "ckpt"), "--data", str(zoom_data), "--out", str(tmp_path / "ckpt" / "sft")])
+    assert not (tmp_path / "ckpt" / "sft").exists()
+
+
+def test_an_out_that_is_the_data_folder_is_refused(zoom_data, tmp_path):
+    with pytest.raises(SystemExit, match=rf"error: --out {zoom_data} holds --data {zoom_data / 'train.jsonl'}: training would write"):
+        run_single(zoom_data, zoom_data)
+    assert not (zoom_data / "config.json").exists()
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits(zoom_data, tmp_path):
+    # as a terminal sends it: to the whole process group, DataLoader workers included
+    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, "--workers", "1", "--max-steps", "200",
+           "--data", str(zoom_data / "train.jsonl"), "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not ((tmp_path / "log.jsonl").exists() and (tmp_path / "log.jsonl").read_text()) and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    step = len(losses(tmp_path))
+    assert (tmp_path / "latest").read_text() == f"step_{step:07d}"
+    assert f"stopped at step {step}; continue from step {step} with --resume" in err
+    assert not (tmp_path / "lock").exists()
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, (f"touch {PLANTED_MARK}",))
+
+
+PLANTED_MARK = "/tmp/planted-code-ran"
+
+
+def test_resume_runs_no_code_planted_in_the_checkpoint(zoom_data, tmp_path):
+    import checkpoint
+    Path(PLANTED_MARK).unlink(missing_ok=True)
+    run_single(zoom_data, tmp_path, "--max-steps", "4", "--stop-after", "2")
+    step = tmp_path / "step_0000002"
+    torch.save({"step": 2, "payload": Planted()}, step / "extra_rank0.pt")
+    marker = json.loads((step / "complete.json").read_text())   # whoever plants code can rewrite the sums too
+    marker["files"]["extra_rank0.pt"] = {"size": (step / "extra_rank0.pt").stat().st_size,
+                                         "sha256": checkpoint.sha256(step / "extra_rank0.pt")}
+    (step / "complete.json").write_text(json.dumps(marker))
+    with pytest.raises(SystemExit, match=rf"error: {step / 'extra_rank0.pt'}: not a checkpoint this train.py wrote"):
+        run_single(zoom_data, tmp_path, "--max-steps", "4", "--resume")
+    assert not Path(PLANTED_MARK).exists()
+
+
+def test_extra_state_reloads_with_weights_only(zoom_data, tmp_path):
+    run_single(zoom_data, tmp_path, "--max-steps", "1")
+    extra = torch.load(tmp_path / "step_0000001" / "extra_rank0.pt", weights_only=True)
+    assert extra["step"] == 1 and extra["sampler"]["position"] == 4

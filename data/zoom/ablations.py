@@ -94,7 +94,7 @@ def step_seconds(run: Path) -> float:
 def run_one(name, seed, args, data, out) -> dict:
     table, flags = RUNS[name]
     folder = run_dir(out, name, seed)
-    shutil.rmtree(folder, ignore_errors=True)  # a run cut short: train.py would append to its log
+    shutil.rmtree(folder, ignore_errors=True)  # a run cut short: train.py refuses a folder holding a run
     load = os.getloadavg()[0]  # recorded: on a shared machine other work slows the runs
     t, cpu = time.time(), cpu_seconds()  # in this process: 20 runs would otherwise pay ~10 s of imports twice each
     train.main([*demo.TRAIN, *flags, "--seed", str(seed), "--max-steps", str(args.steps),

@@ -10,7 +10,7 @@
 3. scores both on the held-out split with `eval.py --task zoom`;
 4. writes results.json and results.png (accuracy bars + loss curves).
 
-Everything goes under --out (default out/zoom): data/, the runs low/ and zoom/, the results.
+Everything goes under --out (default out/zoom): data/, the runs low/ and zoom/ (a rerun replaces them), the results.
 Only `--ship`, for the full run, touches tracked files: it writes data/zoom/results.json and
 results.png (the README's) and copies the L+M+H model to checkpoints/zoom-tiny, sample.py's
 default checkpoint.
@@ -41,7 +41,9 @@ VARIANTS = {"low only (L)": ["--low-only"], "low + medium + high (L+M+H)": []}
 
 def run(args):
     print("$", " ".join(args), flush=True)
-    subprocess.run([sys.executable, *args], cwd=ROOT, check=True)
+    code = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
+    if code:        # the script has said why, above
+        sys.exit(f"error: {args[0]} stopped with exit code {code} (its message is above)")
 
 
 def plot(results, path, n_test):
@@ -87,6 +89,9 @@ def main(argv=None):
     p.add_argument("--ship", action="store_true", help="the full run only: write data/zoom/results.json and results.png "
                    "and copy the L+M+H model to checkpoints/zoom-tiny")
     args = p.parse_args(argv)
+    for flag, least in (("steps", 0), ("train", 1), ("test", 1)):
+        if getattr(args, flag) < least:
+            sys.exit(f"error: --{flag} {getattr(args, flag)}: must be {least} or more")
     if args.ship and (args.steps, args.train, args.test) != (0, FULL["train"], FULL["test"]):
         p.error("--ship writes the tracked results and checkpoint: only for the full run (no --steps, --train, --test)")
     out, t0 = Path(args.out), time.time()
@@ -97,7 +102,7 @@ def main(argv=None):
     for name, flags in VARIANTS.items():
         run_dir = out / ("low" if flags else "zoom")
         t = time.time()
-        run(["train.py", *TRAIN, *budget, *flags, "--data", str(data / "train.jsonl"), "--out", str(run_dir)])
+        run(["train.py", *TRAIN, *budget, *flags, "--data", str(data / "train.jsonl"), "--out", str(run_dir), "--force"])
         train_s = time.time() - t
         run(["eval.py", "--checkpoint", str(run_dir / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
              "--out", str(run_dir / "eval"), "--batch-size", "16", "--device", "cpu"])
