@@ -19,7 +19,7 @@ from conftest import ROOT
 from plan_measure import TEXT, small_config
 
 V2 = presets.PRESETS["dragonfly-v2"]
-# The release by hand (SPEC §1): Llama-3.1-8B, CLIP ViT-L/14@336's vision tower, the projection.
+# The release by hand (docs/release-facts.md#checkpoints): Llama-3.1-8B, CLIP ViT-L/14@336's vision tower, the projection.
 LLAMA = 2 * 128256 * 4096 + 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096
 VIT_BLOCK = 4 * (1024 * 1024 + 1024) + 1024 * 4096 + 4096 + 4096 * 1024 + 1024 + 4 * 1024
 VIT = 1024 * 3 * 14 * 14 + 1024 + 577 * 1024 + 2 * 1024 + 24 * VIT_BLOCK + 2 * 1024
