@@ -26,6 +26,8 @@ Quirks of the rules, kept because the checkpoints were trained with them:
   [6i, 6i+6) is then high row i, not medium tile i's quadrant (SPEC §3).
 """
 import argparse
+import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -109,6 +111,14 @@ def load_image(src, background=None, exif_transpose=False) -> Image.Image:
         img = ImageOps.exif_transpose(src) if exif_transpose else src
         return _to_rgb(img, "<PIL image>", background)
     name = str(src)
+    try:
+        regular = stat.S_ISREG(os.stat(name).st_mode)
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {name}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read image {name}: {e.strerror}") from None
+    if not regular:  # opening a FIFO blocks until someone writes to it: forever, without a word
+        raise ValueError(f"image {name} is not a regular file (a folder, FIFO or device); give an image file")
     try:
         with warnings.catch_warnings():     # PIL warns from 89 MP; MAX_PIXELS is our limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -291,6 +301,9 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = V1 if args.v1 else V2
     try:
+        if args.out:
+            import weights  # the command line's only project import: the shared output-path guard
+            weights.refuse_overwrite(args.out, [args.image], "--out")
         img = load_image(args.image)
         crops = make_crops(img, cfg)
         if args.out:
