@@ -348,3 +348,5 @@ if __name__ == "__main__":
         convert_to_safetensors(args.src, args.dst, force=args.force)
     except (CheckpointError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # staged() has removed its temporary folder: DST is as it was
+        sys.exit(130)
