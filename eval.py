@@ -361,15 +361,15 @@ def main(argv=None) -> dict:
     failed = [r["id"] for r in records if r["id"] not in predictions]
     result = {**score(args.task, records, predictions), "failed": len(failed),
               "checkpoint": str(args.checkpoint), "data": str(data)}
+    if not predictions:  # a score over nothing is no score
+        raise ValueError(f"none of the {len(records)} questions was answered (first: {failed[0]}: "
+                         f"{done.get(failed[0], {}).get('error', 'not answered')}); see {pred_file}")
     for i in failed[:5]:
         print(f"failed {i}: {done.get(i, {}).get('error', 'not answered')}", file=sys.stderr)
     if result["empty"]:
         print(f"warning: {result['empty']} of the {result['n']} answers are empty: the model stops at once "
               "(trained too briefly? see train.py's loss warning)", file=sys.stderr)
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    if not predictions:  # a score over nothing is no score
-        raise ValueError(f"none of the {len(records)} questions was answered (first: {failed[0]}: "
-                         f"{done.get(failed[0], {}).get('error', 'not answered')}); see {pred_file}")
     print(json.dumps(result, indent=2, allow_nan=False))
     return result
 

@@ -127,7 +127,7 @@ def llm_config(hf: dict, file="config.json") -> LlamaConfig:
 LLM_FIELDS = {"hidden_size": (int, 2**17), "intermediate_size": (int, 2**19), "num_hidden_layers": (int, 2**12),
               "num_attention_heads": (int, 2**12), "num_key_value_heads": (int, 2**12), "vocab_size": (int, 2**24),
               "max_position_embeddings": (int, 2**24), "rms_norm_eps": (float, 1.0), "rope_theta": (float, math.inf),
-              "tie_word_embeddings": (bool, None)}
+              "tie_word_embeddings": (bool, math.inf)}
 NULLABLE = {"num_key_value_heads", "rope_theta"}  # null takes the default (LlamaConfig.from_hf)
 
 

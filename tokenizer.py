@@ -186,7 +186,7 @@ class Tokenizer:
         if "<|start_header_id|>" not in self.special_tokens:
             raise ValueError("the Llama-3 chat prompt needs the Llama-3 special tokens; this tokenizer has none")
         if self.specials_in_text:
-            return self.encode_with_specials(chat_prompt(question))
+            return [self.bos_id] + self.encode_with_specials(chat_prompt(question))
         turns = [("user", question)] if isinstance(question, str) else question
         ids = [self.bos_id]
         for role, body in turns:  # a special token ends each piece, so pieces encode as the whole would
