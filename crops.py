@@ -304,6 +304,7 @@ def main(argv=None):
         if args.out:
             import weights  # the command line's only project import: the shared output-path guard
             weights.refuse_overwrite(args.out, [args.image], "--out")
+            weights.require_writable(args.out, "--out", parents=False)  # before the work, not after it
         img = load_image(args.image)
         crops = make_crops(img, cfg)
         if args.out:

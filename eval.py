@@ -147,16 +147,29 @@ def image_path(root: Path, image: str, anywhere: bool) -> Path:
 
 
 def load_records(path: Path) -> list:
-    records = []
+    """The records of a benchmark file, each checked: a string where text belongs (a list of
+    strings for answers and choices, never one string split into letters), ids unique (answers
+    are kept by id: a repeated id would score one question with another's answer)."""
+    records, seen = [], {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
+            if not isinstance(r.get("id"), (str, int)) or isinstance(r["id"], bool):
+                raise ValueError("'id' must be a string or a number")
             r["id"] = str(r["id"])
-            r["answers"] = list(r.get("answers", []))
-        except (ValueError, KeyError, TypeError) as e:
+            r.setdefault("answers", [])
+            for key, kind in (("image", str), ("question", str), ("answers", list), ("choices", list)):
+                if r.get(key) is not None and not isinstance(r[key], kind):
+                    raise ValueError(f"{key!r} must be {'a string' if kind is str else 'a list of strings'}")
+            if not all(isinstance(a, str) for a in [*r["answers"], *(r.get("choices") or [])]):
+                raise ValueError("'answers' and 'choices' must hold strings")
+        except (ValueError, AttributeError) as e:  # AttributeError: a line that is not an object
             raise ValueError(f"{path}:{n}: not a benchmark record ({e}); see data/benchmarks/convert.py") from None
+        if r["id"] in seen:
+            raise ValueError(f"{path}:{n}: id {r['id']!r} again (first on line {seen[r['id']]}); ids must be unique")
+        seen[r["id"]] = n
         records.append(r)
     return records
 

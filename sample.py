@@ -97,6 +97,8 @@ def main(argv=None):
     import quantize
     import weights
     if args.show:  # before the answer, not after it: the picture must not replace what is read
+        if Path(args.show).is_dir():
+            raise ValueError(f"--show {args.show} is a folder; give the path of the PNG to write")
         weights.refuse_overwrite(args.show, [args.image, ckpt], "--show")
         weights.require_writable(args.show, "--show", parents=False)
     from conversation import ContextFull, Conversation, answer, chat

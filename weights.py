@@ -52,18 +52,25 @@ def checkpoint_files(path) -> list:
     for name in INDEX_FILES:
         if (path / name).exists():
             try:
-                weight_map = json.loads((path / name).read_text())["weight_map"]
+                weight_map = json.loads(regular(path / name).read_text())["weight_map"]
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f"{path / name}: not a valid index file ({e})") from None
             files = sorted(set(weight_map.values()))
             missing = [f for f in files if not (path / f).exists()]
             if missing:
                 raise CheckpointError(f"{path / name} lists {missing[0]}, which is not in {path}")
-            return [path / f for f in files]
+            return [regular(path / f) for f in files]
     for name in SINGLE_FILES:
         if (path / name).exists():
-            return [path / name]
+            return [regular(path / name)]
     raise CheckpointError(f"{path}: no weights found (expected one of {INDEX_FILES + SINGLE_FILES})")
+
+
+def regular(file: Path) -> Path:
+    """`file`, unless it is a FIFO, folder or device: reading a FIFO blocks until someone writes."""
+    if not file.is_file():
+        raise CheckpointError(f"{file}: not a regular file (a folder, FIFO or device); restore the checkpoint's file")
+    return file
 
 
 def iter_file(file: Path):

@@ -162,6 +162,22 @@ ROWS = [
     ("bench.py", "--json into a missing folder", ["--json", "{tmp}/nodir/bench.json", "--repeats", "1", "--warmup", "0",
                                                   "--contexts", "", "--no-turns", "--new-tokens", "1"], 1,
      r"error: --json .*nodir/bench\.json: the folder .*nodir does not exist; create it or choose another path"),
+    # ---- issue 17, probes of our own
+    ("sample.py", "a FIFO as the weight file", ["--checkpoint", "{tmp}/fifoweights", "--prompt", "hi"], 1,
+     r"error: .*fifoweights/model\.safetensors: not a regular file \(a folder, FIFO or device\); .*"),
+    ("sample.py", "--show naming a folder", ["--image", str(IMAGE), "--prompt", "hi", "--show", "{tmp}/empty"], 1,
+     r"error: --show .*empty is a folder; give the path of the PNG to write"),
+    ("eval.py", "a repeated question id", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/dupids.jsonl",
+                                           "--out", "{tmp}/eval_i"], 1,
+     r"error: .*dupids\.jsonl:2: id 'q1' again \(first on line 1\); ids must be unique"),
+    ("eval.py", "answers as one string", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/strans.jsonl",
+                                          "--out", "{tmp}/eval_j"], 1,
+     r"error: .*strans\.jsonl:1: not a benchmark record \('answers' must be a list of strings\); .*"),
+    ("eval.py", "an image path that is a number", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/intimage.jsonl",
+                                                   "--out", "{tmp}/eval_k"], 1,
+     r"error: .*intimage\.jsonl:1: not a benchmark record \('image' must be a string\); .*"),
+    ("crops.py", "--out into a missing folder", [str(IMAGE), "--out", "{tmp}/nodir/grid.png"], 1,
+     r"crops\.py: --out .*nodir/grid\.png: the folder .*nodir does not exist; create it or choose another path"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -245,6 +261,13 @@ def make_fixtures_17(tmp: Path, state: dict):
         (tmp / name / "predictions.jsonl").write_text(
             "".join(json.dumps({"id": i, "prediction": "7", "answers": ["7"]}) + "\n" for i in ("q1", "q2")))
     write_run_json(tmp, "eval_other", checkpoint="0123456789abcdef")
+    shutil.copytree(TINY, tmp / "fifoweights")
+    (tmp / "fifoweights" / "model.safetensors").unlink()
+    os.mkfifo(tmp / "fifoweights" / "model.safetensors")
+    for name, rows in [("dupids", [{"id": "q1", "question": "a?", "answers": ["7"]}, {"id": "q1", "question": "b?", "answers": ["3"]}]),
+                       ("strans", [{"id": "q1", "question": "a?", "answers": "12"}]),   # list("12") was ["1", "2"]
+                       ("intimage", [{"id": "q1", "image": 5, "question": "a?", "answers": ["7"]}])]:
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---- checks on the files a row leaves behind -------------------------------------------------
