@@ -296,6 +296,20 @@ def decode_bytes(model, context: int) -> int:
     return weights + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * act
 
 
+def check_args(args):
+    """Every flag that would fail only after minutes of measuring, said at once in one line."""
+    for name, least in (("threads", 1), ("repeats", 1), ("warmup", 0), ("new_tokens", 1), ("context_tokens", 1)):
+        if getattr(args, name) < least:
+            raise SystemExit(f"error: --{name.replace('_', '-')} {getattr(args, name)}: give a number >= {least}")
+    if not all(n.strip().isdigit() for n in args.contexts.split(",") if n):
+        raise SystemExit(f"error: --contexts {args.contexts!r}: give prompt lengths separated by commas, e.g. 2100,4000")
+    try:
+        if args.json:
+            weights.require_writable(args.json, "--json", parents=False)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=list(CONFIGS))
@@ -326,6 +340,7 @@ def main(argv=None):
                              ("contexts", "2100,4000,6000,8000", ""), ("turns", True, False)]:
         if getattr(args, name) is None:
             setattr(args, name, big if full else small)
+    check_args(args)
     if args.write_checkpoint:
         print(f"{write_random_checkpoint(args.write_checkpoint, CONFIGS[args.config]()) / 2**30:.2f} GiB written")
         return
@@ -434,4 +449,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -42,6 +42,14 @@ class ContextFull(ValueError):
                          "(its question and one answer token)")
 
 
+class NotFinite(ValueError):
+    """The model's output holds NaN or infinity: its weights are damaged or its training diverged."""
+
+    def __init__(self):
+        super().__init__("the model's output is NaN or infinite: its weights are damaged or its training diverged; "
+                         "no answer is given (use an earlier checkpoint)")
+
+
 class Conversation:
     def __init__(self, model, tokenizer, image=None):
         """model: a Dragonfly (one conversation at a time uses its LLM); image: `crops.Crops`
@@ -145,6 +153,8 @@ class Conversation:
             logits = llm(x, start=start, mask=mask, logits_from=-1)[0, -1]
         finally:
             llm.clear_cache()  # the model stays usable for other work between turns
+        if not torch.isfinite(logits.sum()):  # finite only if every logit is; 20x faster than isfinite
+            raise NotFinite()  # before the cache counts these positions: a prefill's turn is undone
         self.cached = start + T
         return logits
 
@@ -168,7 +178,7 @@ def answer(conv, question, as_json=False, out=sys.stdout, **sampling) -> dict:
     """Ask and print the answer: streamed as text (holding back half a multi-byte character),
     or as one JSON object {"text", "token_ids", "logprobs"}. Ctrl-C propagates after the partial
     answer is printed and closed in the history."""
-    ids, logprobs, printed = [], [], ""
+    ids, logprobs, printed, failed = [], [], "", False
     steps = conv.ask(question, **sampling)
     try:
         for token, logprob in steps:
@@ -180,10 +190,16 @@ def answer(conv, question, as_json=False, out=sys.stdout, **sampling) -> dict:
                     out.write(text[len(printed):])
                     out.flush()
                     printed = text
+    except NotFinite:
+        failed = True
+        raise
     finally:
         steps.close()
         result = {"text": conv.tok.decode(ids), "token_ids": ids, "logprobs": logprobs}
-        out.write(json.dumps(result) + "\n" if as_json else result["text"][len(printed):] + "\n")
+        if not failed:  # allow_nan=False: a NaN would make the line invalid JSON
+            out.write(json.dumps(result, allow_nan=False) + "\n" if as_json else result["text"][len(printed):] + "\n")
+        elif printed:
+            out.write("\n")
         out.flush()
     return result
 

@@ -27,6 +27,8 @@ Quirks of the rules, kept because the checkpoints were trained with them:
   (docs/release-facts.md#zoom-in-selection).
 """
 import argparse
+import os
+import stat
 import sys
 import warnings
 from dataclasses import dataclass
@@ -110,6 +112,14 @@ def load_image(src, background=None, exif_transpose=False) -> Image.Image:
         img = ImageOps.exif_transpose(src) if exif_transpose else src
         return _to_rgb(img, "<PIL image>", background)
     name = str(src)
+    try:
+        regular = stat.S_ISREG(os.stat(name).st_mode)
+    except FileNotFoundError:
+        raise ValueError(f"image file not found: {name}") from None
+    except OSError as e:
+        raise ValueError(f"cannot read image {name}: {e.strerror}") from None
+    if not regular:  # opening a FIFO blocks until someone writes to it: forever, without a word
+        raise ValueError(f"image {name} is not a regular file (a folder, FIFO or device); give an image file")
     try:
         with warnings.catch_warnings():     # PIL warns from 89 MP; MAX_PIXELS is our limit
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -292,6 +302,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     cfg = V1 if args.v1 else V2
     try:
+        if args.out:
+            import weights  # the command line's only project import: the shared output-path guard
+            weights.refuse_overwrite(args.out, [args.image], "--out")
+            weights.require_writable(args.out, "--out", parents=False)  # before the work, not after it
         img = load_image(args.image)
         crops = make_crops(img, cfg)
         if args.out:
@@ -312,4 +326,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -10,13 +10,19 @@ writes it from the public releases. Images resolve against --images, else the JS
 
 Answers are appended to OUT/predictions.jsonl one line per write, so an interrupted run resumes
 where it stopped: ids already answered are skipped (ids that failed, e.g. on an unreadable image,
-are tried again, and so is a last line torn by a kill, which is dropped on start).
+are tried again, and so is a last line torn by a kill, which is dropped on start). OUT/run.json
+records what produced those answers (the checkpoint's fingerprint, task, prompt, data, dtype,
+quantization, token limit, device type); they are reused only by a run where all of it is the
+same, and any other run in that OUT is refused, naming what differs (`--restart` discards them).
+Image paths must stay inside the image root (`--images-anywhere` allows others).
 OUT/metrics.json holds the scores, in percent, over the answered questions, and the count of
 failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes); metrics are those
 of docs/release-facts.md#metrics, implemented in metrics.py.
 """
 import argparse
+import hashlib
 import json
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -73,8 +79,8 @@ def build_prompt(task: Task, record: dict) -> str:
 
 
 # ---- scoring: records + {id: prediction text} -> metrics, no model needed --------------------
-def _mean(xs) -> float:
-    return 100 * sum(xs) / len(xs) if xs else float("nan")
+def _mean(xs) -> float | None:
+    return 100 * sum(xs) / len(xs) if xs else None  # None, not NaN: NaN is not JSON
 
 
 def _exact(prediction: str, answers) -> bool:
@@ -130,17 +136,40 @@ def score(task: str, records: list, predictions: dict) -> dict:
 
 
 # ---- running the model --------------------------------------------------------------------
+def image_path(root: Path, image: str, anywhere: bool) -> Path:
+    """`root / image`, refused when `image` leaves root (`../..`, an absolute path) unless
+    `anywhere`: a benchmark file from elsewhere must not make eval read any file on the machine.
+    Judged on the path as written, so a root of symlinks to the real images still works."""
+    path = root / image
+    if not anywhere and not os.path.normpath(path).startswith(os.path.join(os.path.normpath(root), "")):
+        raise ValueError(f"image {image!r} is outside the image root {root}; pass --images-anywhere to read it")
+    return path
+
+
 def load_records(path: Path) -> list:
-    records = []
+    """The records of a benchmark file, each checked: a string where text belongs (a list of
+    strings for answers and choices, never one string split into letters), ids unique (answers
+    are kept by id: a repeated id would score one question with another's answer)."""
+    records, seen = [], {}
     for n, line in enumerate(path.read_text().splitlines(), 1):
         if not line.strip():
             continue
         try:
             r = json.loads(line)
+            if not isinstance(r.get("id"), (str, int)) or isinstance(r["id"], bool):
+                raise ValueError("'id' must be a string or a number")
             r["id"] = str(r["id"])
-            r["answers"] = list(r.get("answers", []))
-        except (ValueError, KeyError, TypeError) as e:
+            r.setdefault("answers", [])
+            for key, kind in (("image", str), ("question", str), ("answers", list), ("choices", list)):
+                if r.get(key) is not None and not isinstance(r[key], kind):
+                    raise ValueError(f"{key!r} must be {'a string' if kind is str else 'a list of strings'}")
+            if not all(isinstance(a, str) for a in [*r["answers"], *(r.get("choices") or [])]):
+                raise ValueError("'answers' and 'choices' must hold strings")
+        except (ValueError, AttributeError) as e:  # AttributeError: a line that is not an object
             raise ValueError(f"{path}:{n}: not a benchmark record ({e}); see data/benchmarks/convert.py") from None
+        if r["id"] in seen:
+            raise ValueError(f"{path}:{n}: id {r['id']!r} again (first on line {seen[r['id']]}); ids must be unique")
+        seen[r["id"]] = n
         records.append(r)
     return records
 
@@ -229,7 +258,9 @@ def parse_args(argv=None):
     p.add_argument("--task", required=True, help="one of: " + ", ".join(TASKS))
     p.add_argument("--data", required=True, help="benchmark JSONL")
     p.add_argument("--images", help="image root (default: the JSONL's folder)")
+    p.add_argument("--images-anywhere", action="store_true", help="let image paths leave the image root")
     p.add_argument("--out", help="results folder (default: results/TASK)")
+    p.add_argument("--restart", action="store_true", help="discard the answers already in OUT, whatever made them")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, help="default: the task's")
     p.add_argument("--limit", type=int, help="only the first N questions")
@@ -237,9 +268,49 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="auto: bfloat16 on cuda, float32 on cpu "
                    "(bfloat16 on a CPU without bf16 instructions: bf16 weights computed in float32, as sample.py)")
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
+    p.add_argument("--special-tokens-in-text", action="store_true",
+                   help="read special-token strings in questions as control tokens, as the release does (tokenizer.py)")
     p.add_argument("--show-dir", help="also draw where the answer looked (looked.py) for --show-n records with an image")
     p.add_argument("--show-n", type=int, default=5)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for flag, least in (("batch_size", 1), ("max_new_tokens", 1), ("limit", 1), ("show_n", 0)):
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: give a number >= {least}")
+    return args
+
+
+def run_identity(args, device: str) -> dict:
+    """Everything that decides the answers in OUT/predictions.jsonl (module docstring)."""
+    task, data = TASKS[args.task], Path(args.data)
+    return {"checkpoint": weights.fingerprint(args.checkpoint), "task": args.task, "prompt": task.prompt,
+            "data": hashlib.sha256(data.read_bytes()).hexdigest()[:16],
+            "images": os.path.abspath(args.images or data.parent), "images_anywhere": args.images_anywhere,
+            "dtype": str(pick_dtype(args.dtype, device)).removeprefix("torch."), "quantize": args.quantize,
+            "max_new_tokens": args.max_new_tokens or task.max_new_tokens, "decoding": "greedy",
+            "special_tokens_in_text": args.special_tokens_in_text, "device": device.split(":")[0]}
+
+
+def claim_out(out: Path, identity: dict, restart: bool) -> Path:
+    """OUT's predictions file, once its answers are known to come from a run like this one
+    (OUT/run.json): otherwise refused in one line, or discarded with `restart`."""
+    pred_file, run_file = out / "predictions.jsonl", out / "run.json"
+    answered = pred_file.exists() and pred_file.stat().st_size > 0
+    try:
+        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
+    except ValueError:  # torn or edited: it no longer says what made the answers
+        saved = None
+    if answered and restart:
+        pred_file.unlink()
+        print(f"{pred_file}: the earlier answers discarded (--restart)", file=sys.stderr)
+    elif answered and saved != identity:
+        differs = "no run.json says what made them" if not isinstance(saved, dict) else "they differ in " + ", ".join(
+            k for k in identity if saved.get(k) != identity[k])
+        raise ValueError(f"{pred_file} holds answers of another run ({differs}); use a new --out, or --restart "
+                         "to discard them")
+    if saved != identity:
+        run_file.with_suffix(".tmp").write_text(json.dumps(identity, indent=2) + "\n")
+        run_file.with_suffix(".tmp").replace(run_file)
+    return pred_file
 
 
 def main(argv=None) -> dict:
@@ -253,10 +324,20 @@ def main(argv=None) -> dict:
     if not data.is_file():
         raise ValueError(f"benchmark file {data} not found (convert one with python -m data.benchmarks.convert)")
     records = load_records(data)[:args.limit]
+    if not records:
+        raise ValueError(f"{data} holds no questions")
     image_root = Path(args.images) if args.images else data.parent
+    for r in records:
+        if r.get("image"):
+            try:
+                image_path(image_root, r["image"], args.images_anywhere)
+            except ValueError as e:
+                raise ValueError(f"{data}: question {r['id']}: {e}") from None
     out = Path(args.out or Path("results") / args.task)
+    if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
+        weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
     out.mkdir(parents=True, exist_ok=True)
-    pred_file = out / "predictions.jsonl"
+    pred_file = claim_out(out, run_identity(args, device), args.restart)
     if drop_torn_line(pred_file):
         print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",
               file=sys.stderr)
@@ -270,6 +351,7 @@ def main(argv=None) -> dict:
         dtype = pick_dtype(args.dtype, device)
         weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
         tok = Tokenizer.from_file(args.checkpoint)
+        tok.specials_in_text = args.special_tokens_in_text
         model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device,
                                           compute=quantize.compute_dtype(dtype, device), quantize=args.quantize)
     if todo:
@@ -292,13 +374,16 @@ def main(argv=None) -> dict:
     failed = [r["id"] for r in records if r["id"] not in predictions]
     result = {**score(args.task, records, predictions), "failed": len(failed),
               "checkpoint": str(args.checkpoint), "data": str(data)}
+    if not predictions:  # a score over nothing is no score
+        raise ValueError(f"none of the {len(records)} questions was answered (first: {failed[0]}: "
+                         f"{done.get(failed[0], {}).get('error', 'not answered')}); see {pred_file}")
     for i in failed[:5]:
         print(f"failed {i}: {done.get(i, {}).get('error', 'not answered')}", file=sys.stderr)
     if result["empty"]:
         print(f"warning: {result['empty']} of the {result['n']} answers are empty: the model stops at once "
               "(trained too briefly? see train.py's loss warning)", file=sys.stderr)
-    (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
+    print(json.dumps(result, indent=2, allow_nan=False))
     return result
 
 

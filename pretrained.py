@@ -8,7 +8,10 @@ before stage 1).
 (model.py) are these functions; weights.py reads and writes the files themselves.
 """
 import json
-from dataclasses import asdict, replace
+import math
+import types
+import typing
+from dataclasses import asdict, fields, is_dataclass, replace
 from pathlib import Path
 
 import torch
@@ -52,10 +55,14 @@ def load(path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -
     path = weights.require_checkpoint(path)
     hf = weights.read_config(path / "config.json")
     vcfg = vit_lib.config_from_weights(weights.read_shapes(path), "image_encoder.vision_model.")
-    llm = llm_config(hf)
+    llm = llm_config(hf, path / "config.json")
     cfg = (M.v1_config if vcfg.patch_size == 32 else M.v2_config)(vcfg, llm)
     if "dragonfly_nano" in hf:  # settings of a model trained here (ablation presets)
+        check_fields(hf["dragonfly_nano"], M.DragonflyConfig, f"{path / 'config.json'}: dragonfly_nano")
         cfg = config_from_dict(hf["dragonfly_nano"], vcfg, llm)
+    if hf.get("quantization") not in (None, "int8"):
+        raise weights.CheckpointError(f"{path / 'config.json'}: quantization: expected \"int8\" or null, found "
+                                      f"{hf['quantization']!r}")
     quantize = hf.get("quantization") or quantize
     model = allocate(cfg, dtype, device, compute, quantize)
     names = checkpoint_names(model)
@@ -104,13 +111,95 @@ def save(model: "M.Dragonfly", path, dtype=torch.bfloat16):
 
 
 # ---- config.json ---------------------------------------------------------------------------
-def llm_config(hf: dict) -> LlamaConfig:
+def llm_config(hf: dict, file="config.json") -> LlamaConfig:
     """The LLM's config as the release builds it: `LlamaConfig(**text_config)` alone, absent
     fields taking transformers' LlamaConfig defaults; the top-level fields (with the release's
-    DragonflyConfig defaults, Llama-3-8B's) only when there is no text_config."""
+    DragonflyConfig defaults, Llama-3-8B's) only when there is no text_config. Checked first
+    (`check_llm_fields`): a wrong value is one line naming `file` and the field."""
     if hf.get("text_config"):
-        return LlamaConfig.from_hf(hf["text_config"])
-    return LlamaConfig.from_hf(hf, defaults=LlamaConfig().to_hf())
+        check_llm_fields(hf["text_config"], f"{file}: text_config")
+        return check_heads(LlamaConfig.from_hf(hf["text_config"]), f"{file}: text_config")
+    check_llm_fields(hf, str(file))
+    return check_heads(LlamaConfig.from_hf(hf, defaults=LlamaConfig().to_hf()), str(file))
+
+
+# The LLM fields read, with their bounds: far above any Llama (405B: 126 layers, 16384 wide,
+# 128 heads), so only a damaged or hand-made file reaches them, before 10**9 layers are built.
+LLM_FIELDS = {"hidden_size": (int, 2**17), "intermediate_size": (int, 2**19), "num_hidden_layers": (int, 2**12),
+              "num_attention_heads": (int, 2**12), "num_key_value_heads": (int, 2**12), "vocab_size": (int, 2**24),
+              "max_position_embeddings": (int, 2**24), "rms_norm_eps": (float, 1.0), "rope_theta": (float, math.inf),
+              "tie_word_embeddings": (bool, math.inf)}
+NULLABLE = {"num_key_value_heads", "rope_theta"}  # null takes the default (LlamaConfig.from_hf)
+
+
+def check_llm_fields(hf, where: str):
+    """CheckpointError naming the field when a value of the LLM's config cannot build a model: a
+    wrong type (a string, a float for a count, null), zero or negative, or absurdly large.
+    `check_heads` then checks the heads against the width, defaults filled in."""
+    if not isinstance(hf, dict):
+        raise weights.CheckpointError(f"{where}: expected a JSON object, found {type(hf).__name__}")
+    for key, (kind, most) in LLM_FIELDS.items():
+        if key in hf and not (hf[key] is None and key in NULLABLE):
+            check_value(hf[key], kind, f"{where}: {key}", most, least=0 if kind is float else 1)
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise weights.CheckpointError(f"{where}: {key}: expected an object or null, found {json.dumps(hf[key])}")
+        scaling = hf.get(key) or {}
+        if scaling.get("rope_type", scaling.get("type")) == "llama3":  # llama.rope_frequencies reads these
+            for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"):
+                check_value(scaling.get(k), float, f"{where}: {key}.{k}", math.inf, least=0)
+
+
+def check_heads(llm: LlamaConfig, where: str) -> LlamaConfig:
+    if llm.dim % llm.n_heads or llm.n_heads % llm.n_kv_heads or llm.head_dim % 2:
+        raise weights.CheckpointError(f"{where}: hidden_size {llm.dim}, num_attention_heads {llm.n_heads} and "
+                                      f"num_key_value_heads {llm.n_kv_heads}: the heads must divide the width (into "
+                                      "an even head size) and the key-value heads the heads")
+    return llm
+
+
+def check_value(value, kind, where: str, most=2**16, least=1):
+    """One value of a config file: of `kind` (bool, int, float, str), from `least` to `most`."""
+    ok = isinstance(value, bool) if kind is bool else isinstance(value, str) if kind is str else (
+        isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool))
+    if ok and kind in (int, float):
+        ok = math.isfinite(value) and (value > least if kind is float else value >= least) and value <= most
+    if not ok:
+        want = {bool: "true or false", str: "a string", int: f"an integer from {least} to {most}",
+                float: f"a number above {least}" + (f", at most {most}" if most < math.inf else "")}[kind]
+        raise weights.CheckpointError(f"{where}: expected {want}, found {json.dumps(value)}")
+
+
+ZOOM_SELECT = ("release", "spatial", "global")  # model.DragonflyConfig.zoom_select
+
+
+def check_fields(d, cls, where: str):
+    """A `dragonfly_nano` section (or a part of it) against dataclass `cls`: known keys only, each
+    value of its field's type (Optional: null allowed; a nested config checked in turn)."""
+    if not isinstance(d, dict):
+        raise weights.CheckpointError(f"{where}: expected a JSON object, found {json.dumps(d)}")
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        if key not in hints or key == "llm":  # the LLM's fields are the Hugging Face ones
+            raise weights.CheckpointError(f"{where}: unknown field {key!r} (known: {', '.join(h for h in hints if h != 'llm')})")
+        kind = hints[key]
+        if typing.get_origin(kind) in (typing.Union, types.UnionType):  # Optional[X], X | None
+            if value is None:
+                continue
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        if is_dataclass(kind):
+            check_fields(value, kind, f"{where}.{key}")
+        elif key.endswith("grids"):
+            if not (isinstance(value, list) and value and all(isinstance(g, list) and len(g) == 2 for g in value)):
+                raise weights.CheckpointError(f"{where}.{key}: expected a list of [cols, rows] grids, found {json.dumps(value)}")
+            for g in value:
+                for n in g:
+                    check_value(n, int, f"{where}.{key}", 64)
+        elif key == "zoom_select" and value not in ZOOM_SELECT:
+            raise weights.CheckpointError(f"{where}.{key}: expected one of {', '.join(ZOOM_SELECT)} or null, found {json.dumps(value)}")
+        else:
+            least = 0 if kind is float else -2**16 if key == "vision_layer" else 1
+            check_value(value, kind, f"{where}.{key}", most=math.inf if kind is float else 2**16, least=least)
 
 
 def release_config(llm: LlamaConfig) -> dict:
@@ -175,6 +264,8 @@ def load_clip_vision(clip_dir, dtype=torch.float32, device="cpu") -> VisionTrans
 
 def load_llama(llama_dir, dtype=torch.float32, device="cpu") -> Llama:
     """A Hugging Face Llama checkpoint (`model.*`, `lm_head.weight`)."""
-    llm = build(LlamaConfig.from_hf(weights.read_config(Path(llama_dir) / "config.json")), dtype, device, Llama)
+    hf = weights.read_config(Path(llama_dir) / "config.json")
+    check_llm_fields(hf, str(Path(llama_dir) / "config.json"))
+    llm = build(check_heads(LlamaConfig.from_hf(hf), str(Path(llama_dir) / "config.json")), dtype, device, Llama)
     weights.load_into(llm, llama_dir, {n: llama_key(n) for n, _ in llm.named_parameters()}, ignore=saved_buffer)
     return llm.eval()

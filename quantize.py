@@ -278,10 +278,15 @@ def write_int8(src, dst):
     from model import Dragonfly
     from pretrained import checkpoint_names
     src, dst = weights.require_checkpoint(src), Path(dst)
+    weights.refuse_overwrite(dst, [src], "DST")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise ValueError(f"quantize.py: {dst} exists and is not an empty directory; choose a new DST")
+    weights.require_writable(dst, "DST")  # before the minutes of quantizing
     hf = weights.read_config(src / "config.json")
-    dtype = getattr(torch, hf.get("torch_dtype") or "bfloat16")
+    stored = hf.get("torch_dtype") or "bfloat16"
+    if stored not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"{src / 'config.json'}: torch_dtype: expected float32, bfloat16 or float16, found {stored!r}")
+    dtype = getattr(torch, stored)
     model = Dragonfly.from_pretrained(src, dtype=torch.float32, quantize="int8")
     names = checkpoint_names(model)
     state = {names[n]: p if p.dtype == torch.int8 or n.endswith(".scales") else p.to(dtype)
@@ -310,5 +315,7 @@ if __name__ == "__main__":
             print(f"{write_int8(args.src, args.dst) / 2**30:.2f} GiB written to {args.dst}")
         else:
             p.error("give SRC DST (or --compare SRC)")
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # weights.staged has removed its temporary folder: DST is as it was
+        sys.exit(130)

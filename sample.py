@@ -64,6 +64,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
+    p.add_argument("--special-tokens-in-text", action="store_true",
+                   help="read special-token strings typed in a question (<|eot_id|>, ...) as control tokens, as the "
+                        "release's tokenizer does; by default they are plain text (tokenizer.py)")
     p.add_argument("--show", metavar="PNG", help="after the first answer about the image, draw where it looked "
                    "(looked.py; in the chat, after the first answer about each /image)")
     return p.parse_args(argv)
@@ -81,8 +84,10 @@ def main(argv=None):
         args.max_new_tokens = 1024
     if args.show and not args.image:
         raise ValueError("--show draws the answer's attention over the image's crops: give --image")
-    if not 0 < args.top_p <= 1 or args.temperature < 0 or args.max_new_tokens < 1:
-        raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 and --max-new-tokens >= 1")
+    if not 0 < args.top_p <= 1 or not 0 <= args.temperature < float("inf") or args.max_new_tokens < 1:
+        raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 (a finite number) and --max-new-tokens >= 1")
+    if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
+        raise ValueError(f"--seed {args.seed} is out of range: give an integer from -2**63 to 2**64 - 1")
     device = pick_device(args.device)
     dtype = pick_dtype(args.dtype, device)
     ckpt = Path(args.checkpoint)
@@ -91,11 +96,17 @@ def main(argv=None):
 
     import quantize
     import weights
+    if args.show:  # before the answer, not after it: the picture must not replace what is read
+        if Path(args.show).is_dir():
+            raise ValueError(f"--show {args.show} is a folder; give the path of the PNG to write")
+        weights.refuse_overwrite(args.show, [args.image, ckpt], "--show")
+        weights.require_writable(args.show, "--show", parents=False)
     from conversation import ContextFull, Conversation, answer, chat
     from model import Dragonfly
     from tokenizer import Tokenizer
     weights.require_checkpoint(ckpt)  # an empty or wrong folder, before the tokenizer looks for its file
     tok = Tokenizer.from_file(ckpt)
+    tok.specials_in_text = args.special_tokens_in_text
     if args.image:
         from crops import load_image
         image = load_image(args.image)  # fail on a bad image before the (slow) model load

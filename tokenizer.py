@@ -19,6 +19,15 @@ calls 128004/128005/128008 reserved tokens; the ids Dragonfly uses (128000-12800
 as special tokens by default, as the release's Hugging Face tokenizer does; Meta's
 reference does the opposite by default (`allowed_special=()` here).
 
+User text is not trusted with control tokens: `encode_text` spells special-token strings out as
+ordinary text, and `encode_prompt` puts questions through it, so a question holding
+`<|eot_id|><|start_header_id|>system...` cannot end its turn or forge another, and
+`<|reserved_special_token_1|>` in it is not the image separator (Meta's ChatFormat encodes
+message content so too). For every question without such strings the ids are the release's.
+`specials_in_text = True` (sample.py/eval.py `--special-tokens-in-text`) restores the release's
+behaviour, which formats one string and lets its tokenizer read every special string in it;
+`encode_with_specials` is that reading for any text.
+
 Prompt (docs/release-facts.md#prompt-format), no system prompt:
 
     [image block] <|begin_of_text|> <|start_header_id|>user<|end_header_id|>\\n\\n
@@ -92,6 +101,7 @@ class Tokenizer:
         if needed:
             raise ValueError(f"{name}: not a Llama-3 tokenizer, it lacks the special tokens {sorted(needed)}")
         self.special_tokens = dict(special_tokens)
+        self.specials_in_text = False  # True: questions' special-token strings are control tokens (the release)
         self.model = tiktoken.Encoding(name=name, pat_str=PATTERN, mergeable_ranks=mergeable_ranks,
                                        special_tokens=self.special_tokens)
         self.n_words = len(mergeable_ranks) + len(special_tokens)
@@ -159,17 +169,33 @@ class Tokenizer:
             ids.extend(self.model.encode(piece, allowed_special=allowed, disallowed_special=()))
         return ids + [self.eos_id] if eos else ids
 
+    def encode_text(self, text: str) -> list[int]:
+        """User text (a question, a record's text): special-token strings in it are ordinary text."""
+        return self.encode(text, allowed_special=())
+
+    def encode_with_specials(self, text: str) -> list[int]:
+        """Text whose special-token strings are control tokens: the release's reading of everything."""
+        return self.encode(text, allowed_special="all")
+
     def decode(self, ids) -> str:
         return self.model.decode(list(ids))
 
     def encode_prompt(self, question: str | list[tuple[str, str]]) -> list[int]:
-        """`[<|begin_of_text|>] + chat_prompt(question)`, encoded as the release does: the whole
-        string at once, so special-token strings inside the question become special tokens.
-        Meta's ChatFormat encodes header and question apart; the ids can differ only when the
-        question starts with a line break or holds special-token strings."""
+        """`[<|begin_of_text|>] + chat_prompt(question)` as ids. The release encodes that string at
+        once; here each turn's text ("\\n\\n" + question) goes through `encode_text`, which gives the
+        same ids unless the text holds special-token strings, kept as text (module docstring;
+        `specials_in_text` reads them as the release does). Meta's ChatFormat encodes header and
+        question apart; its ids also differ when the question starts with a line break."""
         if "<|start_header_id|>" not in self.special_tokens:
             raise ValueError("the Llama-3 chat prompt needs the Llama-3 special tokens; this tokenizer has none")
-        return self.encode(chat_prompt(question), bos=True)
+        if self.specials_in_text:
+            return [self.bos_id] + self.encode_with_specials(chat_prompt(question))
+        turns = [("user", question)] if isinstance(question, str) else question
+        ids = [self.bos_id]
+        for role, body in turns:  # a special token ends each piece, so pieces encode as the whole would
+            ids += self.encode_with_specials(f"<|start_header_id|>{role}<|end_header_id|>")
+            ids += self.encode_text("\n\n" + body) + [self.eot_id]
+        return ids + self.encode_with_specials("<|start_header_id|>assistant<|end_header_id|>\n\n")
 
 
 def _parse_tiktoken(data: bytes) -> dict[bytes, int] | None:

@@ -37,7 +37,7 @@ def _missing_device(kind):
 
 
 CUDA, MPS = _missing_device("cuda"), _missing_device("mps")
-EVAL = ["--task", "zoom", "--data", "{tmp}/bench.jsonl", "--device", "cpu", "--out"]
+EVAL = ["--task", "zoom", "--data", "{tmp}/bench.jsonl", "--images", str(IMAGE.parent), "--device", "cpu", "--out"]
 TINY_RUN = ["--model", "tiny", "--data", str(RECORDS)]
 
 # (tool, case, arguments, exit code, regular expression for the line; {tmp} is the fixture folder)
@@ -134,10 +134,96 @@ ROWS = [
     ("train.py", "--out/lock is a folder", [*TINY_RUN, "--out", "{tmp}/lockdir"], 1,
      r"error: --out .*lockdir is in use by another train\.py \(pid \? on \?\); wait for it to end or train into another "
      r"--out \(if it is not running, delete .*lockdir/lock\)"),
+    # ---- issue 17, inference and files: nothing silently wrong, nothing destroyed
+    ("sample.py", "--temperature nan", ["--prompt", "hi", "--temperature", "nan"], 1,
+     r"error: need 0 < --top-p <= 1, --temperature >= 0 \(a finite number\) and --max-new-tokens >= 1"),
+    ("sample.py", "--seed 10**23", ["--prompt", "hi", "--seed", str(10**23)], 1,
+     r"error: --seed 100000000000000000000000 is out of range: give an integer from -2\*\*63 to 2\*\*64 - 1"),
+    ("sample.py", "--show onto the --image", ["--image", "{tmp}/pic.png", "--prompt", "hi", "--show", "{tmp}/pic.png"], 1,
+     r"error: --show .*pic\.png is the input .*pic\.png; write to a new path"),
+    ("sample.py", "--show into a missing folder", ["--image", str(IMAGE), "--prompt", "hi", "--show", "{tmp}/nodir/a.png"], 1,
+     r"error: --show .*nodir/a\.png: the folder .*nodir does not exist; create it or choose another path"),
+    ("sample.py", "a FIFO as --image", ["--image", "{tmp}/fifo.png", "--prompt", "hi"], 1,
+     r"error: image .*fifo\.png is not a regular file \(a folder, FIFO or device\); give an image file"),
+    ("sample.py", "an int8 tensor for a float weight", ["--checkpoint", "{tmp}/int8proj", "--prompt", "hi"], 1,
+     r"error: .*int8proj/model\.safetensors: vision_embed_tokens\.weight is stored as int8, the model expects a "
+     r"floating-point weight"),
+    ("sample.py", "a bool tensor for a float weight", ["--checkpoint", "{tmp}/boolnorm", "--prompt", "hi"], 1,
+     r"error: .*boolnorm/model\.safetensors: language_model\.model\.norm\.weight is stored as bool, .*"),
+    ("sample.py", "NaN weights", ["--checkpoint", "{tmp}/nanweight", "--prompt", "hi", "--json"], 1,
+     r"error: .*nanweight/model\.safetensors: language_model\.model\.norm\.weight holds NaN or infinite values; .*"),
+    ("sample.py", "config.json hidden_size \"32\"", ["--checkpoint", "{tmp}/cfg_hidden", "--prompt", "hi"], 1,
+     r'error: .*cfg_hidden/config\.json: text_config: hidden_size: expected an integer from 1 to 131072, found "32"'),
+    ("sample.py", "config.json num_attention_heads 0", ["--checkpoint", "{tmp}/cfg_heads", "--prompt", "hi"], 1,
+     r"error: .*cfg_heads/config\.json: text_config: num_attention_heads: expected an integer from 1 to 4096, found 0"),
+    ("sample.py", "config.json rms_norm_eps \"1e-5\"", ["--checkpoint", "{tmp}/cfg_eps", "--prompt", "hi"], 1,
+     r'error: .*cfg_eps/config\.json: text_config: rms_norm_eps: expected a number above 0, at most 1\.0, found "1e-5"'),
+    ("sample.py", "config.json num_hidden_layers 2.0", ["--checkpoint", "{tmp}/cfg_layers", "--prompt", "hi"], 1,
+     r"error: .*cfg_layers/config\.json: text_config: num_hidden_layers: expected an integer from 1 to 4096, found 2\.0"),
+    ("sample.py", "config.json unknown dragonfly_nano key", ["--checkpoint", "{tmp}/cfg_key", "--prompt", "hi"], 1,
+     r"error: .*cfg_key/config\.json: dragonfly_nano: unknown field 'crop' \(known: vit, crops, .*\)"),
+    ("sample.py", "config.json null crop size", ["--checkpoint", "{tmp}/cfg_null", "--prompt", "hi"], 1,
+     r"error: .*cfg_null/config\.json: dragonfly_nano\.crops\.size: expected an integer from 1 to 65536, found null"),
+    ("eval.py", "--batch-size 0", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_c", "--batch-size", "0"], 1,
+     r"error: --batch-size 0: give a number >= 1"),
+    ("eval.py", "--limit -1", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_d", "--limit", "-1"], 1,
+     r"error: --limit -1: give a number >= 1"),
+    ("eval.py", "no records", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/blank.jsonl", "--out", "{tmp}/eval_e"], 1,
+     r"error: .*blank\.jsonl holds no questions"),
+    ("eval.py", "every image missing", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/noimages.jsonl",
+                                        "--out", "{tmp}/eval_f", "--device", "cpu"], 1,
+     r"error: none of the 2 questions was answered \(first: q1: image file not found: .*gone\.png\); see .*"),
+    ("eval.py", "an image path leaving --images", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/escape.jsonl",
+                                                   "--out", "{tmp}/eval_g"], 1,
+     r"error: .*escape\.jsonl: question q1: image '\.\./\.\./etc/passwd' is outside the image root .*; pass "
+     r"--images-anywhere to read it"),
+    ("eval.py", "a FIFO as an image", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/fifo.jsonl",
+                                       "--out", "{tmp}/eval_h", "--device", "cpu"], 1,
+     r"error: none of the 1 questions was answered \(first: q1: image .*fifo\.png is not a regular file .*"),
+    ("eval.py", "--out holding another checkpoint's answers", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_other"], 1,
+     r"error: .*eval_other/predictions\.jsonl holds answers of another run \(they differ in checkpoint\); use a new "
+     r"--out, or --restart to discard them"),
+    ("eval.py", "--out holding answers of an unknown run", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_old"], 1,
+     r"error: .*eval_old/predictions\.jsonl holds answers of another run \(no run\.json says what made them\); .*"),
+    ("weights.py", "DST inside SRC with --force", ["{tmp}/src_copy", "{tmp}/src_copy/model.safetensors", "--force"], 1,
+     r"error: DST .*src_copy/model\.safetensors is inside the input .*src_copy; write to a new path"),
+    ("weights.py", "DST holding SRC", ["{tmp}/src_copy", "{tmp}", "--force"], 1,
+     r"error: DST .* holds the input .*src_copy; write to a new path"),
+    ("crops.py", "--out onto the image", ["{tmp}/pic.png", "--out", "{tmp}/pic.png"], 1,
+     r"crops\.py: --out .*pic\.png is the input .*pic\.png; write to a new path"),
+    ("crops.py", "a FIFO as the image", ["{tmp}/fifo.png"], 1,
+     r"crops\.py: image .*fifo\.png is not a regular file \(a folder, FIFO or device\); give an image file"),
+    ("quantize.py", "DST inside SRC", ["{tmp}/src_copy", "{tmp}/src_copy/int8"], 1,
+     r"error: DST .*src_copy/int8 is inside the input .*src_copy; write to a new path"),
+    ("quantize.py", "DST where nothing can be written", [str(TINY), "/sys/dragonfly-int8"], 1,
+     r"error: DST /sys/dragonfly-int8: cannot write in /sys \(.*\); choose another place"),
+    ("bench.py", "--threads 0", ["--threads", "0"], 1, r"error: --threads 0: give a number >= 1"),
+    ("bench.py", "--repeats 0", ["--repeats", "0", "--warmup", "0", "--contexts", "", "--no-turns", "--new-tokens", "1"], 1,
+     r"error: --repeats 0: give a number >= 1"),
+    ("bench.py", "--json into a missing folder", ["--json", "{tmp}/nodir/bench.json", "--repeats", "1", "--warmup", "0",
+                                                  "--contexts", "", "--no-turns", "--new-tokens", "1"], 1,
+     r"error: --json .*nodir/bench\.json: the folder .*nodir does not exist; create it or choose another path"),
+    # ---- issue 17, probes of our own
+    ("sample.py", "a FIFO as the weight file", ["--checkpoint", "{tmp}/fifoweights", "--prompt", "hi"], 1,
+     r"error: .*fifoweights/model\.safetensors: not a regular file \(a folder, FIFO or device\); .*"),
+    ("sample.py", "--show naming a folder", ["--image", str(IMAGE), "--prompt", "hi", "--show", "{tmp}/empty"], 1,
+     r"error: --show .*empty is a folder; give the path of the PNG to write"),
+    ("eval.py", "a repeated question id", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/dupids.jsonl",
+                                           "--out", "{tmp}/eval_i"], 1,
+     r"error: .*dupids\.jsonl:2: id 'q1' again \(first on line 1\); ids must be unique"),
+    ("eval.py", "answers as one string", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/strans.jsonl",
+                                          "--out", "{tmp}/eval_j"], 1,
+     r"error: .*strans\.jsonl:1: not a benchmark record \('answers' must be a list of strings\); .*"),
+    ("eval.py", "an image path that is a number", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/intimage.jsonl",
+                                                   "--out", "{tmp}/eval_k"], 1,
+     r"error: .*intimage\.jsonl:1: not a benchmark record \('image' must be a string\); .*"),
+    ("crops.py", "--out into a missing folder", [str(IMAGE), "--out", "{tmp}/nodir/grid.png"], 1,
+     r"crops\.py: --out .*nodir/grid\.png: the folder .*nodir does not exist; create it or choose another path"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
-PROGRESS = re.compile(r"loaded .* in [\d.]+s on \w+ \(.*\)|\w+: \d+ questions, \d+ already answered in .*")
+PROGRESS = re.compile(r"loaded .* in [\d.]+s on \w+ \(.*\)|\w+: \d+ questions, \d+ already answered in .*"
+                      r"|(\w+: +\d+%\|.*)+")  # eval.py's bar (tqdm)
 
 
 # ---- the fixture folder ---------------------------------------------------------------------
@@ -163,8 +249,8 @@ def make_fixtures(tmp: Path):
     key = "image_encoder.vision_model.post_layernorm.weight"
     save_file({**state, key: state[key][:-1]}, tmp / "badshape" / "model.safetensors")
     save_file({k: v for k, v in state.items() if k != key}, tmp / "noweight" / "model.safetensors")
-    rows = [{"id": "q1", "image": str(IMAGE), "question": "What is the number?", "answers": ["7"]},
-            {"id": "q2", "image": str(IMAGE), "question": "What is the number?", "answers": ["7"]}]
+    rows = [{"id": "q1", "image": IMAGE.name, "question": "What is the number?", "answers": ["7"]},
+            {"id": "q2", "image": IMAGE.name, "question": "What is the number?", "answers": ["7"]}]
     (tmp / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp / "eval_torn").mkdir()   # q1 answered, q2's line cut short by a kill
     (tmp / "eval_torn" / "predictions.jsonl").write_text(
@@ -179,9 +265,60 @@ def make_fixtures(tmp: Path):
     cfg = train_config.parse_config([*TINY_RUN, "--out", str(tmp / "resume_seed")])
     (tmp / "resume_seed").mkdir()
     (tmp / "resume_seed" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
+    write_run_json(tmp, "eval_torn")
+    make_fixtures_17(tmp, state)
     for name in ("dst_full", "dst_force"):
         (tmp / name).mkdir()
         (tmp / name / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # an older checkpoint
+
+
+def write_run_json(tmp: Path, out: str, **changed):
+    """OUT/run.json as the eval rows' run writes it (eval.run_identity), with `changed` fields."""
+    import eval as ev
+    args = ev.parse_args(["--checkpoint", str(TINY), *[a.replace("{tmp}", str(tmp)) for a in EVAL], str(tmp / out)])
+    (tmp / out / "run.json").write_text(json.dumps({**ev.run_identity(args, "cpu"), **changed}))
+
+
+def make_fixtures_17(tmp: Path, state: dict):
+    """The inputs of the issue-17 rows: damaged weights and configs, FIFOs, reused folders."""
+    import torch
+    from safetensors.torch import save_file
+    shutil.copy(IMAGE, tmp / "pic.png")
+    os.mkfifo(tmp / "fifo.png")
+    shutil.copytree(TINY, tmp / "src_copy")
+    for name, key, value in [("int8proj", "vision_embed_tokens.weight", lambda t: t.to(torch.int8)),
+                             ("boolnorm", "language_model.model.norm.weight", lambda t: t > 0),
+                             ("nanweight", "language_model.model.norm.weight", lambda t: t * float("nan"))]:
+        shutil.copytree(TINY, tmp / name)
+        save_file({**state, key: value(state[key]).contiguous()}, tmp / name / "model.safetensors")
+    config = json.loads((TINY / "config.json").read_text())
+    for name, part, key, value in [("cfg_hidden", "text_config", "hidden_size", "32"),
+                                   ("cfg_heads", "text_config", "num_attention_heads", 0),
+                                   ("cfg_eps", "text_config", "rms_norm_eps", "1e-5"),
+                                   ("cfg_layers", "text_config", "num_hidden_layers", 2.0),
+                                   ("cfg_key", "dragonfly_nano", "crop", {}),
+                                   ("cfg_null", "crops", "size", None)]:
+        shutil.copytree(TINY, tmp / name)
+        changed = json.loads(json.dumps(config))
+        (changed["dragonfly_nano"] if part == "crops" else changed)[part][key] = value
+        (tmp / name / "config.json").write_text(json.dumps(changed))
+    (tmp / "blank.jsonl").write_text("\n")
+    for name, image in [("noimages", "gone.png"), ("escape", "../../etc/passwd"), ("fifo", "fifo.png")]:
+        rows = [{"id": f"q{i}", "image": image, "question": "Which digit?", "answers": ["7"]}
+                for i in range(1, 2 if name == "fifo" else 3)]
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name in ("eval_other", "eval_old"):  # answers "7" left by another model's run
+        (tmp / name).mkdir()
+        (tmp / name / "predictions.jsonl").write_text(
+            "".join(json.dumps({"id": i, "prediction": "7", "answers": ["7"]}) + "\n" for i in ("q1", "q2")))
+    write_run_json(tmp, "eval_other", checkpoint="0123456789abcdef")
+    shutil.copytree(TINY, tmp / "fifoweights")
+    (tmp / "fifoweights" / "model.safetensors").unlink()
+    os.mkfifo(tmp / "fifoweights" / "model.safetensors")
+    for name, rows in [("dupids", [{"id": "q1", "question": "a?", "answers": ["7"]}, {"id": "q1", "question": "b?", "answers": ["3"]}]),
+                       ("strans", [{"id": "q1", "question": "a?", "answers": "12"}]),   # list("12") was ["1", "2"]
+                       ("intimage", [{"id": "q1", "image": 5, "question": "a?", "answers": ["7"]}])]:
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 # ---- checks on the files a row leaves behind -------------------------------------------------
@@ -210,6 +347,15 @@ def check_files(case, tmp: Path):
     elif case[0] == "train.py" and case[1].startswith(("--lr", "--max-steps", "--seed", "first JSONL", "--save-every",
                                                        "--micro-batch", "--epochs", "--text-prob")):
         assert not (tmp / "train_c").exists() and not (tmp / "train_d").exists()
+    elif case in [("sample.py", "--show onto the --image"), ("crops.py", "--out onto the image")]:
+        assert (tmp / "pic.png").read_bytes() == IMAGE.read_bytes()
+    elif case in [("weights.py", "DST inside SRC with --force"), ("weights.py", "DST holding SRC"),
+                  ("quantize.py", "DST inside SRC")]:
+        assert sorted(os.listdir(tmp / "src_copy")) == sorted(os.listdir(TINY))
+        assert (tmp / "src_copy" / "model.safetensors").read_bytes() == (TINY / "model.safetensors").read_bytes()
+    elif case[0] == "eval.py" and case[1].startswith("--out holding"):
+        out = tmp / ("eval_other" if "another" in case[1] else "eval_old")
+        assert len((out / "predictions.jsonl").read_text().splitlines()) == 2   # left as it was
 
 
 # ---- running the rows --------------------------------------------------------------------------

@@ -196,3 +196,37 @@ def test_chat_calls_the_first_answer_hook_once_per_image(tiny_v2, tok, crops, mo
     seen.clear()
     chat(Conversation(tiny_v2, tok), lambda path: crops, on_first_answer=lambda q, r: seen.append(q), max_new_tokens=2)
     assert seen == []
+
+
+def test_non_finite_output_stops_the_turn_and_writes_no_json(tiny_v2, tok):
+    # sample.py --json: a NaN log-probability would make the line invalid JSON
+    import copy
+    import io
+    from conversation import NotFinite, answer
+    broken = copy.deepcopy(tiny_v2)
+    with torch.no_grad():
+        broken.llm.norm.weight.fill_(float("nan"))
+    conv, out = Conversation(broken, tok), io.StringIO()
+    with pytest.raises(NotFinite, match="NaN or infinite"):
+        answer(conv, "Hi", as_json=True, out=out, max_new_tokens=3)
+    assert out.getvalue() == "" and conv.tokens == []  # no answer, and the question undone
+
+
+def test_chat_image_that_is_a_fifo_is_refused_without_blocking(tiny_v2, tok, crops, tmp_path, monkeypatch, capsys):
+    import os
+    import signal
+    from conversation import chat
+    from crops import load_image
+    os.mkfifo(tmp_path / "pipe.png")
+    lines = iter([f"/image {tmp_path / 'pipe.png'}", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    def hung(*_):
+        raise TimeoutError("chat /image blocked on a FIFO")
+    old = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(20)
+    try:
+        chat(Conversation(tiny_v2, tok, crops), lambda path: load_image(path), max_new_tokens=1)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert "pipe.png is not a regular file (a folder, FIFO or device)" in capsys.readouterr().err

@@ -95,3 +95,28 @@ def test_cli_writes_one_record_per_line(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["1", "2"]
+
+
+def test_pathvqa_refuses_records_listed_over_and_over(tmp_path):
+    one = {"image": "test_0001", "question": "What is shown? " * 600, "answer": "x"}  # 9 KB of text
+    (tmp_path / "shared.pkl").write_bytes(pickle.dumps([one] * 3000))  # each repeat costs 2 bytes
+    assert (tmp_path / "shared.pkl").stat().st_size < 20_000
+    with pytest.raises(ValueError, match=r"shared\.pkl: its records expand to more than 16 times the file's size"):
+        convert.pathvqa(tmp_path / "shared.pkl")
+
+
+def test_pathvqa_refuses_an_answer_that_is_not_plain_text(tmp_path):
+    nested = ["yes"]
+    for _ in range(18):  # str() of it doubles at each level: 2**18 copies from a few hundred bytes
+        nested = [nested, nested]
+    (tmp_path / "nested.pkl").write_bytes(pickle.dumps([{"image": "test_0001", "question": "?", "answer": nested}]))
+    with pytest.raises(ValueError, match=r"record 0 is not \{image, question, answer\} of plain text"):
+        convert.pathvqa(tmp_path / "nested.pkl")
+
+
+def test_cli_refuses_a_bad_pickle_in_one_line(tmp_path):
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps([{"image": print}]))
+    r = subprocess.run([sys.executable, "-m", "data.benchmarks.convert", "pathvqa", str(tmp_path / "evil.pkl"),
+                        str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: unexpected object builtins.print in a PathVQA pickle"]

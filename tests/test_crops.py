@@ -303,3 +303,10 @@ def test_jpeg_under_twice_the_floor_is_decoded_whole(tmp_path, monkeypatch):
     img = load_image(path)
     assert crops.FULL_SIZE not in img.info
     np.testing.assert_array_equal(np.asarray(img), np.asarray(whole))
+
+
+def test_a_fifo_is_refused_without_opening_it(tmp_path):
+    import os
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block until something writes to it
+    with pytest.raises(ValueError, match=r"image .*pipe\.png is not a regular file \(a folder, FIFO or device\)"):
+        crops.load_image(tmp_path / "pipe.png")

@@ -138,7 +138,115 @@ def test_empty_answers_are_counted_and_warned_about(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     answered = [{"id": "0", "prediction": ""}, {"id": "1", "prediction": "7"}, {"id": "2", "prediction": " "}]
     (tmp_path / "out" / "predictions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in answered))
-    result = ev.main(["--checkpoint", str(tmp_path), "--task", "zoom", "--data", str(tmp_path / "bench.jsonl"),
-                      "--out", str(tmp_path / "out")])  # every id answered: no model is loaded
+    args = ["--checkpoint", str(tmp_path), "--task", "zoom", "--data", str(tmp_path / "bench.jsonl"),
+            "--out", str(tmp_path / "out")]
+    (tmp_path / "out" / "run.json").write_text(json.dumps(ev.run_identity(ev.parse_args(args), "cpu")))
+    result = ev.main(args)  # every id answered by this same run: no model is loaded
     assert result["empty"] == 2 and result["accuracy"] == pytest.approx(100 / 3)
     assert "warning: 2 of the 3 answers are empty" in capsys.readouterr().err
+
+
+# ---- answers reused only by the run that made them; bad arguments and data -----------------
+def zoom_args(checkpoint, tmp_path, *more):
+    return ["--checkpoint", str(checkpoint), "--task", "zoom", "--data", str(tmp_path / "bench.jsonl"),
+            "--out", str(tmp_path / "out"), "--max-new-tokens", "2", "--device", "cpu", *more]
+
+
+@pytest.fixture
+def bench(tmp_path):
+    Image.fromarray(np.full((64, 64, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    rows = [{"id": "q1", "image": "a.png", "question": "Which digit?", "answers": ["7"]}]
+    (tmp_path / "bench.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def plant_answer(out, text="7"):
+    """What another run left: an answer that is right whatever the model says."""
+    with open(out / "predictions.jsonl", "a") as f:
+        f.write(json.dumps({"id": "q1", "prediction": text, "answers": ["7"]}) + "\n")
+
+
+def test_eval_refuses_answers_from_another_checkpoint(checkpoint, bench, tmp_path):
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(checkpoint, other)
+    ev.main(zoom_args(other, bench))
+    plant_answer(bench / "out")  # as if `other` had answered "7"
+    (other / "config.json").write_text((other / "config.json").read_text() + " ")  # now another model
+    with pytest.raises(ValueError, match=r"predictions\.jsonl holds answers of another run \(they differ in checkpoint\)"):
+        ev.main(zoom_args(other, bench))
+
+
+@pytest.mark.parametrize("change,differs", [(["--task", "pope"], "task, prompt, max_new_tokens"),
+                                            (["--max-new-tokens", "3"], "max_new_tokens"),
+                                            (["--dtype", "bfloat16"], "dtype"), (["--quantize", "int8"], "quantize"),
+                                            (["--special-tokens-in-text"], "special_tokens_in_text")])
+def test_eval_refuses_answers_made_with_other_settings(checkpoint, bench, change, differs):
+    ev.main(zoom_args(checkpoint, bench))
+    args = zoom_args(checkpoint, bench, *change)
+    if change[0] == "--task":
+        args = [a for a in args if a not in ("--max-new-tokens", "2")]
+    with pytest.raises(ValueError, match=rf"holds answers of another run \(they differ in {differs}\)"):
+        ev.main(args)
+
+
+def test_eval_refuses_answers_without_a_record_of_their_run(checkpoint, bench):
+    (bench / "out").mkdir()
+    plant_answer(bench / "out")
+    with pytest.raises(ValueError, match=r"no run\.json says what made them.*--restart"):
+        ev.main(zoom_args(checkpoint, bench))
+
+
+def test_eval_restart_discards_answers_of_another_run(checkpoint, bench):
+    (bench / "out").mkdir()
+    plant_answer(bench / "out", "a planted answer")
+    ev.main(zoom_args(checkpoint, bench, "--restart"))
+    lines = (bench / "out" / "predictions.jsonl").read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["prediction"] != "a planted answer"
+
+
+def test_eval_same_run_reuses_its_answers(checkpoint, bench):
+    first = ev.main(zoom_args(checkpoint, bench))
+    plant_answer(bench / "out", "7")  # the last entry for an id wins: reused, not asked again
+    assert ev.main(zoom_args(checkpoint, bench))["accuracy"] == 100 != first["accuracy"]
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--limit", "-1"), ("--limit", "0"),
+                                        ("--max-new-tokens", "0")])
+def test_eval_refuses_counts_below_one(checkpoint, bench, flag, value):
+    with pytest.raises(ValueError, match=rf"{flag} {value}: give a number >= 1"):
+        ev.main(zoom_args(checkpoint, bench, flag, value))
+
+
+def test_eval_refuses_a_file_without_questions(checkpoint, bench):
+    (bench / "bench.jsonl").write_text("\n")
+    with pytest.raises(ValueError, match=r"bench\.jsonl holds no questions"):
+        ev.main(zoom_args(checkpoint, bench))
+
+
+def test_eval_fails_when_no_question_could_be_answered(checkpoint, bench):
+    (bench / "a.png").unlink()
+    with pytest.raises(ValueError, match=r"none of the 1 questions was answered \(first: q1: image file not found"):
+        ev.main(zoom_args(checkpoint, bench))
+
+
+@pytest.mark.parametrize("image", ["../../etc/passwd", "/etc/passwd", "sub/../../a.png"])
+def test_eval_refuses_image_paths_outside_the_image_root(checkpoint, bench, image):
+    (bench / "bench.jsonl").write_text(json.dumps({"id": "q1", "image": image, "question": "?", "answers": []}) + "\n")
+    with pytest.raises(ValueError, match=r"question q1: image .* is outside the image root .*--images-anywhere"):
+        ev.main(zoom_args(checkpoint, bench))
+    assert not (bench / "out").exists()
+
+
+def test_eval_images_anywhere_reads_a_path_outside_the_root(checkpoint, bench):
+    (bench / "sub").mkdir()
+    (bench / "sub" / "bench.jsonl").write_text(
+        json.dumps({"id": "q1", "image": "../a.png", "question": "?", "answers": ["7"]}) + "\n")
+    args = zoom_args(checkpoint, bench, "--images-anywhere")
+    args[args.index("--data") + 1] = str(bench / "sub" / "bench.jsonl")
+    assert ev.main(args)["failed"] == 0
+
+
+def test_eval_metrics_are_valid_json_when_a_family_has_no_questions():
+    out = ev.score("vqa-rad", recs({"answers": ["yes"], "type": "closed"}), {"0": "yes"})
+    assert out["open_token_f1"] is None and json.loads(json.dumps(out, allow_nan=False)) == out

@@ -209,8 +209,8 @@ def test_llm_config_comes_from_text_config_alone_as_released():
 
 
 def test_llm_config_falls_back_to_top_level_fields_with_dragonfly_defaults():
-    llm = pretrained.llm_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4})
-    assert (llm.dim, llm.n_layers, llm.n_heads) == (64, 2, 4)
+    llm = pretrained.llm_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 16})
+    assert (llm.dim, llm.n_layers, llm.n_heads) == (64, 2, 16)
     # the release's DragonflyConfig defaults are Llama-3-8B's
     assert (llm.n_kv_heads, llm.norm_eps, llm.rope_theta, llm.max_seq_len, llm.vocab_size) == (8, 1e-5, 500000.0, 8192, 128256)
 

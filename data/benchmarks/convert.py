@@ -42,6 +42,7 @@ import argparse
 import csv
 import json
 import pickle
+import sys
 from pathlib import Path
 
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -122,12 +123,24 @@ class _PlainUnpickler(pickle.Unpickler):
 
 
 def pathvqa(src) -> list:
+    """The pickle's records, each field a plain value. A pickle can list one object many times for
+    two bytes each (10 KB of shared references grew to 20 GB as text), so the text converted is
+    bounded by the file's size: the real file holds each record once, well under the bound."""
     with open(src, "rb") as f:
         data = _PlainUnpickler(f).load()
+    if not isinstance(data, list):
+        raise ValueError(f"{src}: expected a list of records, found {type(data).__name__}")
+    budget = 16 * Path(src).stat().st_size + 2**20  # characters
     out = []
     for i, q in enumerate(data):
+        if not isinstance(q, dict) or not all(isinstance(q.get(k), (str, int, float)) for k in ("image", "question", "answer")):
+            raise ValueError(f"{src}: record {i} is not {{image, question, answer}} of plain text")
+        budget -= sum(len(str(q[k])) for k in ("image", "question", "answer"))
+        if budget < 0:
+            raise ValueError(f"{src}: its records expand to more than 16 times the file's size by record {i}: "
+                             "objects listed many times over, not the PathVQA release")
         answer = str(q["answer"]).strip()
-        out.append(record(i, f"{q['image']}.jpg", q["question"], [answer],
+        out.append(record(i, f"{q['image']}.jpg", str(q["question"]), [answer],
                           type="closed" if answer.lower() in ("yes", "no") else "open"))
     return out
 
@@ -155,4 +168,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,127 @@
+"""Files in and out (issue 17): config.json checked before anything is built, weights of the
+wrong kind or not finite refused at load, and no output path that would overwrite an input."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import pretrained
+import weights
+from conftest import ROOT
+
+TINY = ROOT / "checkpoints" / "zoom-tiny"
+
+
+# ---- config.json ----------------------------------------------------------------------------
+def text_config(**changed):
+    cfg = json.loads((TINY / "config.json").read_text())
+    return {**cfg, "text_config": {**cfg["text_config"], **changed}}
+
+
+@pytest.mark.parametrize("field,value", [("num_hidden_layers", 10**9), ("num_attention_heads", 10**7),
+                                         ("vocab_size", 2**40), ("max_position_embeddings", 10**12)])
+def test_absurd_sizes_are_refused_before_any_module_is_built(field, value):
+    with pytest.raises(weights.CheckpointError, match=rf"config\.json: text_config: {field}: expected an integer from 1 to"):
+        pretrained.llm_config(text_config(**{field: value}), "config.json")
+
+
+@pytest.mark.parametrize("field,value,want", [("hidden_size", "32", "an integer"), ("hidden_size", 32.0, "an integer"),
+                                              ("num_attention_heads", 0, "an integer"), ("intermediate_size", -1, "an integer"),
+                                              ("vocab_size", None, "an integer"), ("rms_norm_eps", "1e-5", "a number above 0"),
+                                              ("rms_norm_eps", 0, "a number above 0"), ("tie_word_embeddings", "yes", "true or false"),
+                                              ("rope_theta", True, "a number above 0")])
+def test_config_fields_of_the_wrong_type_or_range_name_the_field(field, value, want):
+    with pytest.raises(weights.CheckpointError, match=rf"^config\.json: text_config: {field}: expected {want}.*, found "):
+        pretrained.llm_config(text_config(**{field: value}), "config.json")
+
+
+def test_heads_that_do_not_divide_the_width_are_refused():
+    with pytest.raises(weights.CheckpointError, match="the heads must divide the width"):
+        pretrained.llm_config(text_config(num_attention_heads=3, num_key_value_heads=3), "config.json")
+
+
+def test_an_unknown_dragonfly_nano_field_is_refused_with_the_known_ones():
+    with pytest.raises(weights.CheckpointError, match=r"^c: dragonfly_nano\.crops: unknown field 'levels' \(known: size, "):
+        pretrained.check_fields({"crops": {"levels": 3}}, pretrained.M.DragonflyConfig, "c: dragonfly_nano")
+
+
+def test_the_shipped_configs_pass_the_checks():
+    hf = json.loads((TINY / "config.json").read_text())
+    pretrained.check_fields(hf["dragonfly_nano"], pretrained.M.DragonflyConfig, "dragonfly_nano")
+    assert pretrained.llm_config(hf).n_layers == hf["text_config"]["num_hidden_layers"]
+
+
+# ---- weights ----------------------------------------------------------------------------------
+@pytest.fixture
+def damaged(tmp_path):
+    """A copy of the shipped checkpoint whose norm weight is replaced by `value(weight)`."""
+    def make(value, key="language_model.model.norm.weight"):
+        shutil.copytree(TINY, tmp_path / "ckpt")
+        state = load_file(TINY / "model.safetensors")
+        save_file({**state, key: value(state[key]).contiguous()}, tmp_path / "ckpt" / "model.safetensors")
+        return tmp_path / "ckpt"
+    return make
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
+def test_an_integer_or_bool_tensor_for_a_float_weight_is_refused(damaged, dtype):
+    path = damaged(lambda t: t.to(dtype))
+    with pytest.raises(weights.CheckpointError, match=rf"ckpt/model\.safetensors: language_model\.model\.norm\.weight is "
+                                                      rf"stored as {str(dtype)[6:]}, the model expects a floating-point weight"):
+        pretrained.load(path)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load_even_when_quantized(damaged, bad):
+    def one_bad(t):
+        t = t.clone()
+        t[3, 5] = bad
+        return t
+    path = damaged(one_bad, key="vision_embed_tokens.weight")
+    for quantize in (None, "int8"):
+        with pytest.raises(weights.CheckpointError, match=r"vision_embed_tokens\.weight holds NaN or infinite values"):
+            pretrained.load(path, quantize=quantize)
+
+
+def test_all_finite_is_exact_when_the_sum_overflows():
+    big = torch.full((4,), 3e38)
+    assert weights.all_finite(big) and not weights.all_finite(torch.tensor([1.0, float("nan")]))
+
+
+# ---- outputs that would overwrite inputs ----------------------------------------------------------
+@pytest.mark.parametrize("out,how", [("src", "is"), ("src/model.safetensors", "is inside"), ("src/new/deeper", "is inside"),
+                                     (".", "holds"), ("link", "is")])
+def test_an_output_that_is_inside_or_holds_an_input_is_refused(tmp_path, monkeypatch, out, how):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "src")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(weights.CheckpointError, match=rf"^DST {out} {how} the input .*src; write to a new path"):
+        weights.refuse_overwrite(out, ["src"], "DST")
+
+
+def test_a_hard_link_to_an_input_is_the_input(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"x")
+    os.link(tmp_path / "a.png", tmp_path / "b.png")
+    with pytest.raises(weights.CheckpointError, match="is the input"):
+        weights.refuse_overwrite(tmp_path / "b.png", [tmp_path / "a.png"], "--show")
+    weights.refuse_overwrite(tmp_path / "c.png", [tmp_path / "a.png"], "--show")  # a new sibling is fine
+
+
+def test_convert_refuses_dst_inside_src_and_leaves_src_whole(tmp_path):
+    shutil.copytree(TINY, tmp_path / "src")
+    with pytest.raises(weights.CheckpointError, match="is inside the input"):
+        weights.convert_to_safetensors(tmp_path / "src", tmp_path / "src" / "model.safetensors", force=True)
+    assert (tmp_path / "src" / "model.safetensors").read_bytes() == (TINY / "model.safetensors").read_bytes()
+
+
+def test_the_fingerprint_changes_with_the_config_or_a_weight_file(tmp_path):
+    shutil.copytree(TINY, tmp_path / "c")
+    before = weights.fingerprint(tmp_path / "c")
+    assert weights.fingerprint(tmp_path / "c") == before
+    (tmp_path / "c" / "metrics.json").write_text("{}")  # eval.py's files beside it do not count
+    assert weights.fingerprint(tmp_path / "c") == before
+    os.utime(tmp_path / "c" / "model.safetensors", ns=(1, 1))
+    assert weights.fingerprint(tmp_path / "c") != before
