@@ -37,3 +37,41 @@ def test_short_study_trains_scores_and_writes_the_table(tmp_path):
     assert (tmp_path / "res" / "ablations.png").stat().st_size > 0
     ablations.main(argv)   # everything is done already: nothing is trained again
     assert len((tmp_path / "out" / "runs.jsonl").read_text().splitlines()) == 1
+
+
+def zoom_models(*preset_names):
+    """Tiny ablation models with one set of weights (the levels share the ViT, projection and LLM)
+    and the crops of one zoom page for each."""
+    import random
+    import sys
+    import torch
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "data" / "zoom"))
+    import prepare
+    torch.manual_seed(0)
+    models = [M.Dragonfly(presets.tiny_config(preset=name)).eval() for name in preset_names]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    page = prepare.draw_sample(random.Random("zoom/test"), digit=4)[0]
+    return [(m, torch.from_numpy(m.crop_image(page).pixels)[None]) for m in models]
+
+
+def test_low_plus_medium_block_is_the_low_block_then_the_medium_block():
+    import torch
+    (lm, lm_px), (low, low_px), (medium, medium_px), (lmh, lmh_px) = zoom_models("v2-LM", "v2-L", "v2-M", "dragonfly-v2")
+    with torch.no_grad():
+        lm_block = lm.image_block(lm_px)[0]                      # (18 + 24, dim)
+        assert torch.equal(lm_block[:18], low.image_block(low_px)[0])
+        assert torch.equal(lm_block[18:], medium.image_block(medium_px)[0])
+        assert torch.equal(lmh.image_block(lmh_px)[0][:42], lm_block)   # the high crops come after
+
+
+def test_the_loss_reaches_every_crop_of_low_plus_medium():
+    import torch
+    (lm, pixels), = zoom_models("v2-LM")
+    pixels.requires_grad_(True)
+    tokens = torch.tensor([[128000, 15546, 16099, 30, 19]])   # <|begin_of_text|>, three text ids, "4" (id 19)
+    labels = torch.tensor([[-100, -100, -100, -100, 19]])
+    lm(tokens, pixels, labels)[1].backward()
+    per_crop = pixels.grad[0].flatten(1).norm(dim=1)                  # (1 low + 4 medium,)
+    assert per_crop.shape == (5,) and bool((per_crop > 0).all())
