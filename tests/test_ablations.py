@@ -20,12 +20,18 @@ def test_tiny_ablation_configs_have_the_hand_counted_image_positions(preset, hig
     assert M.image_positions(cfg) + 64 <= cfg.llm.max_seq_len
 
 
-def test_short_study_trains_scores_and_writes_the_table(tmp_path):
+def zoom_script(name):
+    """A data/zoom script as a module (they are run as scripts, not imported as a package)."""
     import importlib.util
     from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "data" / "zoom" / "ablations.py")
-    ablations = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablations)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / "zoom" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_study_trains_scores_and_writes_the_table(tmp_path):
+    ablations = zoom_script("ablations")
     argv = ["--steps", "2", "--train", "32", "--test", "4", "--seeds", "0", "--runs", "L+H 3x3",
             "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res")]
     ablations.main(argv)
@@ -75,3 +81,24 @@ def test_the_loss_reaches_every_crop_of_low_plus_medium():
     lm(tokens, pixels, labels)[1].backward()
     per_crop = pixels.grad[0].flatten(1).norm(dim=1)                  # (1 low + 4 medium,)
     assert per_crop.shape == (5,) and bool((per_crop > 0).all())
+
+
+def test_rewriting_the_table_keeps_the_sections_below_it():
+    with_notes = zoom_script("ablations").with_notes
+    old = "Zoom demo ablations: old\n\n| run |\n| L |\n\n## Why L+M stays at chance\n\nthe evidence\n"
+    assert with_notes("Zoom demo ablations: new\n\n| run |\n", old) == \
+        "Zoom demo ablations: new\n\n| run |\n\n## Why L+M stays at chance\n\nthe evidence\n"
+    assert with_notes("new table\n", "a table without notes\n") == "new table\n"
+
+
+def test_onset_follows_every_checkpoint_of_a_short_run(tmp_path):
+    onset = zoom_script("onset")
+    onset.main(["--run", "L+M", "--steps", "2", "--every", "1", "--train", "32", "--test", "4",
+                "--data", str(tmp_path / "data"), "--out", str(tmp_path / "onset")])
+    run, = [json.loads(line) for line in (tmp_path / "onset" / "onset.jsonl").read_text().splitlines()]
+    assert (run["name"], run["steps"], [c["step"] for c in run["checkpoints"]]) == ("L+M", 2, [1, 2])
+    for c in run["checkpoints"]:
+        assert c["top_share"] in (25.0, 50.0, 75.0, 100.0)          # 4 pages
+        assert set(c["gradient"]) == {"low", "medium"} and c["gradient"]["medium"] > 0
+        assert 0 < c["attention"]["low"] + c["attention"]["medium"] < 100   # the text takes the rest
+    assert not list((tmp_path / "onset").glob("*/step_*"))              # only the export is kept

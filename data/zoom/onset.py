@@ -1,8 +1,9 @@
 """When does a run start to read its crops? The evidence for why L+M sits at chance in the
 150-step ablation (README, "The paper's ablations at laptop scale"; issue 20).
 
-    python data/zoom/onset.py --run L+M --seed 0 --steps 150 --every 30
-    python data/zoom/onset.py --run M --seed 0 --steps 300 --every 60 --lr 2e-3
+    python data/zoom/onset.py --run L+M --seed 0 --steps 150 --every 30    # one run, ~1 min here
+    python data/zoom/onset.py --run L+M --seed 1 --steps 150 --blank-low   # the control (see blank_low_crops)
+    python data/zoom/onset.py --table          # every run so far: the tables of data/zoom/ablations.md
 
 Trains one row of ablations.py exactly as the study does (`train.py --model tiny`, the demo's
 flags, the row's preset, same data) but keeps a checkpoint every --every steps, and follows each
@@ -16,7 +17,8 @@ checkpoint on the study's held-out pages:
   gradient    the loss's gradient at each image position of the block (a fixed batch of 32
               training pages, norm per position, mean over pages and the level's positions):
               how much each level's tokens are pushed to change.
-One JSON line per run goes to OUT/onset.jsonl and its table is printed.
+One JSON line per run goes to OUT/onset.jsonl and its table is printed. The runs behind
+ablations.md's section "Why L+M stays at chance" (33 min of CPU): L, M and L+M as listed there.
 """
 import argparse
 import collections
@@ -35,6 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 sys.path.insert(0, str(HERE))
 import ablations  # noqa: E402  (the study's rows and data)
+import crops as crops_lib  # noqa: E402
 import demo  # noqa: E402
 import eval as evaluate  # noqa: E402
 import looked  # noqa: E402
@@ -44,6 +47,20 @@ import presets  # noqa: E402
 import train  # noqa: E402
 from data.dataset import VLDataset, collate  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
+
+
+def blank_low_crops():
+    """The control run: every low crop becomes a flat page at the CLIP mean (0 after normalising),
+    so L+M keeps its 18 low positions but they carry nothing that varies from page to page.
+    Patched where the dataset and model.crop_image call it (DataLoader workers fork: they inherit it)."""
+    make = crops_lib.make_crops
+
+    def made(img, cfg=crops_lib.V2):
+        crops = make(img, cfg)
+        if cfg.low:
+            crops.pixels[0] = 0.0
+        return crops
+    crops_lib.make_crops = made
 
 
 def train_with_checkpoints(name, seed, steps, lr, every, data, folder):
@@ -103,37 +120,71 @@ def follow(model, tok, records, data, batch) -> dict:
             "gradient": {k: float(f"{v:.3g}") for k, v in gradient_per_level(model, batch).items()}}
 
 
-def table(runs) -> str:
-    rows = ["| run | seed | lr | steps | step | held-out accuracy | commonest answer (share) | attention low / medium (%) "
-            "| gradient per position low / medium (1e-5) | loss, last 10 steps |", "|---|---:|---:|---:|---:|---:|---|---|---|---:|"]
+def level_pair(values, fmt) -> str:
+    return " / ".join(fmt(values[level]) if level in values else "-" for level in ("low", "medium"))
+
+
+def checkpoint_table(runs) -> str:
+    """Every checkpoint of every run: how a run starts (or fails) to read its crops."""
+    rows = ["| run | seed | lr | steps | step | held-out accuracy | commonest answer (share) | answer's attention, "
+            "low / medium (%) | gradient per position, low / medium (1e-5) | loss, last 10 steps |",
+            "|---|---:|---:|---:|---:|---:|---|---|---|---:|"]
     for run in runs:
         for c in run["checkpoints"]:
-            att, grad = c["attention"], c["gradient"]
-            low = lambda d, f: f(d["low"]) if "low" in d else "-"
             rows.append(f"| {run['name']} | {run['seed']} | {run['lr']} | {run['steps']} | {c['step']} | {c['accuracy']:.1f} "
-                        f"| {c['top_answer'] or '(empty)'} ({c['top_share']:.1f}%) | {low(att, str)} / {att['medium']} "
-                        f"| {low(grad, lambda g: f'{1e5 * g:.1f}')} / {1e5 * grad['medium']:.1f} | {c['loss']:.3f} |")
+                        f"| {c['top_answer'] or '(empty)'} ({c['top_share']:.1f}%) | {level_pair(c['attention'], str)} "
+                        f"| {level_pair(c['gradient'], lambda g: f'{1e5 * g:.1f}')} | {c['loss']:.3f} |")
+    return "\n".join(rows)
+
+
+def summary_table(runs, answers) -> str:
+    """One row per run: its last checkpoint, and the share of the test pages whose digit is the
+    run's commonest answer (a run that answers one digit scores exactly that share)."""
+    rows = ["| run | lr | steps | held-out accuracy per seed | commonest answer per seed (share of answers; "
+            "that digit's share of the test pages) |", "|---|---:|---:|---|---|"]
+    groups = collections.defaultdict(list)
+    for run in runs:
+        groups[run["name"], run["lr"], run["steps"]].append(run)
+    for (name, lr, steps), group in groups.items():
+        group.sort(key=lambda r: r["seed"])
+        last = [(r["seed"], r["checkpoints"][-1]) for r in group]
+        accuracy = ", ".join(f"{c['accuracy']:.1f} (seed {seed})" for seed, c in last)
+        top = ", ".join(f"{c['top_answer'] or '(empty)'} ({c['top_share']:.0f}%; "
+                        f"{100 * answers.count(c['top_answer']) / len(answers):.1f}%)" for _, c in last)
+        rows.append(f"| {name} | {lr} | {steps} | {accuracy} | {top} |")
     return "\n".join(rows)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", default="L+M", choices=[n for n in ablations.RUNS if "M" in n.split()[0]],
-                   help="an ablations.py row with medium crops")
+    p.add_argument("--run", default="L+M", choices=["L", "M", "L+M", "L+M+H"], help="an ablations.py row (Table 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--every", type=int, default=30, help="a checkpoint every N steps")
     p.add_argument("--lr", default="2e-3", help="peak learning rate (the study's: 2e-3)")
-    p.add_argument("--test", type=int, default=200, help="held-out pages, the study's first N")
+    p.add_argument("--train", type=int, default=4000, help="training pages, if --data must be made (the study's 4000)")
+    p.add_argument("--test", type=int, default=200, help="held-out pages (the study's 200)")
+    p.add_argument("--data", default=str(demo.ROOT / "out" / "zoom-ablations" / "data"),
+                   help="the pages (default: the study's, made by prepare.py if missing)")
+    p.add_argument("--blank-low", action="store_true", help="the control: a flat grey low crop (see blank_low_crops)")
+    p.add_argument("--table", action="store_true", help="no training: the tables of every run in OUT/onset.jsonl")
     p.add_argument("--out", default=str(demo.ROOT / "out" / "zoom-onset"))
     args = p.parse_args(argv)
-    out, data = Path(args.out), Path(args.out).parent / "zoom-ablations" / "data"
+    out, data = Path(args.out), Path(args.data)
+    out.mkdir(parents=True, exist_ok=True)
     if not (data / "test.jsonl").exists():
-        prepare.main(["--out", str(data), "--train", "4000", "--test", "200", "--seed", "0"])
-    folder = out / f"{ablations.run_dir(out, args.run, args.seed).name}_steps{args.steps}_lr{args.lr}"
+        prepare.main(["--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
+    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:args.test]
+    if args.table:
+        runs = [json.loads(line) for line in (out / "onset.jsonl").read_text().splitlines()]
+        print(summary_table(runs, [r["answers"][0] for r in records]), "", checkpoint_table(runs), sep="\n")
+        return
+    if args.blank_low:
+        blank_low_crops()
+    name = args.run + " blank low" * args.blank_low
+    folder = out / f"{ablations.run_dir(out, name, args.seed).name}_steps{args.steps}_lr{args.lr}"
     train_with_checkpoints(args.run, args.seed, args.steps, args.lr, args.every, data, folder)
     tok = Tokenizer.from_file(folder / "final")
-    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:args.test]
     losses = [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
     model = M.Dragonfly(presets.tiny_config(preset=ablations.RUNS[args.run][1][1])).eval()
     pages = VLDataset(data / "train.jsonl", data, tok, model.cfg.crops, M.image_positions(model.cfg))
@@ -143,12 +194,12 @@ def main(argv=None):
         load_step(model, folder / f"step_{step:07d}")
         late = losses[max(0, step - 10):step]
         checkpoints.append({"step": step, "loss": sum(late) / len(late), **follow(model, tok, records, data, batch)})
-    run = {"name": args.run, "seed": args.seed, "steps": args.steps, "lr": args.lr, "checkpoints": checkpoints}
+    run = {"name": name, "seed": args.seed, "steps": args.steps, "lr": args.lr, "checkpoints": checkpoints}
     with open(out / "onset.jsonl", "a") as f:
         f.write(json.dumps(run) + "\n")
     for step_dir in folder.glob("step_*"):  # 1 MB each; the export in final/ stays
         shutil.rmtree(step_dir)
-    print(table([run]))
+    print(checkpoint_table([run]))
 
 
 if __name__ == "__main__":
