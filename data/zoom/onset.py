@@ -18,7 +18,7 @@ checkpoint on the study's held-out pages:
               training pages, norm per position, mean over pages and the level's positions):
               how much each level's tokens are pushed to change.
 One JSON line per run goes to OUT/onset.jsonl and its table is printed. The runs behind
-ablations.md's section "Why L+M stays at chance" (33 min of CPU): L, M and L+M as listed there.
+ablations.md's section "Why L+M stays at chance" (26 min of CPU here, checkpoints followed included).
 """
 import argparse
 import collections
@@ -177,6 +177,9 @@ def main(argv=None):
     records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:args.test]
     if args.table:
         runs = [json.loads(line) for line in (out / "onset.jsonl").read_text().splitlines()]
+        rows = ["L", "M", "L+M", "L+M+H"]  # the study's lr first, by length, then the other lrs, the control last
+        runs.sort(key=lambda r: ("blank" in r["name"], r["lr"] != "2e-3", r["lr"], r["steps"],
+                                 rows.index(r["name"].split()[0]), r["seed"]))
         print(summary_table(runs, [r["answers"][0] for r in records]), "", checkpoint_table(runs), sep="\n")
         return
     if args.blank_low:
