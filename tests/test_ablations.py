@@ -102,3 +102,11 @@ def test_onset_follows_every_checkpoint_of_a_short_run(tmp_path):
         assert set(c["gradient"]) == {"low", "medium"} and c["gradient"]["medium"] > 0
         assert 0 < c["attention"]["low"] + c["attention"]["medium"] < 100   # the text takes the rest
     assert not list((tmp_path / "onset").glob("*/step_*"))              # only the export is kept
+
+
+def test_onset_refuses_blank_low_for_a_run_without_low_and_medium_crops(tmp_path, capsys):
+    onset = zoom_script("onset")
+    with pytest.raises(SystemExit) as exit_:
+        onset.main(["--run", "M", "--blank-low", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--blank-low" in capsys.readouterr().err
+    assert not (tmp_path / "onset.jsonl").exists()

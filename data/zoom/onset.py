@@ -171,6 +171,10 @@ def main(argv=None):
     p.add_argument("--out", default=str(demo.ROOT / "out" / "zoom-onset"))
     args = p.parse_args(argv)
     out, data = Path(args.out), Path(args.data)
+    if args.blank_low and not args.run.startswith("L+"):
+        p.error(f"--blank-low flattens the low crop next to the medium crops; run {args.run!r} lacks one of them: use L+M or L+M+H")
+    if args.table and not (out / "onset.jsonl").exists():
+        p.error(f"--table: no runs yet in {out / 'onset.jsonl'}; train some first (see --help), or give their --out")
     out.mkdir(parents=True, exist_ok=True)
     if not (data / "test.jsonl").exists():
         prepare.main(["--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
