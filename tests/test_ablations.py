@@ -20,12 +20,18 @@ def test_tiny_ablation_configs_have_the_hand_counted_image_positions(preset, hig
     assert M.image_positions(cfg) + 64 <= cfg.llm.max_seq_len
 
 
-def test_short_study_trains_scores_and_writes_the_table(tmp_path):
+def zoom_script(name):
+    """A data/zoom script as a module (they are run as scripts, not imported as a package)."""
     import importlib.util
     from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("ablations", ROOT / "data" / "zoom" / "ablations.py")
-    ablations = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ablations)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data" / "zoom" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_short_study_trains_scores_and_writes_the_table(tmp_path):
+    ablations = zoom_script("ablations")
     argv = ["--steps", "2", "--train", "32", "--test", "4", "--seeds", "0", "--runs", "L+H 3x3",
             "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res")]
     ablations.main(argv)
@@ -37,3 +43,70 @@ def test_short_study_trains_scores_and_writes_the_table(tmp_path):
     assert (tmp_path / "res" / "ablations.png").stat().st_size > 0
     ablations.main(argv)   # everything is done already: nothing is trained again
     assert len((tmp_path / "out" / "runs.jsonl").read_text().splitlines()) == 1
+
+
+def zoom_models(*preset_names):
+    """Tiny ablation models with one set of weights (the levels share the ViT, projection and LLM)
+    and the crops of one zoom page for each."""
+    import random
+    import sys
+    import torch
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "data" / "zoom"))
+    import prepare
+    torch.manual_seed(0)
+    models = [M.Dragonfly(presets.tiny_config(preset=name)).eval() for name in preset_names]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    page = prepare.draw_sample(random.Random("zoom/test"), digit=4)[0]
+    return [(m, torch.from_numpy(m.crop_image(page).pixels)[None]) for m in models]
+
+
+def test_low_plus_medium_block_is_the_low_block_then_the_medium_block():
+    import torch
+    (lm, lm_px), (low, low_px), (medium, medium_px), (lmh, lmh_px) = zoom_models("v2-LM", "v2-L", "v2-M", "dragonfly-v2")
+    with torch.no_grad():
+        lm_block = lm.image_block(lm_px)[0]                      # (18 + 24, dim)
+        assert torch.equal(lm_block[:18], low.image_block(low_px)[0])
+        assert torch.equal(lm_block[18:], medium.image_block(medium_px)[0])
+        assert torch.equal(lmh.image_block(lmh_px)[0][:42], lm_block)   # the high crops come after
+
+
+def test_the_loss_reaches_every_crop_of_low_plus_medium():
+    import torch
+    (lm, pixels), = zoom_models("v2-LM")
+    pixels.requires_grad_(True)
+    tokens = torch.tensor([[128000, 15546, 16099, 30, 19]])   # <|begin_of_text|>, three text ids, "4" (id 19)
+    labels = torch.tensor([[-100, -100, -100, -100, 19]])
+    lm(tokens, pixels, labels)[1].backward()
+    per_crop = pixels.grad[0].flatten(1).norm(dim=1)                  # (1 low + 4 medium,)
+    assert per_crop.shape == (5,) and bool((per_crop > 0).all())
+
+
+def test_rewriting_the_table_keeps_the_sections_below_it():
+    with_notes = zoom_script("ablations").with_notes
+    old = "Zoom demo ablations: old\n\n| run |\n| L |\n\n## Why L+M stays at chance\n\nthe evidence\n"
+    assert with_notes("Zoom demo ablations: new\n\n| run |\n", old) == \
+        "Zoom demo ablations: new\n\n| run |\n\n## Why L+M stays at chance\n\nthe evidence\n"
+    assert with_notes("new table\n", "a table without notes\n") == "new table\n"
+
+
+def test_onset_follows_every_checkpoint_of_a_short_run(tmp_path):
+    onset = zoom_script("onset")
+    onset.main(["--run", "L+M", "--steps", "2", "--every", "1", "--train", "32", "--test", "4",
+                "--data", str(tmp_path / "data"), "--out", str(tmp_path / "onset")])
+    run, = [json.loads(line) for line in (tmp_path / "onset" / "onset.jsonl").read_text().splitlines()]
+    assert (run["name"], run["steps"], [c["step"] for c in run["checkpoints"]]) == ("L+M", 2, [1, 2])
+    for c in run["checkpoints"]:
+        assert c["top_share"] in (25.0, 50.0, 75.0, 100.0)          # 4 pages
+        assert set(c["gradient"]) == {"low", "medium"} and c["gradient"]["medium"] > 0
+        assert 0 < c["attention"]["low"] + c["attention"]["medium"] < 100   # the text takes the rest
+    assert not list((tmp_path / "onset").glob("*/step_*"))              # only the export is kept
+
+
+def test_onset_refuses_blank_low_for_a_run_without_low_and_medium_crops(tmp_path, capsys):
+    onset = zoom_script("onset")
+    with pytest.raises(SystemExit) as exit_:
+        onset.main(["--run", "M", "--blank-low", "--out", str(tmp_path)])
+    assert exit_.value.code == 2 and "--blank-low" in capsys.readouterr().err
+    assert not (tmp_path / "onset.jsonl").exists()

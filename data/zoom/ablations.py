@@ -142,6 +142,13 @@ def table(summary, meta, command="", study_s=0) -> str:
     return "\n".join([f"Zoom demo ablations: {meta}", "", *made, *head, *rows, ""])
 
 
+def with_notes(table_md: str, old_md: str) -> str:
+    """The new table, then the sections ("## ...") of the old file: notes written by hand or by
+    other scripts (onset.py's evidence on L+M) survive a re-run of the study."""
+    at = old_md.find("\n## ")
+    return table_md if at < 0 else table_md + old_md[at:]
+
+
 def plot(summary, path, meta):
     """Per run: the toy's held-out accuracy (bar, seeds as dots) beside the paper's TextVQA and
     ChartQA (thin bars); Table 2 on the left, Table 8 on the right; image positions below."""
@@ -215,7 +222,8 @@ def main(argv=None):
         done = [r for r in runs if r["steps"] == args.steps]
         summary = summarise(done)
         study_s = sum(r["train_s"] + r["eval_s"] for r in done)
-        (results / "ablations.md").write_text(table(summary, meta, command, study_s))
+        md = results / "ablations.md"
+        md.write_text(with_notes(table(summary, meta, command, study_s), md.read_text() if md.exists() else ""))
         (results / "ablations.json").write_text(json.dumps({"meta": meta, "command": command, "study_s": round(study_s),
                                                             "summary": summary, "runs": done}, indent=1))
         plot(summary, results / "ablations.png", meta)
