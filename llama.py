@@ -24,6 +24,7 @@ Not part of Llama-3 as Meta describes it, and marked where it sits (skip on a fi
 """
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -236,6 +237,18 @@ class Block(nn.Module):
         return x + self.ffn(self.ffn_norm(x))
 
 
+def faster_layout(w):
+    """w, or its column-major copy, whichever a one-row product reads faster (best of 2 each).
+    Speed only: see Llama.setup_cache."""
+    x, column = torch.randn(1, w.shape[1], dtype=w.dtype), w.t().contiguous().t()
+    best = {}
+    for name, m in [("row", w), ("column", column)] * 2:
+        t0 = time.perf_counter()
+        F.linear(x, m)
+        best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
+    return column if best["column"] < best["row"] else w
+
+
 class Llama(nn.Module):
     def __init__(self, cfg: LlamaConfig):
         super().__init__()
@@ -251,6 +264,7 @@ class Llama(nn.Module):
         # frequencies, whatever the compute dtype (docs/release-facts.md#bf16-numerics;
         # tests/test_quantize.py::test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release).
         self.rope_dtype: Optional[torch.dtype] = None
+        self.head_layout_chosen = False  # setup_cache: the output matrix's memory order, timed once
 
     def tie_weights(self):
         """Share the input embedding with the output projection when the config says so
@@ -287,13 +301,17 @@ class Llama(nn.Module):
     def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
         p = self.lm_head.weight
         plain = type(self.lm_head) is nn.Linear  # quantize.py's stored weights are read by rows
-        if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings and plain:
+        if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings and plain \
+                and not self.head_layout_chosen:
             # Speed only, not part of Llama-3: each decoded token is one product with the
-            # (vocab, dim) output matrix, the largest read of the step, and this CPU's BLAS runs
-            # it ~1.4x faster on column-major storage (bench.py measures it). Same values, same
-            # shape: only the memory order changes, once. No test needs it; the tests that
-            # compare cached generation with recomputation check that it changes nothing.
-            p.data = p.data.t().contiguous().t()
+            # (vocab, dim) output matrix, the largest read of the step, and which memory order
+            # the CPU's BLAS reads fastest depends on the CPU: column-major ran the float32 product
+            # ~1.4x faster on an AVX2-only CPU, and 1.4x (float32) to 1.5x (bf16) slower on one
+            # with avx512f avx512_bf16 amx_bf16. So one product is timed in each order, once per
+            # model, and the faster is kept: same values, same shape. No test needs it; the tests
+            # that compare cached generation with recomputation check that it changes nothing.
+            self.head_layout_chosen = True
+            p.data = faster_layout(p.data)
         for layer in self.layers:
             layer.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim,
                                        dtype or self.norm.weight.dtype, device or p.device)  # the activations' dtype
