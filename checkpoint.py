@@ -213,7 +213,7 @@ def export(final: Path, model, mcfg, tokenizer_path, rank, dtype):
     if rank == 0:
         full = pretrained.build(mcfg, torch.float32, "cpu")
         full.load_state_dict(state)
-        full.save_pretrained(final, dtype=getattr(torch, dtype))
+        pretrained.save(full, final, dtype=getattr(torch, dtype))
         tok = Tokenizer.find_file(tokenizer_path)
         shutil.copy(tok, final / tok.name)
 

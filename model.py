@@ -19,10 +19,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
-    first_run.one_line_for_missing_packages()
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,10 +28,6 @@ import pool
 import vit as vit_lib
 from llama import Llama, LlamaConfig
 from vit import ViTConfig, VisionTransformer
-
-# Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
-# the ablation modules included (presets.py counts their FLOPs the same way).
-PARTS = {"vision": ("vision", "vision_low"), "projection": ("projection", "projection_low", "resampler"), "llm": ("llm",)}
 
 IMAGE_ID = 128002      # <|reserved_special_token_0|>: placeholder at image positions
 SEPARATOR_ID = 128003  # <|reserved_special_token_1|>: after every crop
@@ -287,26 +279,6 @@ class Dragonfly(nn.Module):
         finally:
             self.llm.clear_cache()
 
-    # ---- checkpoints: pretrained.py (which imports this file) ------------------------------------
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -> "Dragonfly":
-        """A released Dragonfly directory (v2 or v1), or one saved by `save_pretrained` or
-        quantize.py: pretrained.load."""
-        import pretrained
-        return pretrained.load(path, dtype=dtype, device=device, compute=compute, quantize=quantize)
-
-    @classmethod
-    def from_backbones(cls, clip_dir, llama_dir, cfg: DragonflyConfig = None, dtype=torch.float32, device="cpu",
-                       clip_low_dir=None) -> "Dragonfly":
-        """A new model from OpenAI's CLIP and a Hugging Face Llama: pretrained.from_backbones."""
-        import pretrained
-        return pretrained.from_backbones(clip_dir, llama_dir, cfg, dtype, device, clip_low_dir)
-
-    def save_pretrained(self, path, dtype=torch.bfloat16):
-        """config.json + safetensors shards with the release's names: pretrained.save."""
-        import pretrained
-        pretrained.save(self, path, dtype)
-
 
 def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
     """The v2 Table 1 resampler: depth 3, one latent per pooled token (6x6 = 36), at the ViT's
@@ -340,8 +312,3 @@ def sample(logits, temperature: float, top_p: float, generator=None):
         sorted_p[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-if __name__ == "__main__":  # `python model.py --describe PRESET`: the experiment presets live in presets.py
-    import presets
-    raise SystemExit(presets.main())

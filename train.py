@@ -12,11 +12,9 @@ with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. The flags: trai
 Checkpoints (checkpoint.py) every --save-every steps and on SIGTERM or Ctrl-C; --resume
 continues the run in --out from its newest intact one. Data that cannot train (missing, empty,
 mostly skipped) and a loss or weight that is no longer a finite number stop the run with one
-line. The end exports a safetensors directory that `Dragonfly.from_pretrained` and `sample.py` load.
+line. The end exports a safetensors directory that `pretrained.load` and `sample.py` load.
 """
 import json
-import math
-import os
 import random
 import sys
 import time
@@ -38,50 +36,14 @@ import checkpoint
 import model as M
 import presets
 import weights
-from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
+from data.dataset import ShardedSampler, SkipCount, VLDataset, collate
+from data.formats import RecordFile
 from tokenizer import Tokenizer
 from train_config import TrainConfig, inputs, parse_config, run_identity
+from training import build_model, freeze, lr_at, param_groups, setup_distributed, shard
 
 
 # ---- setup ---------------------------------------------------------------------------------
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def init_weights(model):
-    """A fresh model's initialisation: matrices N(0, 1/fan_in) (so activations keep their scale
-    at any width; GPT-2's fixed 0.02 suits width ~768 and starves a 32-wide model of signal),
-    embeddings N(0, 0.02) (the initial loss is then ~ln(vocab)), zero biases, unit norms."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
-        elif isinstance(m, torch.nn.Embedding):
-            torch.nn.init.normal_(m.weight, std=0.02)
-    return model
-
-
-def build_model(cfg: TrainConfig, device):
-    if cfg.model == "tiny":
-        torch.manual_seed(cfg.seed)
-        return init_weights(M.Dragonfly(presets.tiny_config(cfg.low_only, cfg.preset, cfg.high_pool))).to(device)
-    if cfg.init:
-        return M.Dragonfly.from_pretrained(weights.require_checkpoint(cfg.init), device=device)
-    if cfg.clip and cfg.llama:
-        return M.Dragonfly.from_backbones(cfg.clip, cfg.llama, presets.PRESETS.get(cfg.preset), device=device)
-    raise SystemExit("error: give --model tiny, --init DIR, or --clip DIR and --llama DIR")
-
-
 def find_tokenizer(cfg: TrainConfig) -> Path:
     shipped = cfg.model == "tiny" and Path(__file__).parent / "checkpoints" / "zoom-tiny" / "tokenizer.model"  # Meta's Llama-3
     for c in [cfg.tokenizer, cfg.init, cfg.llama and Path(cfg.llama) / "original" / "tokenizer.model", cfg.llama, shipped]:
@@ -109,49 +71,6 @@ def open_records(cfg: TrainConfig) -> RecordFile:
     if len(records) == 0:
         raise SystemExit(f"error: --data {data} holds no records")
     return records
-
-
-def freeze(model, trainable):
-    """requires_grad only on the trained parts (model.PARTS maps each switch of v2 Table 10 to
-    its modules). The ViT blocks after the feature layer and its final LayerNorm never run
-    (Dragonfly reads the penultimate layer), so they stay frozen too."""
-    model.requires_grad_(False)
-    for switch in trainable:
-        for name in M.PARTS[switch]:
-            if getattr(model, name, None) is not None:
-                getattr(model, name).requires_grad_(True)
-    for block in model.vision.blocks[model.cfg.vit.blocks_run(model.cfg.vision_layer):]:
-        block.requires_grad_(False)
-    model.vision.ln_post.requires_grad_(False)
-
-
-def shard(model, dtype):
-    """FSDP2: one unit per ViT block that runs and per Llama block, then the rest at the root
-    (with the ViT blocks that never run: a unit whose forward never runs breaks FSDP2's
-    mixed-precision backward)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # fp32 master weights and reduction
-    ran = model.cfg.vit.blocks_run(model.cfg.vision_layer)
-    for block in [*model.vision.blocks[:ran], *model.llm.layers]:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms and the CLS vector (all 1-D)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def lr_at(step, total, cfg: TrainConfig):
-    """Cosine schedule with linear warmup over the first `warmup` fraction of the steps."""
-    warm = max(1, math.ceil(cfg.warmup * total))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---- the loop ------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from PIL import Image
 
 import crops as crops_lib
 import model
+import pretrained
 import presets
 from presets import PRESETS
 
@@ -122,8 +123,8 @@ def test_medium_from_low_cuts_the_low_crop():
 def test_ablation_models_round_trip_through_save_pretrained(tmp_path, name):
     torch.manual_seed(0)
     m = model.Dragonfly(presets.tiny(PRESETS[name]))
-    m.save_pretrained(tmp_path, dtype=torch.float32)
-    loaded = model.Dragonfly.from_pretrained(tmp_path)
+    pretrained.save(m, tmp_path, dtype=torch.float32)
+    loaded = pretrained.load(tmp_path)
     assert loaded.cfg == m.cfg
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
 
