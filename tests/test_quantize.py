@@ -133,10 +133,10 @@ def test_int8_checkpoint_round_trip_gives_the_logits_of_load_time_quantization(t
     dst = tmp_path / "int8"
     subprocess.run([sys.executable, str(ROOT / "quantize.py"), str(tiny_release), str(dst)], check=True,
                    capture_output=True, timeout=300)
-    stored = load_tensors(dst)
-    assert stored["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
-    assert stored["language_model.lm_head.weight"].dtype == torch.int8
-    assert stored["image_encoder.vision_model.encoder.layers.0.mlp.fc1.scales"].dtype == torch.bfloat16
+    written = load_tensors(dst)
+    assert written["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    assert written["language_model.lm_head.weight"].dtype == torch.int8
+    assert written["image_encoder.vision_model.encoder.layers.0.mlp.fc1.scales"].dtype == torch.bfloat16
     assert json.loads((dst / "config.json").read_text())["quantization"] == "int8"
     loaded = pretrained.load(dst)
     at_load = pretrained.load(tiny_release, quantize="int8")
@@ -166,11 +166,11 @@ def test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release(tmp_path, monk
     # bf16 weights computed in float32 must rotate by the frequencies the checkpoint was trained
     # with (bf16-rounded): the same as a float32 model given those frequencies by hand
     write_tiny_dragonfly(tmp_path, "v2", fmt="safetensors", llm=LLM_HEAD128)  # 64 frequencies, sharp attention
-    stored = pretrained.load(tmp_path, dtype=torch.bfloat16, compute=torch.float32)
+    bf16_weights = pretrained.load(tmp_path, dtype=torch.bfloat16, compute=torch.float32)
     fp32 = pretrained.load(tmp_path)  # the same bf16 values, in float32
     pixels = torch.from_numpy(fp32.crop_image(make_test_image(300, 200)).pixels)[None]
     tokens = torch.tensor([[128000, 882, 11, 1268, 30]])  # text at positions 2098.., after the image block
-    got, plain = stored(tokens, pixels)[0], fp32(tokens, pixels)[0]
+    got, plain = bf16_weights(tokens, pixels)[0], fp32(tokens, pixels)[0]
     exact = llama.rope_frequencies
     monkeypatch.setattr(llama, "rope_frequencies", lambda cfg, device=None: exact(cfg, device).bfloat16().float())
     assert torch.equal(got, fp32(tokens, pixels)[0])
@@ -218,11 +218,11 @@ def test_each_cpu_branch_builds_its_layers_and_answers_the_zoom_page(branch, qua
     assert compute == want
     m = pretrained.load(ZOOM, dtype=torch.bfloat16, compute=compute, quantize=quantized)
     fc1 = m.vision.blocks[0].mlp.fc1
-    stored = torch.int8 if quantized else torch.bfloat16
+    kept = torch.int8 if quantized else torch.bfloat16
     if compute == torch.bfloat16 and not quantized:
         assert type(fc1) is torch.nn.Linear and fc1.weight.dtype == torch.bfloat16  # bf16 throughout
     else:
-        assert type(fc1) is stored.StoredLinear and fc1.weight.dtype == stored and fc1.bias.dtype == compute
+        assert type(fc1) is stored.StoredLinear and fc1.weight.dtype == kept and fc1.bias.dtype == compute
     assert m.llm.norm.weight.dtype == compute
     tok = Tokenizer.from_file(ZOOM)
     crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")
