@@ -94,3 +94,19 @@ def test_the_check_sees_imports_inside_functions_and_from_packages():
     assert [f for _, f in imported_files("def main():\n    from data.zoom import prepare\n")] == \
         ["data/__init__.py", "data/zoom/prepare.py"]
     assert upward_imports("data/zoom/ablations.py", "import train\n") != []
+
+
+def imports_inside_functions(source: str) -> list:
+    """(line, file) of each project file imported inside a function of `source`."""
+    inside = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = ast.unparse(ast.Module(body=fn.body, type_ignores=[]))
+            inside += [(fn.lineno, file) for _, file in imported_files(body)]
+    return sorted(set(inside))
+
+
+@pytest.mark.parametrize("file", sorted(LAYER))
+def test_project_imports_sit_at_the_top_of_the_file(file):
+    # an import placed inside a function to dodge a cycle hides the file's real layer
+    assert imports_inside_functions((ROOT / file).read_text()) == []
