@@ -29,7 +29,6 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
-import collections
 import itertools
 import json
 import os
@@ -60,6 +59,7 @@ from conversation import Conversation
 from devices import DTYPES
 from model import Dragonfly, image_positions, v2_config
 from pretrained import allocate, checkpoint_names, release_config
+from timing import count_calls, machine_limits, quiet, sync, timed
 from tokenizer import Tokenizer
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
@@ -104,50 +104,6 @@ def synthetic_image(width=800, height=600, seed=0) -> Image.Image:
 def context_prompt(n: int, seed=0) -> list:
     """A text-only prompt of n positions: <|begin_of_text|> and random ordinary tokens."""
     return [128000] + np.random.default_rng(seed).integers(0, 128000, n - 1).tolist()
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, *args, device="cpu"):
-    """(seconds, fn(*args)), the device drained on both sides of the timer."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn(*args)
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
-def others_cpu() -> float:
-    """CPU seconds that every other process has used since boot (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except OSError:
-        return 0.0
-    mine = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - mine.user - mine.system
-
-
-def quiet(fn, *args, limit=0.1, tries=5, patience=60):
-    """(fn(*args), tries used, share of a core other processes took meanwhile). Each try starts
-    after a quiet second (waiting up to `patience` s for one); a run during which others took more
-    than `limit` of a core is done again: with 2 threads on 2 shared cores, a descheduled torch
-    thread stalls every parallel op (we saw prefill 25x slower), so such a run says nothing."""
-    for attempt in range(1, tries + 1):
-        for _ in range(patience):
-            before = others_cpu()
-            time.sleep(1.0)
-            if others_cpu() - before <= limit:
-                break
-        before, t0 = others_cpu(), time.perf_counter()
-        out = fn(*args)
-        share = (others_cpu() - before) / (time.perf_counter() - t0)
-        if share <= limit:
-            break
-    return out, attempt, share
 
 
 def time_generate(model, prompt, crops=None, new_tokens=64, progress=None):
@@ -235,67 +191,12 @@ def load_memory(path, dtype=torch.bfloat16, **kwargs):
             "anon_over_model": round(peak["RssAnon"] / size, 2), "rss_over_model": round(peak["VmRSS"] / size, 2)}, model
 
 
-def count_calls(module, names) -> collections.Counter:
-    """Wrap the functions `names` of `module` to count their calls by (name, x has one row)."""
-    counts = collections.Counter()
-
-    def wrap(name, fn):
-        def counted(x, *args, **kwargs):
-            counts[name, x.numel() == x.shape[-1]] += 1
-            return fn(x, *args, **kwargs)
-        return counted
-    for name in names:
-        setattr(module, name, wrap(name, getattr(module, name)))
-    return counts
-
-
-def machine_limits(n=4096) -> dict:
-    """This machine's ceilings, measured in the same run: float32 and bf16 matmul FLOP/s (best of
-    4 products of two n x n matrices; what a compute-bound prefill can reach in that dtype) and
-    memory read bandwidth (best of 5 sums over a 1 GiB array, far beyond any cache; what bounds
-    decoding, which reads every weight once per token). Without bf16 instructions a bf16 product
-    runs at 1-10 GFLOP/s: one 1024^3 product tells, and a slow one is not repeated at 4096."""
-    peak = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        timed(torch.mm, a, b)  # first call: kernel set-up (oneDNN's JIT)
-        small = 2 * 1024 ** 3 / timed(torch.mm, a, b)[0]
-        if small > 4e10:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            small = max(2 * n ** 3 / timed(torch.mm, a, b)[0] for _ in range(4))
-        peak[dtype] = small
-    big = torch.ones(2 ** 28)
-    bandwidth = max(big.numel() * 4 / timed(torch.sum, big)[0] for _ in range(5))
-    return {"matmul_flops": peak[torch.float32], "bf16_matmul_flops": peak[torch.bfloat16],
-            "read_bytes_per_s": bandwidth}
-
-
 def cpu_kind() -> str:
     """The CPU flags that decide which kernels run (not a brand name), and ATen's capability."""
     flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in devices.cpu_flags()]
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return f"{' '.join(flags) or 'flags unreadable'} (ATen {torch.backends.cpu.get_cpu_capability()}" + \
         (f", ONEDNN_MAX_CPU_ISA={isa})" if isa else ")")
-
-
-def prefill_flops(cfg, text_tokens: int) -> float:
-    """FLOPs of generate's prefill: the modules as built (presets.flops_parts, paper=False),
-    with the LLM's attention causal (half the scores) and the vocabulary projection over the
-    last position only (generate's logits_from=-1)."""
-    llm, n = cfg.llm, image_positions(cfg) + text_tokens
-    scores = llm.n_layers * (4 * n * n * llm.dim + 3 * llm.n_heads * n * n)  # layer_flops' n^2 terms
-    return sum(presets.flops_parts(cfg, text_tokens, paper=False).values()) - scores / 2 \
-        - 2 * (text_tokens - 1) * llm.dim * llm.vocab_size
-
-
-def decode_bytes(model, context: int) -> int:
-    """Bytes one decoded token reads: every LLM weight once (the token's embedding row aside),
-    and the KV cache of `context` positions."""
-    llm = model.llm
-    table = {id(p) for p in llm.embed_tokens.parameters()} - {id(p) for p in llm.lm_head.parameters()}
-    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if id(p) not in table)
-    cfg, act = llm.cfg, llm.norm.weight.element_size()
-    return weights + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * act
 
 
 def check_args(args):
@@ -480,8 +381,8 @@ def main(argv=None):
          "peak_memory_gib": peak_memory(args, model, measured["crops"]), "busy": measured["busy"],
          "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
          "stored": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
-         "limits": limits, "loading": loading, "prefill_flops": prefill_flops(cfg, len(PROMPT)),
-         "decode_bytes_per_token": decode_bytes(model, positions + args.new_tokens // 2),  # the cache at mid-decode
+         "limits": limits, "loading": loading, "prefill_flops": presets.prefill_flops(cfg, len(PROMPT)),
+         "decode_bytes_per_token": presets.decode_bytes(model, positions + args.new_tokens // 2),  # the cache at mid-decode
          "int8_products": measured["kernels"], "positions": positions, "n_crops": len(measured["crops"].pixels),
          "image_size": image.size, "runs_ms": {k: [1e3 * x for x in v] for k, v in measured["runs"].items()}}
     report(args, r)

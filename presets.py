@@ -206,6 +206,26 @@ TRAINABLE = ("vision", "projection", "llm")  # v2 Table 10's switches (docs/rele
 FORWARD_ORDER = (("vision", "vision"), ("resampler", "projection"), ("projection", "projection"), ("llm", "llm"))
 
 
+def prefill_flops(cfg, text_tokens: int) -> float:
+    """FLOPs of generate's prefill, which bench.py holds its time against: the modules as built
+    (flops_parts, paper=False), with the LLM's attention causal (half the scores) and the
+    vocabulary projection over the last position only (generate's logits_from=-1)."""
+    llm, n = cfg.llm, model.image_positions(cfg) + text_tokens
+    scores = llm.n_layers * (4 * n * n * llm.dim + 3 * llm.n_heads * n * n)  # layer_flops' n^2 terms
+    return sum(flops_parts(cfg, text_tokens, paper=False).values()) - scores / 2 \
+        - 2 * (text_tokens - 1) * llm.dim * llm.vocab_size
+
+
+def decode_bytes(dragonfly, context: int) -> int:
+    """Bytes one decoded token reads, which bench.py holds its time against: every LLM weight
+    once (the token's embedding row aside), and the KV cache of `context` positions."""
+    llm = dragonfly.llm
+    table = {id(p) for p in llm.embed_tokens.parameters()} - {id(p) for p in llm.lm_head.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if id(p) not in table)
+    cfg, act = llm.cfg, llm.norm.weight.element_size()
+    return weights + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * act
+
+
 def train_flops_per_sample(cfg, text_tokens: int, trainable=TRAINABLE, image=True) -> float:
     """Model FLOPs of one training step on one sample, for MFU (as-built counts, paper=False).
 
