@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 import looked
 import metrics as M
+import results
 import pretrained
 import weights
 from devices import DTYPES, compute_dtype, pick_device, pick_dtype
@@ -175,38 +176,6 @@ def load_records(path: Path) -> list:
     return records
 
 
-def drop_torn_line(path: Path) -> bool:
-    """Cut a last line that has no newline (a run killed mid-write) off the predictions file, so
-    the next answer is not appended onto it and lost with it; its question is asked again."""
-    if not path.exists():
-        return False
-    with open(path, "r+b") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return False
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
-
-
-def read_predictions(path: Path) -> dict:
-    """id -> the last entry written for it ({"id", "prediction"} or {"id", "error"})."""
-    done = {}
-    if path.exists():
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            try:
-                entry = json.loads(line)
-                done[str(entry["id"])] = entry
-            except (ValueError, KeyError, TypeError):  # e.g. torn by an older eval.py, or edited by hand
-                print(f"{path}:{n}: unreadable line skipped", file=sys.stderr)
-    return done
-
-
-def append_line(f, entry: dict):
-    """One os-level write per line on an unbuffered file: a kill lands between lines, never
-    inside one (a buffered file may flush a line in pieces)."""
-    f.write((json.dumps(entry, ensure_ascii=False) + "\n").encode())
-
-
 def greedy(model, tok, prompts, crops, max_new_tokens) -> list:
     """Batched greedy answers as text; each row ends at its first stop id, the batch when all have."""
     return [tok.decode(x).strip() for x in greedy_ids(model, prompts, crops, max_new_tokens, tok.stop_ids)]
@@ -290,29 +259,6 @@ def run_identity(args, device: str) -> dict:
             "special_tokens_in_text": args.special_tokens_in_text, "device": device.split(":")[0]}
 
 
-def claim_out(out: Path, identity: dict, restart: bool) -> Path:
-    """OUT's predictions file, once its answers are known to come from a run like this one
-    (OUT/run.json): otherwise refused in one line, or discarded with `restart`."""
-    pred_file, run_file = out / "predictions.jsonl", out / "run.json"
-    answered = pred_file.exists() and pred_file.stat().st_size > 0
-    try:
-        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
-    except ValueError:  # torn or edited: it no longer says what made the answers
-        saved = None
-    if answered and restart:
-        pred_file.unlink()
-        print(f"{pred_file}: the earlier answers discarded (--restart)", file=sys.stderr)
-    elif answered and saved != identity:
-        differs = "no run.json says what made them" if not isinstance(saved, dict) else "they differ in " + ", ".join(
-            k for k in identity if saved.get(k) != identity[k])
-        raise ValueError(f"{pred_file} holds answers of another run ({differs}); use a new --out, or --restart "
-                         "to discard them")
-    if saved != identity:
-        run_file.with_suffix(".tmp").write_text(json.dumps(identity, indent=2) + "\n")
-        run_file.with_suffix(".tmp").replace(run_file)
-    return pred_file
-
-
 def checked_records(args, data: Path, image_root: Path) -> list:
     """The questions to ask, after the checks a user's flags can fail: every image path in the image
     root (unless --images-anywhere), at least one question."""
@@ -352,7 +298,7 @@ def answer_all(model, tok, args, todo, image_root, max_new: int, pred_file: Path
     with open(pred_file, "ab", buffering=0) as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
         for i in range(0, len(todo), args.batch_size):
             for entry in answer_batch(model, tok, TASKS[args.task], todo[i:i + args.batch_size], image_root, max_new):
-                append_line(f, entry)
+                results.append_line(f, entry)
                 done[entry["id"]] = entry
             bar.update(len(todo[i:i + args.batch_size]))
 
@@ -389,11 +335,11 @@ def main(argv=None) -> dict:
     if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
         weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
     out.mkdir(parents=True, exist_ok=True)
-    pred_file = claim_out(out, run_identity(args, device), args.restart)
-    if drop_torn_line(pred_file):
+    pred_file = results.claim_out(out, run_identity(args, device), args.restart)
+    if results.drop_torn_line(pred_file):
         print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",
               file=sys.stderr)
-    done = read_predictions(pred_file)
+    done = results.read_predictions(pred_file)
     todo = [r for r in records if "prediction" not in done.get(r["id"], {})]
     print(f"{args.task}: {len(records)} questions, {len(records) - len(todo)} already answered in {pred_file}",
           file=sys.stderr)

@@ -39,10 +39,10 @@ class DragonflyConfig:
     llm: LlamaConfig = field(default_factory=LlamaConfig)
     crops: crops_lib.CropConfig = field(default_factory=lambda: crops_lib.V2)
     vision_layer: int = -2            # penultimate ViT block (docs/release-facts.md#features)
-    low_pool: Optional[int] = None    # pooled grid side per crop; None keeps the full grid
+    low_pool: Optional[int] = None    # pooled cells per side of each crop; None keeps every patch
     medium_pool: Optional[int] = 6
     high_pool: Optional[int] = 6
-    adaptive_pool: bool = False       # allow pooled sides that do not divide the grid (pool.mean_pool)
+    adaptive_pool: bool = False       # allow pooled sides that do not divide the patches per side (pool.mean_pool)
     keep_cls: bool = True             # the release keeps each crop's CLS token
     separators: bool = True           # one separator embedding after each crop
     zoom_select: Optional[str] = None  # v1: "release" | "spatial" | "global" selection of high crops
@@ -62,25 +62,26 @@ def v1_config(vit: ViTConfig = None, llm: LlamaConfig = None) -> DragonflyConfig
                            medium_pool=None, high_pool=None, zoom_select="release")
 
 
-def crop_tokens(cfg: DragonflyConfig, grid: Optional[int]) -> int:
-    n = (grid or cfg.vit.grid) ** 2
+def crop_tokens(cfg: DragonflyConfig, side: Optional[int]) -> int:
+    n = (side or cfg.vit.patches_per_side) ** 2
     return n + 1 if cfg.keep_cls else n
 
 
 def crop_levels(cfg: DragonflyConfig) -> list:
-    """(level, crops, grid side kept) of each level present, in crops.py order. Crops are those
-    the ViT sees (before v1's zoom-in selection); the side is the pooled grid, else the encoder's."""
+    """(level, crops, side kept) of each level present, in crops.py order. Crops are those the
+    ViT sees (before v1's zoom-in selection); the side is the pooled one (cells per side), else the
+    encoder's patches per side."""
     c = cfg.crops
     n_medium = math.prod(c.medium_grids[0])  # every candidate grid of a set has as many tiles
     n_high = math.prod(c.high_grids[0]) if c.high_grids else n_medium * c.high_scale ** 2
-    levels = [("low", 1, cfg.low_pool or (cfg.vit_low or cfg.vit).grid),
-              ("medium", n_medium, cfg.medium_pool or cfg.vit.grid),
-              ("high", n_high, cfg.high_pool or cfg.vit.grid)]
+    levels = [("low", 1, cfg.low_pool or (cfg.vit_low or cfg.vit).patches_per_side),
+              ("medium", n_medium, cfg.medium_pool or cfg.vit.patches_per_side),
+              ("high", n_high, cfg.high_pool or cfg.vit.patches_per_side)]
     return [level for level, present in zip(levels, (c.low, c.medium, c.high)) if present]
 
 
 def kept_levels(cfg: DragonflyConfig) -> list:
-    """`crop_levels` after v1's zoom-in selection: (level, crops in the image block, grid side)."""
+    """`crop_levels` after v1's zoom-in selection: (level, crops in the image block, side kept)."""
     levels = crop_levels(cfg)
     n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
     if cfg.zoom_select and n_medium:

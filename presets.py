@@ -138,7 +138,7 @@ def layer_flops(n_ctx, d_model, n_heads, d_ff, kv_dim=None, ff_mats=2) -> int:
 
 def vit_flops(v: ViTConfig, blocks=None) -> int:
     """One crop: the patch embedding, then `blocks` encoder blocks (the appendix runs all 24)."""
-    embed = 2 * v.grid ** 2 * v.patch_size ** 2 * 3 * v.width
+    embed = 2 * v.patches_per_side ** 2 * v.patch_size ** 2 * 3 * v.width
     return embed + (v.layers if blocks is None else blocks) * layer_flops(v.tokens, v.width, v.heads, v.mlp_dim)
 
 
@@ -171,10 +171,10 @@ def flops_parts(cfg, text_tokens=0, paper=True, image=True) -> dict:
         parts["vision"] += n * vit_flops(v, blocks)
         resampled = cfg.resampler and name != "low"
         if resampled and not paper:  # per layer: q, k/v over [patches; latents], scores, out, 4x MLP
-            W, T, L = v.width, v.grid ** 2, tokens
+            W, T, L = v.width, v.patches_per_side ** 2, tokens
             per_layer = 2 * L * W * W * 2 + 2 * (T + L) * 2 * W * W + 2 * 2 * L * (T + L) * W + 2 * L * 2 * W * 4 * W
             parts["resampler"] += n * cfg.resampler_depth * per_layer
-        projected = kept * tokens if paper else n * (1 + (tokens if resampled else v.grid ** 2))
+        projected = kept * tokens if paper else n * (1 + (tokens if resampled else v.patches_per_side ** 2))
         parts["projection"] += 2 * v.width * cfg.llm.dim * projected
         n_image += kept * tokens
     llm = cfg.llm
@@ -254,7 +254,7 @@ def tiny(cfg, vit_width=64, llm_dim=16, layers=2) -> model.DragonflyConfig:
     patch size 1, so a crop is grid x grid pixels (24 for L/14, 7 for B/32), and heads =
     width / 64 as `vit.config_from_weights` infers them. For tests and CPU smoke runs."""
     def shrink(v):
-        return v and ViTConfig(v.grid, 1, vit_width, layers, max(1, vit_width // 64), 2 * vit_width)
+        return v and ViTConfig(v.patches_per_side, 1, vit_width, layers, max(1, vit_width // 64), 2 * vit_width)
     vit, vit_low = shrink(cfg.vit), shrink(cfg.vit_low)
     llm = LlamaConfig(dim=llm_dim, n_layers=layers, n_heads=2, n_kv_heads=1, ffn_dim=2 * llm_dim)
     return replace(cfg, vit=vit, vit_low=vit_low, llm=llm, crops=replace(cfg.crops, size=(vit_low or vit).image_size))

@@ -12,7 +12,7 @@ from conftest import ROOT
 # Lowest first. A file imports only files of the layers before its own.
 LAYERS = [
     ("first_run", ["first_run.py"]),
-    ("basics", ["weights.py", "images.py", "devices.py", "stored.py", "timing.py", "tokenizer.py", "metrics.py",
+    ("basics", ["weights.py", "images.py", "devices.py", "stored.py", "timing.py", "results.py", "tokenizer.py", "metrics.py",
                 "data/__init__.py", "data/formats.py", "data/benchmarks/__init__.py"]),
     ("parts", ["vit.py", "llama.py", "crops.py", "pool.py"]),
     ("model", ["model.py"]),

@@ -87,7 +87,7 @@ def test_dual_encoder_sends_the_low_crop_through_its_own_vit_and_projection():
     torch.manual_seed(0)
     cfg = presets.tiny(PRESETS["v2-dual-encoder"])
     m = model.Dragonfly(cfg).eval()
-    assert m.vision_low.cfg.grid == 24 and m.vision.cfg.grid == 7
+    assert m.vision_low.cfg.patches_per_side == 24 and m.vision.cfg.patches_per_side == 7
     pixels = torch.from_numpy(crops_lib.make_crops(random_image(), cfg.crops).pixels)[None]  # (1, 41, 3, 24, 24)
     with torch.no_grad():
         block = m.image_block(pixels)
