@@ -25,6 +25,9 @@ Quirks of the rules, kept because the checkpoints were trained with them:
   and v1 small images always get (6,4). The release's zoom-in region i = high crops
   [6i, 6i+6) is then high row i, not medium tile i's quadrant
   (docs/release-facts.md#zoom-in-selection).
+
+Opening the image file itself (the release's `convert("RGB")`, hardened against unreadable,
+16-bit and huge files) is images.py's `load_image`.
 """
 import argparse
 import sys

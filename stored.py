@@ -171,7 +171,7 @@ class StoredEmbedding(nn.Module):
 def store_weights(model: nn.Module, storage, dtype=torch.float32) -> nn.Module:
     """The handler: swap every nn.Linear and nn.Embedding of `model` (computing in `dtype`) for a
     Stored one keeping its weight in `storage` (bf16, fp16 or int8). On the meta device only the
-    shapes move (from_pretrained then loads the weights); real weights are converted."""
+    shapes move (pretrained.load then fills them); real weights are converted."""
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
             if type(m) is nn.Linear:
