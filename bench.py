@@ -29,7 +29,6 @@ What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
 tests/make_golden_bench.py times the same work with Hugging Face's CLIP and Llama.
 """
 import argparse
-import collections
 import itertools
 import json
 import os
@@ -49,14 +48,18 @@ import torch.nn as nn
 from PIL import Image
 
 import crops as crops_lib
+import devices
 import llama
 import presets
-import quantize as quantize_lib
+import pretrained
+import stored
 import vit
 import weights
 from conversation import Conversation
+from devices import DTYPES
 from model import Dragonfly, image_positions, v2_config
 from pretrained import allocate, checkpoint_names, release_config
+from timing import count_calls, machine_limits, quiet, sync, timed
 from tokenizer import Tokenizer
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
@@ -65,7 +68,6 @@ CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-3
                                                  vocab_size=128256)),
     "full": lambda: v2_config(),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat shape is in the top left corner
 # of this image?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n  (Llama-3 token ids)
 PROMPT = [128000, 128006, 882, 128007, 271, 3923, 6211, 374, 304, 279, 1948, 2163, 9309, 315, 420, 2217,
@@ -75,7 +77,7 @@ TOKENIZER = Path(__file__).parent / "checkpoints" / "zoom-tiny"  # Meta's Llama-
 
 
 def random_model(cfg, device="cpu", dtype=torch.float32, seed=0, compute=None, quantize=None) -> Dragonfly:
-    """Allocated once (pretrained.allocate; `compute`, `quantize`: as in Dragonfly.from_pretrained), then
+    """Allocated once (pretrained.allocate; `compute`, `quantize`: as in pretrained.load), then
     filled: norms weight 1 / bias 0, every matrix N(0, 1/fan_in) (int8: uniform in [-127, 127]
     times a scale of the same standard deviation), so activations keep unit scale and logits
     are O(1); vectors N(0, 0.02)."""
@@ -102,50 +104,6 @@ def synthetic_image(width=800, height=600, seed=0) -> Image.Image:
 def context_prompt(n: int, seed=0) -> list:
     """A text-only prompt of n positions: <|begin_of_text|> and random ordinary tokens."""
     return [128000] + np.random.default_rng(seed).integers(0, 128000, n - 1).tolist()
-
-
-def sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, *args, device="cpu"):
-    """(seconds, fn(*args)), the device drained on both sides of the timer."""
-    sync(device)
-    t0 = time.perf_counter()
-    out = fn(*args)
-    sync(device)
-    return time.perf_counter() - t0, out
-
-
-def others_cpu() -> float:
-    """CPU seconds that every other process has used since boot (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/stat") as f:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
-    except OSError:
-        return 0.0
-    mine = os.times()
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK") - mine.user - mine.system
-
-
-def quiet(fn, *args, limit=0.1, tries=5, patience=60):
-    """(fn(*args), tries used, share of a core other processes took meanwhile). Each try starts
-    after a quiet second (waiting up to `patience` s for one); a run during which others took more
-    than `limit` of a core is done again: with 2 threads on 2 shared cores, a descheduled torch
-    thread stalls every parallel op (we saw prefill 25x slower), so such a run says nothing."""
-    for attempt in range(1, tries + 1):
-        for _ in range(patience):
-            before = others_cpu()
-            time.sleep(1.0)
-            if others_cpu() - before <= limit:
-                break
-        before, t0 = others_cpu(), time.perf_counter()
-        out = fn(*args)
-        share = (others_cpu() - before) / (time.perf_counter() - t0)
-        if share <= limit:
-            break
-    return out, attempt, share
 
 
 def time_generate(model, prompt, crops=None, new_tokens=64, progress=None):
@@ -204,7 +162,7 @@ def write_random_checkpoint(path, cfg) -> int:
 
 
 def load_memory(path, dtype=torch.bfloat16, **kwargs):
-    """Load a checkpoint with Dragonfly.from_pretrained (`kwargs`: compute, quantize, device)
+    """Load a checkpoint with pretrained.load (`kwargs`: compute, quantize, device)
     while sampling this process's memory (Linux /proc): peak resident anonymous memory (what
     loading needs) and peak resident total, which also counts pages of the memory-mapped weight
     files (page cache, reclaimable). Returns (the numbers, the model)."""
@@ -222,7 +180,7 @@ def load_memory(path, dtype=torch.bfloat16, **kwargs):
     thread.start()
     t0 = time.perf_counter()
     try:
-        model = Dragonfly.from_pretrained(path, dtype=dtype, **kwargs)
+        model = pretrained.load(path, dtype=dtype, **kwargs)
     finally:
         done.set()
         thread.join()
@@ -233,67 +191,12 @@ def load_memory(path, dtype=torch.bfloat16, **kwargs):
             "anon_over_model": round(peak["RssAnon"] / size, 2), "rss_over_model": round(peak["VmRSS"] / size, 2)}, model
 
 
-def count_calls(module, names) -> collections.Counter:
-    """Wrap the functions `names` of `module` to count their calls by (name, x has one row)."""
-    counts = collections.Counter()
-
-    def wrap(name, fn):
-        def counted(x, *args, **kwargs):
-            counts[name, x.numel() == x.shape[-1]] += 1
-            return fn(x, *args, **kwargs)
-        return counted
-    for name in names:
-        setattr(module, name, wrap(name, getattr(module, name)))
-    return counts
-
-
-def machine_limits(n=4096) -> dict:
-    """This machine's ceilings, measured in the same run: float32 and bf16 matmul FLOP/s (best of
-    4 products of two n x n matrices; what a compute-bound prefill can reach in that dtype) and
-    memory read bandwidth (best of 5 sums over a 1 GiB array, far beyond any cache; what bounds
-    decoding, which reads every weight once per token). Without bf16 instructions a bf16 product
-    runs at 1-10 GFLOP/s: one 1024^3 product tells, and a slow one is not repeated at 4096."""
-    peak = {}
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(1024, 1024, dtype=dtype), torch.randn(1024, 1024, dtype=dtype)
-        timed(torch.mm, a, b)  # first call: kernel set-up (oneDNN's JIT)
-        small = 2 * 1024 ** 3 / timed(torch.mm, a, b)[0]
-        if small > 4e10:
-            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-            small = max(2 * n ** 3 / timed(torch.mm, a, b)[0] for _ in range(4))
-        peak[dtype] = small
-    big = torch.ones(2 ** 28)
-    bandwidth = max(big.numel() * 4 / timed(torch.sum, big)[0] for _ in range(5))
-    return {"matmul_flops": peak[torch.float32], "bf16_matmul_flops": peak[torch.bfloat16],
-            "read_bytes_per_s": bandwidth}
-
-
 def cpu_kind() -> str:
     """The CPU flags that decide which kernels run (not a brand name), and ATen's capability."""
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in quantize_lib.cpu_flags()]
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in devices.cpu_flags()]
     isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
     return f"{' '.join(flags) or 'flags unreadable'} (ATen {torch.backends.cpu.get_cpu_capability()}" + \
         (f", ONEDNN_MAX_CPU_ISA={isa})" if isa else ")")
-
-
-def prefill_flops(cfg, text_tokens: int) -> float:
-    """FLOPs of generate's prefill: the modules as built (presets.flops_parts, paper=False),
-    with the LLM's attention causal (half the scores) and the vocabulary projection over the
-    last position only (generate's logits_from=-1)."""
-    llm, n = cfg.llm, image_positions(cfg) + text_tokens
-    scores = llm.n_layers * (4 * n * n * llm.dim + 3 * llm.n_heads * n * n)  # layer_flops' n^2 terms
-    return sum(presets.flops_parts(cfg, text_tokens, paper=False).values()) - scores / 2 \
-        - 2 * (text_tokens - 1) * llm.dim * llm.vocab_size
-
-
-def decode_bytes(model, context: int) -> int:
-    """Bytes one decoded token reads: every LLM weight once (the token's embedding row aside),
-    and the KV cache of `context` positions."""
-    llm = model.llm
-    table = {id(p) for p in llm.embed_tokens.parameters()} - {id(p) for p in llm.lm_head.parameters()}
-    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if id(p) not in table)
-    cfg, act = llm.cfg, llm.norm.weight.element_size()
-    return weights + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * act
 
 
 def check_args(args):
@@ -310,15 +213,17 @@ def check_args(args):
         raise SystemExit(f"error: {e}")
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The flags, with the defaults of --config (the full 8B on a CPU: one prefill takes minutes),
+    checked at once."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=list(CONFIGS))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="bfloat16 on a CPU without bf16 "
-                   "instructions: bf16 weights computed in float32 (quantize.py), as sample.py runs it")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only (quantize.py)")
+                   "instructions: bf16 weights computed in float32 (stored.py), as sample.py runs it")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only (stored.py)")
     p.add_argument("--compute", choices=list(DTYPES), help="the dtype the layers compute in (default: "
-                   "quantize.compute_dtype's choice for this machine); e.g. float32 to time bf16 weights computed "
+                   "devices.compute_dtype's choice for this machine); e.g. float32 to time bf16 weights computed "
                    "in float32 on a CPU with bf16 instructions")
     p.add_argument("--checkpoint", metavar="DIR", help="load DIR (timed, peak memory sampled) instead of "
                    "random weights, e.g. one written by --write-checkpoint")
@@ -335,50 +240,56 @@ def main(argv=None):
                    "in the release's .bin layout (full: ~16 GB) and exit")
     p.add_argument("--load-memory", metavar="DIR", help="measure the memory of loading DIR in bfloat16 and exit")
     args = p.parse_args(argv)
-    full = args.config == "full"  # the 8B on a CPU: one prefill takes minutes
+    full = args.config == "full"
     for name, small, big in [("repeats", 5, 1), ("warmup", 1, 0), ("new_tokens", 64, 16),
                              ("contexts", "2100,4000,6000,8000", ""), ("turns", True, False)]:
         if getattr(args, name) is None:
             setattr(args, name, big if full else small)
     check_args(args)
-    if args.write_checkpoint:
-        print(f"{write_random_checkpoint(args.write_checkpoint, CONFIGS[args.config]()) / 2**30:.2f} GiB written")
-        return
-    if args.load_memory:
-        print(json.dumps(load_memory(args.load_memory)[0]))
-        return
-    torch.set_num_threads(args.threads)
-    cfg, cuda = CONFIGS[args.config](), torch.device(args.device).type == "cuda"
-    contexts = [int(n) for n in args.contexts.split(",") if n]
-    if contexts and max(contexts) + args.context_tokens + 1 > cfg.llm.max_seq_len:
-        p.error(f"--contexts: {max(contexts)} + {args.context_tokens + 1} positions exceed the context of {cfg.llm.max_seq_len}")
-    dtype = DTYPES[args.dtype]
-    compute = DTYPES[args.compute] if args.compute else quantize_lib.compute_dtype(dtype, args.device)
-    loading = None
+    limit = CONFIGS[args.config]().llm.max_seq_len
+    if context_lengths(args) and max(context_lengths(args)) + args.context_tokens + 1 > limit:
+        p.error(f"--contexts: {max(context_lengths(args))} + {args.context_tokens + 1} positions exceed the context of {limit}")
+    return args
+
+
+def context_lengths(args) -> list:
+    return [int(n) for n in args.contexts.split(",") if n]
+
+
+def setup(args, cfg, compute):
+    """The model to time (random weights, or --checkpoint loaded while its memory is sampled) and,
+    on a CPU, this machine's limits, measured first while the model's memory is still free.
+    Returns (model, limits or None, loading numbers or None)."""
+    cuda, dtype = torch.device(args.device).type == "cuda", DTYPES[args.dtype]
     try:
         if not cuda:  # shapes only: a model too large for this machine stops here, before the limits
             meta = allocate(cfg, dtype, "meta", compute, args.quantize)
             weights.ensure_memory(sum(p.numel() * p.element_size() for p in meta.parameters()))
-        limits = None if cuda else quiet(machine_limits)[0]  # before the model: its memory is free now
+        limits = None if cuda else quiet(machine_limits)[0]
         if args.checkpoint:
             loading, model = load_memory(args.checkpoint, dtype, device=args.device, compute=compute,
                                          quantize=args.quantize)
-            cfg = model.cfg
-        else:
-            model = random_model(cfg, args.device, dtype, compute=compute, quantize=args.quantize)
+            return model, limits, loading
+        return random_model(cfg, args.device, dtype, compute=compute, quantize=args.quantize), limits, None
     except ValueError as e:  # too large for this machine (weights.ensure_memory), or a bad checkpoint
         raise SystemExit(f"bench.py: {e}")
+
+
+def measure(args, model, image) -> dict:
+    """Every measurement, each repeat visiting all of them in turn, the warmup repeats dropped:
+    seconds per run ("runs"), stored.py's products in the first measured generate call
+    ("kernels"), and (tries, share of a core other processes took) per kept run ("busy")."""
+    full = args.config == "full"
     progress = (lambda what: print(f"prefill: {what}...", file=sys.stderr, flush=True)) if full else None
-    calls = count_calls(quantize_lib, ["int8pack_linear", "blockwise_linear"])  # which products ran
-    image = synthetic_image()
+    calls = count_calls(stored, ["int8pack_linear", "blockwise_linear"])  # which products ran
     tok = Tokenizer.from_file(TOKENIZER)
+    contexts = context_lengths(args)
     runs = {"crops": [], "prefill": [], "decode": [], **{f"context {n}": [] for n in contexts},
             "turn 1": [], "turn 2": []}  # seconds
-    kernels = {}  # quantize.py's products in the first measured generate call
-    busy = []  # (tries, share of a core other processes took), one per measured run
+    kernels, busy = {}, []
     tries = 2 if full else 5  # a full-size retry costs minutes
-    for i in range(args.warmup + args.repeats):  # each repeat visits every measurement in turn
-        (crop_s, crops), *b = quiet(timed, crops_lib.make_crops, image, cfg.crops)
+    for i in range(args.warmup + args.repeats):
+        (crop_s, crops), *b = quiet(timed, crops_lib.make_crops, image, model.cfg.crops)
         calls.clear()
         (prefill, decode, _), *b2 = quiet(time_generate, model, PROMPT, crops, args.new_tokens, progress, tries=tries)
         context = [quiet(time_generate, model, context_prompt(n), None, args.context_tokens) for n in contexts]
@@ -389,63 +300,97 @@ def main(argv=None):
                 runs[key].append(seconds)
             if i == args.warmup:
                 kernels = {f"{name} ({'1 row' if one else 'more rows'})": n for (name, one), n in calls.items()}
+    return {"runs": runs, "kernels": kernels, "busy": busy, "crops": crops}
 
-    median = {k: 1e3 * statistics.median(v) for k, v in runs.items() if v}  # ms
-    if cuda:  # the peak of one image + prompt + decode, not of the long text-only prompts
+
+def peak_memory(args, model, crops) -> float:
+    """GiB: on CUDA the peak of one image + prompt + decode (not of the long text-only prompts);
+    on a CPU the process's peak resident set over the whole run."""
+    if torch.device(args.device).type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
         time_generate(model, PROMPT, crops, args.new_tokens)
-    peak = (torch.cuda.max_memory_allocated(args.device) if cuda  # bytes; ru_maxrss is in KiB on Linux
-            else 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2 ** 30
-    flops = prefill_flops(cfg, len(PROMPT))
-    positions = image_positions(cfg) + len(PROMPT)
-    read = decode_bytes(model, positions + args.new_tokens // 2)  # the cache at mid-decode
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    stored = {str(p.dtype).removeprefix("torch.") for p in model.parameters()}
+        return torch.cuda.max_memory_allocated(args.device) / 2 ** 30
+    return 1024 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 30  # ru_maxrss is in KiB on Linux
+
+
+def report(args, r: dict):
+    """The numbers of one run as a table of lines, each against this machine's limit where known."""
+    median, limits, compute, cfg = r["median_ms"], r["limits"], r["compute"], r["cfg"]
     print(f"dragonfly-nano bench: {args.config} config, {args.device}, {args.dtype}"
           f"{' int8' if args.quantize else ''} (compute {str(compute).removeprefix('torch.')}), "
           f"{torch.get_num_threads()} threads, median of {args.repeats} after {args.warmup} warmup")
-    if not cuda:
-        print(f"{'CPU':<14}{cpu_kind()}")
-    print(f"{len(crops.pixels)} crops of an {image.width}x{image.height} image; {positions} "
+    if r["cpu"]:
+        print(f"{'CPU':<14}{r['cpu']}")
+    print(f"{r['n_crops']} crops of an {r['image_size'][0]}x{r['image_size'][1]} image; {r['positions']} "
           f"positions = image block {image_positions(cfg)} + prompt {len(PROMPT)}")
-    print(f"{'weights':<14}{size / 2**30:10.2f} GiB        {', '.join(sorted(stored))}")
+    print(f"{'weights':<14}{r['weights_bytes'] / 2**30:10.2f} GiB        {', '.join(r['stored'])}")
     if limits:
         print(f"{'limits':<14}{limits['matmul_flops'] / 1e9:10.1f} GFLOP/s    float32 matmul 4096^3, best of 4; "
               f"bf16 {limits['bf16_matmul_flops'] / 1e9:.1f} GFLOP/s; "
               f"{limits['read_bytes_per_s'] / 1e9:.1f} GB/s memory read (sum over 1 GiB, best of 5)")
-    if loading:
-        print(f"{'load':<14}{loading['seconds']:10.1f} s          {args.checkpoint}: peak resident "
-              f"{loading['peak_rss_gib']:.2f} GiB ({loading['peak_anon_gib']:.2f} GiB anonymous)")
+    if r["loading"]:
+        print(f"{'load':<14}{r['loading']['seconds']:10.1f} s          {args.checkpoint}: peak resident "
+              f"{r['loading']['peak_rss_gib']:.2f} GiB ({r['loading']['peak_anon_gib']:.2f} GiB anonymous)")
     print(f"{'crops':<14}{median['crops']:10.1f} ms")
     line = f"{'prefill':<14}{median['prefill']:10.1f} ms         image block + LLM to the first token"
     if limits:  # against the peak of the dtype the products run in
+        flops, bf16 = r["prefill_flops"], compute == torch.bfloat16
         achieved = flops / (median["prefill"] / 1e3)
-        bf16 = compute == torch.bfloat16
         line += (f"; {flops / 1e12:.2f} TFLOP: {achieved / 1e9:.1f} GFLOP/s = "
                  f"{achieved / limits['bf16_matmul_flops' if bf16 else 'matmul_flops']:.0%} of the {'bf16' if bf16 else 'float32'} matmul peak")
     print(line)
     line = f"{'decode':<14}{median['decode']:10.2f} ms/token   {1e3 / median['decode']:.2f} tokens/s, {args.new_tokens} tokens"
     if limits:
+        read = r["decode_bytes_per_token"]
         achieved = read / (median["decode"] / 1e3)
         line += f"; reads {read / 2**30:.2f} GiB/token: {achieved / 1e9:.1f} GB/s = {achieved / limits['read_bytes_per_s']:.0%} of the bandwidth"
     print(line)
-    for n in contexts:
+    for n in context_lengths(args):
         print(f"{f'context {n}':<14}{median[f'context {n}']:10.2f} ms/token   text-only prompt, {args.context_tokens} tokens")
     if args.turns:
         print(f"{'turn 1':<14}{median['turn 1']:10.1f} ms         conversation: image block + first question to its first token")
         print(f"{'turn 2':<14}{median['turn 2']:10.1f} ms         the next question to its first token "
               f"({100 * median['turn 2'] / median['turn 1']:.2f}% of turn 1)")
-    if kernels:
-        print(f"{'products':<14}" + ", ".join(f"{n} x {k}" for k, n in kernels.items()) + " (quantize.py, prefill + decode)")
-    print(f"{'peak memory':<14}{peak:10.2f} GiB        {'torch.cuda.max_memory_allocated, image + prompt + decode' if cuda else 'process peak RSS, whole run'}")
+    if r["int8_products"]:
+        print(f"{'products':<14}" + ", ".join(f"{n} x {k}" for k, n in r["int8_products"].items()) + " (stored.py, prefill + decode)")
+    where = "torch.cuda.max_memory_allocated, image + prompt + decode" if r["cpu"] is None else "process peak RSS, whole run"
+    print(f"{'peak memory':<14}{r['peak_memory_gib']:10.2f} GiB        {where}")
+    busy = r["busy"]
     print(f"{'shared CPU':<14}{sum(t > 1 for t, _ in busy):10d} runs redone; {sum(x > 0.1 for _, x in busy)} of "
           f"{len(busy)} kept while other processes took > 10% of a core")
+
+
+def main(argv=None):
+    """Set up, measure, report; --write-checkpoint and --load-memory do only that."""
+    args = parse_args(argv)
+    if args.write_checkpoint:
+        print(f"{write_random_checkpoint(args.write_checkpoint, CONFIGS[args.config]()) / 2**30:.2f} GiB written")
+        return
+    if args.load_memory:
+        print(json.dumps(load_memory(args.load_memory)[0]))
+        return
+    torch.set_num_threads(args.threads)
+    dtype, cuda = DTYPES[args.dtype], torch.device(args.device).type == "cuda"
+    compute = DTYPES[args.compute] if args.compute else devices.compute_dtype(dtype, args.device)
+    model, limits, loading = setup(args, CONFIGS[args.config](), compute)
+    cfg, image = model.cfg, synthetic_image()
+    measured = measure(args, model, image)
+    positions = image_positions(cfg) + len(PROMPT)
+    r = {"args": vars(args), "cpu": None if cuda else cpu_kind(), "compute": compute, "cfg": cfg,
+         "median_ms": {k: 1e3 * statistics.median(v) for k, v in measured["runs"].items() if v},
+         "peak_memory_gib": peak_memory(args, model, measured["crops"]), "busy": measured["busy"],
+         "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+         "stored": sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}),
+         "limits": limits, "loading": loading, "prefill_flops": presets.prefill_flops(cfg, len(PROMPT)),
+         "decode_bytes_per_token": presets.decode_bytes(model, positions + args.new_tokens // 2),  # the cache at mid-decode
+         "int8_products": measured["kernels"], "positions": positions, "n_crops": len(measured["crops"].pixels),
+         "image_size": image.size, "runs_ms": {k: [1e3 * x for x in v] for k, v in measured["runs"].items()}}
+    report(args, r)
     if args.json:
+        kept = ("args", "cpu", "median_ms", "peak_memory_gib", "busy", "weights_bytes", "limits", "loading",
+                "prefill_flops", "decode_bytes_per_token", "int8_products", "runs_ms")
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "cpu": None if cuda else cpu_kind(), "compute": str(compute), "median_ms": median, "peak_memory_gib": peak, "busy": busy,
-                       "weights_bytes": size, "limits": limits, "loading": loading, "prefill_flops": flops,
-                       "decode_bytes_per_token": read, "int8_products": kernels,
-                       "runs_ms": {k: [1e3 * x for x in v] for k, v in runs.items()}}, f, indent=2)
+            json.dump({**{k: r[k] for k in kept}, "compute": str(compute)}, f, indent=2)
 
 
 if __name__ == "__main__":

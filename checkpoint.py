@@ -19,7 +19,7 @@ and a second train.py on the same folder refuses while the first is alive.
 Resuming also drops the lines of log.jsonl after the checkpoint's step: the interrupted run
 logged them, the resumed one trains those steps again, and a plot of the log stays a function
 of the step. `Stop` makes SIGTERM (a scheduler's preemption, `kill`) end a run within seconds.
-`export` writes the end of a run as a directory that Dragonfly.from_pretrained loads.
+`export` writes the end of a run as a directory that pretrained.load reads.
 """
 import hashlib
 import json
@@ -208,12 +208,12 @@ def trim_log(log: Path, step: int):
 
 def export(final: Path, model, mcfg, tokenizer_path, rank, dtype):
     """The end of training: gather the full weights on rank 0 and write a directory that
-    from_pretrained, sample.py and eval.py load (weights, config.json, the tokenizer)."""
+    pretrained.load, sample.py and eval.py load (weights, config.json, the tokenizer)."""
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         full = pretrained.build(mcfg, torch.float32, "cpu")
         full.load_state_dict(state)
-        full.save_pretrained(final, dtype=getattr(torch, dtype))
+        pretrained.save(full, final, dtype=getattr(torch, dtype))
         tok = Tokenizer.find_file(tokenizer_path)
         shutil.copy(tok, final / tok.name)
 

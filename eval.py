@@ -34,11 +34,13 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
 
 from tqdm import tqdm
 
+import looked
 import metrics as M
-import quantize
+import results
+import pretrained
 import weights
-from model import Dragonfly, greedy_ids, image_positions
-from sample import DTYPES, pick_device, pick_dtype
+from devices import DTYPES, compute_dtype, pick_device, pick_dtype
+from model import greedy_ids, image_positions
 from tokenizer import Tokenizer
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
@@ -174,38 +176,6 @@ def load_records(path: Path) -> list:
     return records
 
 
-def drop_torn_line(path: Path) -> bool:
-    """Cut a last line that has no newline (a run killed mid-write) off the predictions file, so
-    the next answer is not appended onto it and lost with it; its question is asked again."""
-    if not path.exists():
-        return False
-    with open(path, "r+b") as f:
-        data = f.read()
-        if not data or data.endswith(b"\n"):
-            return False
-        f.truncate(data.rfind(b"\n") + 1)
-    return True
-
-
-def read_predictions(path: Path) -> dict:
-    """id -> the last entry written for it ({"id", "prediction"} or {"id", "error"})."""
-    done = {}
-    if path.exists():
-        for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-            try:
-                entry = json.loads(line)
-                done[str(entry["id"])] = entry
-            except (ValueError, KeyError, TypeError):  # e.g. torn by an older eval.py, or edited by hand
-                print(f"{path}:{n}: unreadable line skipped", file=sys.stderr)
-    return done
-
-
-def append_line(f, entry: dict):
-    """One os-level write per line on an unbuffered file: a kill lands between lines, never
-    inside one (a buffered file may flush a line in pieces)."""
-    f.write((json.dumps(entry, ensure_ascii=False) + "\n").encode())
-
-
 def greedy(model, tok, prompts, crops, max_new_tokens) -> list:
     """Batched greedy answers as text; each row ends at its first stop id, the batch when all have."""
     return [tok.decode(x).strip() for x in greedy_ids(model, prompts, crops, max_new_tokens, tok.stop_ids)]
@@ -240,7 +210,6 @@ def answer_batch(model, tok, task, batch, image_root, max_new_tokens) -> list:
 def show_records(model, tok, task, records, image_root, max_new_tokens, out: Path):
     """--show-dir: one picture per record of where its answer looked (looked.py), answered
     greedily again one by one."""
-    import looked
     out.mkdir(parents=True, exist_ok=True)
     for r in records:
         crops, question = model.crop_image(image_root / r["image"]), build_prompt(task, r)
@@ -290,35 +259,9 @@ def run_identity(args, device: str) -> dict:
             "special_tokens_in_text": args.special_tokens_in_text, "device": device.split(":")[0]}
 
 
-def claim_out(out: Path, identity: dict, restart: bool) -> Path:
-    """OUT's predictions file, once its answers are known to come from a run like this one
-    (OUT/run.json): otherwise refused in one line, or discarded with `restart`."""
-    pred_file, run_file = out / "predictions.jsonl", out / "run.json"
-    answered = pred_file.exists() and pred_file.stat().st_size > 0
-    try:
-        saved = json.loads(run_file.read_text()) if run_file.is_file() else None
-    except ValueError:  # torn or edited: it no longer says what made the answers
-        saved = None
-    if answered and restart:
-        pred_file.unlink()
-        print(f"{pred_file}: the earlier answers discarded (--restart)", file=sys.stderr)
-    elif answered and saved != identity:
-        differs = "no run.json says what made them" if not isinstance(saved, dict) else "they differ in " + ", ".join(
-            k for k in identity if saved.get(k) != identity[k])
-        raise ValueError(f"{pred_file} holds answers of another run ({differs}); use a new --out, or --restart "
-                         "to discard them")
-    if saved != identity:
-        run_file.with_suffix(".tmp").write_text(json.dumps(identity, indent=2) + "\n")
-        run_file.with_suffix(".tmp").replace(run_file)
-    return pred_file
-
-
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    if args.task not in TASKS:
-        raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
-    task, data = TASKS[args.task], Path(args.data)
-    device = pick_device(args.device)  # before any work, so a wrong --device is the first thing said
+def checked_records(args, data: Path, image_root: Path) -> list:
+    """The questions to ask, after the checks a user's flags can fail: every image path in the image
+    root (unless --images-anywhere), at least one question."""
     if not Path(args.checkpoint).is_dir():
         raise ValueError(f"checkpoint directory {args.checkpoint} not found")
     if not data.is_file():
@@ -326,50 +269,42 @@ def main(argv=None) -> dict:
     records = load_records(data)[:args.limit]
     if not records:
         raise ValueError(f"{data} holds no questions")
-    image_root = Path(args.images) if args.images else data.parent
     for r in records:
         if r.get("image"):
             try:
                 image_path(image_root, r["image"], args.images_anywhere)
             except ValueError as e:
                 raise ValueError(f"{data}: question {r['id']}: {e}") from None
-    out = Path(args.out or Path("results") / args.task)
-    if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
-        weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
-    out.mkdir(parents=True, exist_ok=True)
-    pred_file = claim_out(out, run_identity(args, device), args.restart)
-    if drop_torn_line(pred_file):
-        print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",
-              file=sys.stderr)
-    done = read_predictions(pred_file)
-    todo = [r for r in records if "prediction" not in done.get(r["id"], {})]
-    print(f"{args.task}: {len(records)} questions, {len(records) - len(todo)} already answered in {pred_file}",
-          file=sys.stderr)
+    return records
 
-    max_new = args.max_new_tokens or task.max_new_tokens
-    if todo or args.show_dir:
-        dtype = pick_dtype(args.dtype, device)
-        weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
-        tok = Tokenizer.from_file(args.checkpoint)
-        tok.specials_in_text = args.special_tokens_in_text
-        model = Dragonfly.from_pretrained(args.checkpoint, dtype=dtype, device=device,
-                                          compute=quantize.compute_dtype(dtype, device), quantize=args.quantize)
-    if todo:
-        ctx, block = model.cfg.llm.max_seq_len, image_positions(model.cfg)
-        if max_new >= ctx - block:
-            print(f"note: --max-new-tokens {max_new} capped: the context holds {ctx} positions and an image block "
-                  f"takes {block}; answers stop where the context ends", file=sys.stderr)
-        with open(pred_file, "ab", buffering=0) as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
-            for i in range(0, len(todo), args.batch_size):
-                for entry in answer_batch(model, tok, task, todo[i:i + args.batch_size], image_root, max_new):
-                    append_line(f, entry)
-                    done[entry["id"]] = entry
-                bar.update(len(todo[i:i + args.batch_size]))
 
-    if args.show_dir:
-        show_records(model, tok, task, [r for r in records if r.get("image")][:args.show_n], image_root, max_new,
-                     Path(args.show_dir))
+def load_model(args, device: str):
+    """The tokenizer and the model, in --dtype (and --quantize) as sample.py loads them."""
+    dtype = pick_dtype(args.dtype, device)
+    weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
+    tok = Tokenizer.from_file(args.checkpoint)
+    tok.specials_in_text = args.special_tokens_in_text
+    model = pretrained.load(args.checkpoint, dtype=dtype, device=device, compute=compute_dtype(dtype, device),
+                            quantize=args.quantize)
+    return tok, model
 
+
+def answer_all(model, tok, args, todo, image_root, max_new: int, pred_file: Path, done: dict):
+    """Answer `todo` in batches, each answer appended to `pred_file` (and `done`) as it comes."""
+    ctx, block = model.cfg.llm.max_seq_len, image_positions(model.cfg)
+    if max_new >= ctx - block:
+        print(f"note: --max-new-tokens {max_new} capped: the context holds {ctx} positions and an image block "
+              f"takes {block}; answers stop where the context ends", file=sys.stderr)
+    with open(pred_file, "ab", buffering=0) as f, tqdm(total=len(todo), desc=args.task, unit="q") as bar:
+        for i in range(0, len(todo), args.batch_size):
+            for entry in answer_batch(model, tok, TASKS[args.task], todo[i:i + args.batch_size], image_root, max_new):
+                results.append_line(f, entry)
+                done[entry["id"]] = entry
+            bar.update(len(todo[i:i + args.batch_size]))
+
+
+def report(args, records, done: dict, data: Path, out: Path, pred_file: Path) -> dict:
+    """Score the answers in OUT, write OUT/metrics.json and print it; no answer at all is an error."""
     predictions = {i: e["prediction"] for i, e in done.items() if "prediction" in e}
     failed = [r["id"] for r in records if r["id"] not in predictions]
     result = {**score(args.task, records, predictions), "failed": len(failed),
@@ -385,6 +320,38 @@ def main(argv=None) -> dict:
     (out / "metrics.json").write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     print(json.dumps(result, indent=2, allow_nan=False))
     return result
+
+
+def main(argv=None) -> dict:
+    """Check the flags and data, claim OUT, answer what OUT lacks, draw --show-dir, score."""
+    args = parse_args(argv)
+    if args.task not in TASKS:
+        raise ValueError(f"unknown task {args.task!r}; tasks: {', '.join(TASKS)}")
+    data = Path(args.data)
+    device = pick_device(args.device)  # before any work, so a wrong --device is the first thing said
+    image_root = Path(args.images) if args.images else data.parent
+    records = checked_records(args, data, image_root)
+    out = Path(args.out or Path("results") / args.task)
+    if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
+        weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
+    out.mkdir(parents=True, exist_ok=True)
+    pred_file = results.claim_out(out, run_identity(args, device), args.restart)
+    if results.drop_torn_line(pred_file):
+        print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",
+              file=sys.stderr)
+    done = results.read_predictions(pred_file)
+    todo = [r for r in records if "prediction" not in done.get(r["id"], {})]
+    print(f"{args.task}: {len(records)} questions, {len(records) - len(todo)} already answered in {pred_file}",
+          file=sys.stderr)
+    max_new = args.max_new_tokens or TASKS[args.task].max_new_tokens
+    if todo or args.show_dir:
+        tok, model = load_model(args, device)
+    if todo:
+        answer_all(model, tok, args, todo, image_root, max_new, pred_file, done)
+    if args.show_dir:
+        show_records(model, tok, TASKS[args.task], [r for r in records if r.get("image")][:args.show_n], image_root,
+                     max_new, Path(args.show_dir))
+    return report(args, records, done, data, out, pred_file)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,12 @@ of its positions: CLS, its pooled cells and its separator; "text" is <|begin_of_
 prompt + answer. Per answer token the crops and the text share 1.
 """
 import argparse
+import json
 import math
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
     import first_run
@@ -34,7 +37,10 @@ from PIL import Image, ImageDraw, ImageFont
 import crops as crops_lib
 import model as M
 import pool
+import pretrained
+from data.zoom import prepare
 from llama import apply_rope
+from tokenizer import Tokenizer
 
 REGION_COLOURS = [(31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]  # one per medium crop
 HEAT = np.array([220, 30, 20], np.float32)
@@ -264,17 +270,11 @@ def high_over_low(model, tok, records, image_root) -> list:
 
 
 def main(argv=None):
-    import json
-    import tempfile
-    from pathlib import Path
-
-    from data.zoom import prepare
-    from tokenizer import Tokenizer
     p = argparse.ArgumentParser(description="The zoom model's attention: high crops vs the low crop, per position.")
     p.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoints" / "zoom-tiny"))
     p.add_argument("--pages", type=int, default=50, help="held-out pages of data/zoom/prepare.py (seed 0)")
     args = p.parse_args(argv)
-    model, tok = M.Dragonfly.from_pretrained(args.checkpoint), Tokenizer.from_file(args.checkpoint)
+    model, tok = pretrained.load(args.checkpoint), Tokenizer.from_file(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "images").mkdir()
         prepare.make_split(Path(tmp), "test", args.pages, seed=0)

@@ -19,10 +19,6 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
-if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
-    first_run.one_line_for_missing_packages()
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -32,10 +28,6 @@ import pool
 import vit as vit_lib
 from llama import Llama, LlamaConfig
 from vit import ViTConfig, VisionTransformer
-
-# Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
-# the ablation modules included (presets.py counts their FLOPs the same way).
-PARTS = {"vision": ("vision", "vision_low"), "projection": ("projection", "projection_low", "resampler"), "llm": ("llm",)}
 
 IMAGE_ID = 128002      # <|reserved_special_token_0|>: placeholder at image positions
 SEPARATOR_ID = 128003  # <|reserved_special_token_1|>: after every crop
@@ -47,10 +39,10 @@ class DragonflyConfig:
     llm: LlamaConfig = field(default_factory=LlamaConfig)
     crops: crops_lib.CropConfig = field(default_factory=lambda: crops_lib.V2)
     vision_layer: int = -2            # penultimate ViT block (docs/release-facts.md#features)
-    low_pool: Optional[int] = None    # pooled grid side per crop; None keeps the full grid
+    low_pool: Optional[int] = None    # pooled cells per side of each crop; None keeps every patch
     medium_pool: Optional[int] = 6
     high_pool: Optional[int] = 6
-    adaptive_pool: bool = False       # allow pooled sides that do not divide the grid (pool.mean_pool)
+    adaptive_pool: bool = False       # allow pooled sides that do not divide the patches per side (pool.mean_pool)
     keep_cls: bool = True             # the release keeps each crop's CLS token
     separators: bool = True           # one separator embedding after each crop
     zoom_select: Optional[str] = None  # v1: "release" | "spatial" | "global" selection of high crops
@@ -70,25 +62,26 @@ def v1_config(vit: ViTConfig = None, llm: LlamaConfig = None) -> DragonflyConfig
                            medium_pool=None, high_pool=None, zoom_select="release")
 
 
-def crop_tokens(cfg: DragonflyConfig, grid: Optional[int]) -> int:
-    n = (grid or cfg.vit.grid) ** 2
+def crop_tokens(cfg: DragonflyConfig, side: Optional[int]) -> int:
+    n = (side or cfg.vit.patches_per_side) ** 2
     return n + 1 if cfg.keep_cls else n
 
 
 def crop_levels(cfg: DragonflyConfig) -> list:
-    """(level, crops, grid side kept) of each level present, in crops.py order. Crops are those
-    the ViT sees (before v1's zoom-in selection); the side is the pooled grid, else the encoder's."""
+    """(level, crops, side kept) of each level present, in crops.py order. Crops are those the
+    ViT sees (before v1's zoom-in selection); the side is the pooled one (cells per side), else the
+    encoder's patches per side."""
     c = cfg.crops
     n_medium = math.prod(c.medium_grids[0])  # every candidate grid of a set has as many tiles
     n_high = math.prod(c.high_grids[0]) if c.high_grids else n_medium * c.high_scale ** 2
-    levels = [("low", 1, cfg.low_pool or (cfg.vit_low or cfg.vit).grid),
-              ("medium", n_medium, cfg.medium_pool or cfg.vit.grid),
-              ("high", n_high, cfg.high_pool or cfg.vit.grid)]
+    levels = [("low", 1, cfg.low_pool or (cfg.vit_low or cfg.vit).patches_per_side),
+              ("medium", n_medium, cfg.medium_pool or cfg.vit.patches_per_side),
+              ("high", n_high, cfg.high_pool or cfg.vit.patches_per_side)]
     return [level for level, present in zip(levels, (c.low, c.medium, c.high)) if present]
 
 
 def kept_levels(cfg: DragonflyConfig) -> list:
-    """`crop_levels` after v1's zoom-in selection: (level, crops in the image block, grid side)."""
+    """`crop_levels` after v1's zoom-in selection: (level, crops in the image block, side kept)."""
     levels = crop_levels(cfg)
     n_medium = dict((name, n) for name, n, _ in levels).get("medium", 0)
     if cfg.zoom_select and n_medium:
@@ -287,26 +280,6 @@ class Dragonfly(nn.Module):
         finally:
             self.llm.clear_cache()
 
-    # ---- checkpoints: pretrained.py (which imports this file) ------------------------------------
-    @classmethod
-    def from_pretrained(cls, path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -> "Dragonfly":
-        """A released Dragonfly directory (v2 or v1), or one saved by `save_pretrained` or
-        quantize.py: pretrained.load."""
-        import pretrained
-        return pretrained.load(path, dtype=dtype, device=device, compute=compute, quantize=quantize)
-
-    @classmethod
-    def from_backbones(cls, clip_dir, llama_dir, cfg: DragonflyConfig = None, dtype=torch.float32, device="cpu",
-                       clip_low_dir=None) -> "Dragonfly":
-        """A new model from OpenAI's CLIP and a Hugging Face Llama: pretrained.from_backbones."""
-        import pretrained
-        return pretrained.from_backbones(clip_dir, llama_dir, cfg, dtype, device, clip_low_dir)
-
-    def save_pretrained(self, path, dtype=torch.bfloat16):
-        """config.json + safetensors shards with the release's names: pretrained.save."""
-        import pretrained
-        pretrained.save(self, path, dtype)
-
 
 def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
     """The v2 Table 1 resampler: depth 3, one latent per pooled token (6x6 = 36), at the ViT's
@@ -340,8 +313,3 @@ def sample(logits, temperature: float, top_p: float, generator=None):
         sorted_p[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
-
-
-if __name__ == "__main__":  # `python model.py --describe PRESET`: the experiment presets live in presets.py
-    import presets
-    raise SystemExit(presets.main())

@@ -7,7 +7,7 @@ a few seconds).
     python plan.py --stage pretrain --micro-batch 2 --gpus 8 --json
 
 What is measured and what is modelled:
-- Parameters, gradients and AdamW state per GPU: FSDP2 as train.shard builds it (every
+- Parameters, gradients and AdamW state per GPU: FSDP2 as training.shard builds it (every
   parameter cut along dim 0 into `world` padded shards of float32; gradients and the two AdamW
   moments only for what the stage trains).
 - Activations: one training forward of the full model on the meta device at the micro-batch,
@@ -44,7 +44,8 @@ import torch.nn.functional as F
 
 import model as M
 import presets
-import train
+import training
+from train_config import parse_config
 
 GiB = 2 ** 30
 H100 = dict(name="H100 SXM 80 GB", memory=81559 * 2 ** 20, bf16=989e12, fp32=67e12)  # nvidia-smi's 81559 MiB; dense peak
@@ -61,7 +62,7 @@ def meta_model(mcfg, trainable, dtype=torch.bfloat16):
     (FSDP2 casts the float32 parameters to it for the forward)."""
     with torch.device("meta"):
         model = M.Dragonfly(mcfg).to(dtype)
-    train.freeze(model, trainable)
+    training.freeze(model, trainable)
     return model
 
 
@@ -129,7 +130,7 @@ def activations(model, micro_batch, text, grad_checkpoint, flash=True) -> int:
 
 # ---- FSDP2's shards ----------------------------------------------------------------------------
 def units(model):
-    """train.shard's FSDP2 units: each ViT block that runs, each Llama block, then the root."""
+    """training.shard's FSDP2 units: each ViT block that runs, each Llama block, then the root."""
     ran = model.cfg.vit.blocks_run(model.cfg.vision_layer)
     inner = [*model.vision.blocks[:ran], *model.llm.layers]
     inside = {id(p) for u in inner for p in u.parameters()}
@@ -259,7 +260,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, help="samples in the stage (default: the paper's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, rest = p.parse_known_args(argv)
-    cfg = train.parse_config(rest)
+    cfg = parse_config(rest)
     try:
         gpus = tuple(int(n) for n in args.gpus.split(","))
         assert gpus and min(gpus) > 0

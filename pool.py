@@ -2,7 +2,7 @@
 Token reduction for the zoomed-in crops.
 
 v2 (Dragonfly v2 paper, §3.2 "mean pooling"; docs/release-facts.md#pooling): every medium and
-high crop keeps its CLS token and average-pools its g x g patch-token grid to a smaller grid —
+high crop keeps its CLS token and average-pools its g x g patch tokens to side x side cells —
 24x24 -> 6x6 with kernel 4, stride 4 in the release. The paper's ablations pool to 3x3 ... 12x12
 (9 ... 144 tokens). Pooling commutes with the linear projection, so it may run before or after it.
 
@@ -24,26 +24,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def mean_pool(tokens, grid: int, keep_cls: bool = True, adaptive: bool = False):
-    """(N, 1 + g*g, D) crop tokens -> (N, [1 +] grid*grid, D): CLS first (if kept), then the
-    average of each (g/grid)^2 block of patch tokens, row-major.
-    adaptive=True also allows a grid that does not divide g (the zoom demo's 8x8 crops pooled to
-    the paper's 3x3 or 6x6): cell i then averages rows and columns floor(i*g/grid) to
-    ceil((i+1)*g/grid) - 1, windows of unequal size that overlap by one where g/grid is fractional."""
+def mean_pool(tokens, side: int, keep_cls: bool = True, adaptive: bool = False):
+    """(N, 1 + g*g, D) crop tokens (g patches per side) -> (N, [1 +] side*side, D): CLS first (if
+    kept), then the average of each (g/side)^2 block of patch tokens, row-major.
+    adaptive=True also allows a side that does not divide g (the zoom demo's 8x8 crops pooled to
+    the paper's 3x3 or 6x6): cell i then averages rows and columns floor(i*g/side) to
+    ceil((i+1)*g/side) - 1, windows of unequal size that overlap by one where g/side is fractional."""
     N, T, D = tokens.shape
     g = math.isqrt(T - 1)
     if g * g != T - 1:
         raise ValueError(f"expected CLS + a square grid of tokens, got {T} tokens")
-    if g % grid and not adaptive:
-        raise ValueError(f"cannot mean-pool a {g}x{g} token grid to {grid}x{grid}: {grid} must divide {g}")
+    if g % side and not adaptive:
+        raise ValueError(f"cannot mean-pool {g}x{g} patch tokens to {side}x{side}: {side} must divide {g}")
     cls, patches = tokens[:, :1], tokens[:, 1:]
-    if grid != g:
+    if side != g:
         patches = patches.transpose(1, 2).reshape(N, D, g, g)               # (N, D, g, g)
-        if g % grid:
-            patches = F.adaptive_avg_pool2d(patches, grid)                  # (N, D, grid, grid)
+        if g % side:
+            patches = F.adaptive_avg_pool2d(patches, side)                  # (N, D, side, side)
         else:
-            patches = F.avg_pool2d(patches, kernel_size=g // grid)          # (N, D, grid, grid)
-        patches = patches.flatten(2).transpose(1, 2)                        # (N, grid*grid, D)
+            patches = F.avg_pool2d(patches, kernel_size=g // side)          # (N, D, side, side)
+        patches = patches.flatten(2).transpose(1, 2)                        # (N, side*side, D)
     return torch.cat([cls, patches], dim=1) if keep_cls else patches
 
 

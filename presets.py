@@ -138,7 +138,7 @@ def layer_flops(n_ctx, d_model, n_heads, d_ff, kv_dim=None, ff_mats=2) -> int:
 
 def vit_flops(v: ViTConfig, blocks=None) -> int:
     """One crop: the patch embedding, then `blocks` encoder blocks (the appendix runs all 24)."""
-    embed = 2 * v.grid ** 2 * v.patch_size ** 2 * 3 * v.width
+    embed = 2 * v.patches_per_side ** 2 * v.patch_size ** 2 * 3 * v.width
     return embed + (v.layers if blocks is None else blocks) * layer_flops(v.tokens, v.width, v.heads, v.mlp_dim)
 
 
@@ -171,10 +171,10 @@ def flops_parts(cfg, text_tokens=0, paper=True, image=True) -> dict:
         parts["vision"] += n * vit_flops(v, blocks)
         resampled = cfg.resampler and name != "low"
         if resampled and not paper:  # per layer: q, k/v over [patches; latents], scores, out, 4x MLP
-            W, T, L = v.width, v.grid ** 2, tokens
+            W, T, L = v.width, v.patches_per_side ** 2, tokens
             per_layer = 2 * L * W * W * 2 + 2 * (T + L) * 2 * W * W + 2 * 2 * L * (T + L) * W + 2 * L * 2 * W * 4 * W
             parts["resampler"] += n * cfg.resampler_depth * per_layer
-        projected = kept * tokens if paper else n * (1 + (tokens if resampled else v.grid ** 2))
+        projected = kept * tokens if paper else n * (1 + (tokens if resampled else v.patches_per_side ** 2))
         parts["projection"] += 2 * v.width * cfg.llm.dim * projected
         n_image += kept * tokens
     llm = cfg.llm
@@ -206,6 +206,26 @@ TRAINABLE = ("vision", "projection", "llm")  # v2 Table 10's switches (docs/rele
 FORWARD_ORDER = (("vision", "vision"), ("resampler", "projection"), ("projection", "projection"), ("llm", "llm"))
 
 
+def prefill_flops(cfg, text_tokens: int) -> float:
+    """FLOPs of generate's prefill, which bench.py holds its time against: the modules as built
+    (flops_parts, paper=False), with the LLM's attention causal (half the scores) and the
+    vocabulary projection over the last position only (generate's logits_from=-1)."""
+    llm, n = cfg.llm, model.image_positions(cfg) + text_tokens
+    scores = llm.n_layers * (4 * n * n * llm.dim + 3 * llm.n_heads * n * n)  # layer_flops' n^2 terms
+    return sum(flops_parts(cfg, text_tokens, paper=False).values()) - scores / 2 \
+        - 2 * (text_tokens - 1) * llm.dim * llm.vocab_size
+
+
+def decode_bytes(dragonfly, context: int) -> int:
+    """Bytes one decoded token reads, which bench.py holds its time against: every LLM weight
+    once (the token's embedding row aside), and the KV cache of `context` positions."""
+    llm = dragonfly.llm
+    table = {id(p) for p in llm.embed_tokens.parameters()} - {id(p) for p in llm.lm_head.parameters()}
+    weights = sum(p.numel() * p.element_size() for p in llm.parameters() if id(p) not in table)
+    cfg, act = llm.cfg, llm.norm.weight.element_size()
+    return weights + cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * context * act
+
+
 def train_flops_per_sample(cfg, text_tokens: int, trainable=TRAINABLE, image=True) -> float:
     """Model FLOPs of one training step on one sample, for MFU (as-built counts, paper=False).
 
@@ -234,7 +254,7 @@ def tiny(cfg, vit_width=64, llm_dim=16, layers=2) -> model.DragonflyConfig:
     patch size 1, so a crop is grid x grid pixels (24 for L/14, 7 for B/32), and heads =
     width / 64 as `vit.config_from_weights` infers them. For tests and CPU smoke runs."""
     def shrink(v):
-        return v and ViTConfig(v.grid, 1, vit_width, layers, max(1, vit_width // 64), 2 * vit_width)
+        return v and ViTConfig(v.patches_per_side, 1, vit_width, layers, max(1, vit_width // 64), 2 * vit_width)
     vit, vit_low = shrink(cfg.vit), shrink(cfg.vit_low)
     llm = LlamaConfig(dim=llm_dim, n_layers=layers, n_heads=2, n_kv_heads=1, ffn_dim=2 * llm_dim)
     return replace(cfg, vit=vit, vit_low=vit_low, llm=llm, crops=replace(cfg.crops, size=(vit_low or vit).image_size))

@@ -4,21 +4,22 @@ release's (docs/release-facts.md#weight-names), loading a released or saved dire
 starting a new model from OpenAI's CLIP and a Hugging Face Llama (the paper's initialisation,
 before stage 1).
 
-`Dragonfly.from_pretrained`, `Dragonfly.from_backbones` and `Dragonfly.save_pretrained`
-(model.py) are these functions; weights.py reads and writes the files themselves.
+`load` (nanoGPT's `from_pretrained`), `from_backbones` and `save` are how every caller loads and
+saves a Dragonfly: model.py holds only the architecture and imports nothing above it (README,
+"Layers"). weights.py reads and writes the files themselves.
 """
 import json
 import math
 import types
 import typing
-from dataclasses import asdict, fields, is_dataclass, replace
+from dataclasses import asdict, is_dataclass, replace
 from pathlib import Path
 
 import torch
 
 import crops as crops_lib
 import model as M
-import quantize as quantize_lib
+import stored
 import vit as vit_lib
 import weights
 from llama import Llama, LlamaConfig
@@ -49,9 +50,10 @@ def checkpoint_names(model: "M.Dragonfly") -> dict:
 def load(path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -> "M.Dragonfly":
     """Load a released Dragonfly directory (v2 or v1; .bin or safetensors shards), or one
     saved by `save` or quantize.py. The vision tower's shape is inferred from the weights.
-    dtype: the model's; compute: the dtype the layers compute in when it differs (float32 on
-    CPUs slow in bf16, quantize.compute_dtype), the matrices then kept in `dtype`;
-    quantize="int8": int8 matrices, quantized while loading unless already int8."""
+    dtype: the model's (its weights' dtype, the one it was trained in); compute: the dtype the
+    layers compute in when it differs (float32 on CPUs slow in bf16, devices.compute_dtype), the
+    matrices then kept in `dtype`; quantize="int8": int8 matrices, quantized while loading
+    unless already int8."""
     path = weights.require_checkpoint(path)
     hf = weights.read_config(path / "config.json")
     vcfg = vit_lib.config_from_weights(weights.read_shapes(path), "image_encoder.vision_model.")
@@ -66,7 +68,7 @@ def load(path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -
     quantize = hf.get("quantization") or quantize
     model = allocate(cfg, dtype, device, compute, quantize)
     names = checkpoint_names(model)
-    convert = quantize_lib.int8_converter(model, names) if quantize == "int8" else None
+    convert = stored.int8_converter(model, names) if quantize == "int8" else None
     weights.load_into(model, path, names, ignore=saved_buffer, convert=convert)
     return model.eval()
 
@@ -226,14 +228,15 @@ def config_from_dict(d: dict, vcfg: ViTConfig, llm: LlamaConfig) -> "M.Dragonfly
 
 
 # ---- building and the backbones --------------------------------------------------------------
-def build(cfg, dtype, device, cls=None, storage=None):
-    """Construct on the meta device (no memory), then allocate once in the target dtype; with
-    `storage`, the linear and embedding matrices are kept in that dtype instead (quantize.py).
-    A model larger than the memory available stops here with one line, before allocating."""
+def build(cfg, compute_dtype, device, cls=None, storage=None):
+    """Construct on the meta device (no memory), then allocate once in `compute_dtype`, the dtype
+    the layers compute in; with `storage`, the linear and embedding matrices are kept in that
+    dtype instead (stored.py). A model larger than the memory available stops here with one line,
+    before allocating."""
     with torch.device("meta"):
-        model = (cls or M.Dragonfly)(cfg).to(dtype)
+        model = (cls or M.Dragonfly)(cfg).to(compute_dtype)
         if storage is not None:
-            quantize_lib.store_weights(model, storage, dtype)
+            stored.store_weights(model, storage, compute_dtype)
     if torch.device(device).type == "cpu":
         weights.ensure_memory(sum(p.numel() * p.element_size() for p in model.parameters()))
     model = model.to_empty(device=device)
@@ -243,14 +246,16 @@ def build(cfg, dtype, device, cls=None, storage=None):
     return model
 
 
-def allocate(cfg, dtype, device, compute=None, quantize=None):
-    """`build` for a model of `dtype` that computes in `compute` (quantize.compute_dtype; default
-    `dtype`): its matrices kept as quantize.storage_dtype says, RoPE's frequencies rounded to
-    `dtype`, the ones the checkpoint was trained with."""
-    compute = compute or dtype
-    model = build(cfg, compute, device, storage=quantize_lib.storage_dtype(dtype, compute, quantize))
-    if compute != dtype:
-        model.llm.rope_dtype = dtype
+def allocate(cfg, weights_dtype, device, compute_dtype=None, quantize=None):
+    """`build` for a model whose weights are `weights_dtype` (the checkpoint's) and whose layers
+    compute in `compute_dtype` (devices.compute_dtype; default `weights_dtype`): its matrices kept
+    as stored.storage_dtype says, RoPE's frequencies rounded to `weights_dtype`, the ones the
+    checkpoint was trained with."""
+    compute_dtype = compute_dtype or weights_dtype
+    storage = stored.storage_dtype(weights_dtype, compute_dtype, quantize)
+    model = build(cfg, compute_dtype, device, storage=storage)
+    if compute_dtype != weights_dtype:
+        model.llm.rope_dtype = weights_dtype
     return model
 
 

@@ -1,38 +1,16 @@
 """
-Weight-only storage: the model's matrices kept compact (bf16, or int8 with one scale per output
-channel) while each product runs in the compute dtype, in the spirit of gpt-fast's quantize.py
-(a handler swaps every nn.Linear for a module that stores its weight compactly).
+Writing an int8 checkpoint, and measuring what compact storage costs in quality: the command
+line around stored.py (which holds the int8 and bf16 layers themselves and explains them).
 
-Why: an 8B model is ~34 GB in float32. bf16 halves that, but a CPU without bf16 matrix
-instructions (this project's AVX2 machine) runs bf16 GEMMs at 1-10 GFLOP/s against ~140 in
-float32. So on such a CPU `--dtype bfloat16` keeps the weights in bf16 and converts them to
-float32 one block of rows at a time, right before the product: activations, attention and the
-KV cache stay float32, and prefill runs at float32 speed with half the memory. One row (a
-decoded token) is the exception: PyTorch's bf16 matrix-vector kernel converts in registers and
-accumulates in float32, memory-bound without bf16 instructions, five times faster here than
-converting first; it rounds the token's activations and the product to bf16 (as the int8
-kernel below does). Which CPUs count as fast is read from /proc/cpuinfo (`native_dtype`):
-avx512_bf16 or amx_bf16 (avx512_fp16 or amx_fp16 for float16); other CPUs, and CPUs whose
-flags we cannot read, compute in float32.
-The RoPE frequencies keep the rounding of the model's dtype (`Llama.rope_dtype`): the released
-checkpoint was trained and is served with bf16-rounded frequencies.
-
-int8 (`--quantize int8`): per-output-channel symmetric, w ~ q * s with q = round(w / s) and
-s = max|w_row| / 127 rounded to bf16 (8 significant bits: off by at most 2^-8, which keeps
-max|w_row| / s within [126.50, 127.50]: the row's largest |q| is exactly 127, no clamp is
-needed, and |w - q s| <= s / 2 holds for every weight). Every linear layer of the ViT, the
-projection and the Llama is quantized, the vocabulary projection included (it is the largest
-matrix each decoded token reads); so is the token embedding, per row: its rows are the
-vocabulary projection's output channels, so a tied table keeps one int8 matrix and one scale
-vector, and the 8B's 1 GB table becomes 0.5 GB. Left in the compute dtype: the ViT's patch
-convolution (0.2% of the ViT), position and class embeddings, norms and biases. Products: on CPU a single row (a decoded token) goes through
-PyTorch's int8 kernel `torch.ops.aten._weight_int8pack_mm` (bf16 activations and scales,
-float32 accumulation, bf16 output); more rows (prefill), and other devices, convert the int8
-rows to the compute dtype a block at a time and scale the product's columns.
-
-    python quantize.py SRC DST         # write an int8 checkpoint that Dragonfly.from_pretrained loads
+    python quantize.py SRC DST         # write an int8 checkpoint that pretrained.load reads
     python quantize.py --compare SRC   # int8 and bf16 against float32: greedy ids, log-probabilities
+
+int8 is per-output-channel symmetric (stored.py): every linear layer of the ViT, the projection
+and the Llama, the vocabulary projection included, and the token embedding per row. DST holds
+the int8 tensors, their bf16 scales and every other tensor in SRC's own dtype, with
+`"quantization": "int8"` in its config.json, so loading it quantizes nothing.
 """
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -42,201 +20,10 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
     first_run.one_line_for_missing_packages()
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-HALF = (torch.bfloat16, torch.float16)
-CPU_FLAGS = {torch.bfloat16: {"avx512_bf16", "amx_bf16"}, torch.float16: {"avx512_fp16", "amx_fp16"}}
-# Weights converted per block: for a few rows (a batch of decoded tokens) 4 MiB of float32 that
-# stay in cache between the conversion and the product; for many rows (prefill) 64 MiB, so each
-# GEMM is large.
-BLOCK_SMALL, BLOCK_LARGE, FEW_ROWS = 2**20, 2**24, 16
-INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-
-
-def cpu_flags() -> set:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
-
-
-def native_dtype(dtype, device) -> bool:
-    """Whether `device` computes in `dtype` at full speed: always on GPUs; on CPUs only with
-    native bf16/fp16 matrix instructions (/proc/cpuinfo flags)."""
-    if dtype not in HALF or torch.device(device).type != "cpu":
-        return True
-    return bool(CPU_FLAGS[dtype] & cpu_flags())
-
-
-def compute_dtype(dtype, device):
-    """The dtype the layers compute in for a model of `dtype` on `device`: float32 where a half
-    dtype is slow (its weights then stay in `dtype`: see from_pretrained's `compute`)."""
-    return dtype if native_dtype(dtype, device) else torch.float32
-
-
-def storage_dtype(dtype, compute, quantize=None):
-    """The dtype the matrices are kept in (None: plain nn.Linear in `compute`): int8 when
-    quantized, else the model's `dtype` when the layers compute in another dtype."""
-    if quantize not in (None, "int8"):
-        raise ValueError(f"quantize.py: unknown quantization {quantize!r}; only int8 is implemented")
-    return torch.int8 if quantize == "int8" else dtype if compute != dtype else None
-
-
-# ---- int8 per-output-channel -------------------------------------------------------------------
-@torch.no_grad()
-def quantize_rows(w, rows_per_block=4096):
-    """w (N, K) float -> q (N, K) int8, scales (N,) bf16 with w[n] ~ q[n] * scales[n].
-    In blocks of rows, so the float32 temporaries of a 1 GB embedding stay small."""
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scales = torch.empty(w.shape[0], dtype=torch.bfloat16, device=w.device)
-    for i in range(0, w.shape[0], rows_per_block):
-        block = w[i:i + rows_per_block].float()
-        s = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
-        q[i:i + rows_per_block] = (block / s.float()[:, None]).round()  # |q| <= 127.49 -> 127: no clamp
-        scales[i:i + rows_per_block] = s
-    return q, scales
-
-
-def dequantize(q, scales, dtype=torch.float32):
-    return q.to(dtype) * scales.to(dtype)[:, None]
-
-
-def blockwise_linear(x, weight, scales=None, bias=None):
-    """F.linear(x, weight) in x's dtype with `weight` stored in another dtype (bf16, or int8
-    with per-row `scales`): converted a block of rows at a time on CPU, all at once elsewhere.
-    Without scales each block's product is F.linear's own, so the result equals
-    F.linear(x, weight.to(x.dtype), bias) exactly."""
-    N, K = weight.shape
-    x2 = x.reshape(-1, K)
-    block = BLOCK_SMALL if x2.shape[0] <= FEW_ROWS else BLOCK_LARGE
-    rows = max(1, block // K) if x.device.type == "cpu" else N
-    if rows >= N:
-        out = F.linear(x2, weight.to(x.dtype), None if scales is not None else bias)
-    else:
-        out = x2.new_empty(x2.shape[0], N)
-        for i in range(0, N, rows):
-            b = None if bias is None or scales is not None else bias[i:i + rows]
-            out[:, i:i + rows] = F.linear(x2, weight[i:i + rows].to(x.dtype), b)
-    if scales is not None:  # x @ (q s)^T = (x @ q^T) s: one scale per output column
-        out = out.mul_(scales.to(x.dtype))
-        if bias is not None:
-            out = out.add_(bias)
-    return out.view(*x.shape[:-1], N)
-
-
-def half_gemv(x, weight, bias=None):
-    """One row times a bf16/fp16 matrix with PyTorch's matrix-vector kernel, which converts the
-    weights in registers and accumulates in float32: 14 GB/s of bf16 on a 14336 x 4096 matrix
-    here, against 2.8 GB/s when each block is first converted to float32 (bench.py's machine,
-    21 GB/s read bandwidth). x and the output are rounded to the weight's dtype, as in the int8
-    kernel below."""
-    out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
-    return out if bias is None else out.add_(bias)
-
-
-def int8pack_linear(x, q, scales, bias=None):
-    """One row through PyTorch's CPU int8 kernel (bf16 in, float32 accumulation, bf16 out).
-    The kernel reads x with aligned vector loads and no tail loop: x must be a fresh allocation
-    (a view at an offset crashes it) and K a multiple of 16."""
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16, copy=True)
-    out = torch.ops.aten._weight_int8pack_mm(x2, q, scales).to(x.dtype)
-    if bias is not None:
-        out = out.add_(bias)
-    return out.view(*x.shape[:-1], q.shape[0])
-
-
-# ---- modules -----------------------------------------------------------------------------------
-class StoredLinear(nn.Module):
-    """nn.Linear whose weight is stored in `storage` (bf16/fp16: as is; int8: with one bf16
-    scale per output channel) and computed in `dtype`, the dtype of the bias and activations."""
-
-    def __init__(self, in_features, out_features, bias: bool, storage, dtype, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        frozen = lambda *shape, dt: nn.Parameter(torch.empty(*shape, dtype=dt, device=device), requires_grad=False)
-        self.weight = frozen(out_features, in_features, dt=storage)
-        self.scales = frozen(out_features, dt=torch.bfloat16) if storage == torch.int8 else None
-        self.bias = frozen(out_features, dt=dtype) if bias else None
-
-    def forward(self, x):
-        # Speed only, not part of the model: every branch computes x @ W^T + b with W dequantized;
-        # they differ in the kernel, picked for this hardware, and in its rounding (one row: bf16
-        # activations and output; see the module docstring).
-        # Tests: tests/test_quantize.py's *_matches_dequantized_float32_matmul,
-        # *_equals_float32_linear_of_the_bf16_weight_exactly and
-        # *_single_row_is_float32_accumulation_of_bf16_rounded_inputs.
-        one_row = x.device.type == "cpu" and x.numel() == x.shape[-1]  # a decoded token
-        if self.scales is None:
-            if one_row:
-                return half_gemv(x, self.weight, self.bias)
-            return blockwise_linear(x, self.weight, None, self.bias)
-        if one_row and INT8PACK and self.in_features % 16 == 0:
-            return int8pack_linear(x, self.weight, self.scales, self.bias)
-        return blockwise_linear(x, self.weight, self.scales, self.bias)
-
-    def extra_repr(self):
-        return f"{self.in_features}, {self.out_features}, storage={self.weight.dtype}, bias={self.bias is not None}"
-
-
-class StoredEmbedding(nn.Module):
-    """nn.Embedding with its table stored in `storage` (int8: one bf16 scale per row), looked
-    up rows returned in `dtype`."""
-
-    def __init__(self, num_embeddings, dim, storage, dtype, device=None):
-        super().__init__()
-        self.dtype = dtype
-        self.weight = nn.Parameter(torch.empty(num_embeddings, dim, dtype=storage, device=device), requires_grad=False)
-        self.scales = (nn.Parameter(torch.empty(num_embeddings, dtype=torch.bfloat16, device=device), requires_grad=False)
-                       if storage == torch.int8 else None)
-
-    def forward(self, ids):
-        x = F.embedding(ids, self.weight).to(self.dtype)
-        return x if self.scales is None else x * self.scales[ids].to(self.dtype)[..., None]
-
-    def extra_repr(self):
-        return f"{self.weight.shape[0]}, {self.weight.shape[1]}, storage={self.weight.dtype}"
-
-
-@torch.no_grad()
-def store_weights(model: nn.Module, storage, dtype=torch.float32) -> nn.Module:
-    """The handler: swap every nn.Linear and nn.Embedding of `model` (computing in `dtype`) for a
-    Stored one keeping its weight in `storage` (bf16, fp16 or int8). On the meta device only the
-    shapes move (from_pretrained then loads the weights); real weights are converted."""
-    for parent in list(model.modules()):
-        for name, m in list(parent.named_children()):
-            if type(m) is nn.Linear:
-                new = StoredLinear(m.in_features, m.out_features, m.bias is not None, storage, dtype, m.weight.device)
-            elif type(m) is nn.Embedding:
-                new = StoredEmbedding(m.num_embeddings, m.embedding_dim, storage, dtype, m.weight.device)
-            else:
-                continue
-            if m.weight.device.type != "meta":
-                if storage == torch.int8:
-                    new.weight.data, new.scales.data = quantize_rows(m.weight)
-                else:
-                    new.weight.copy_(m.weight)
-                if getattr(m, "bias", None) is not None:
-                    new.bias.copy_(m.bias)
-            setattr(parent, name, new)
-    for m in model.modules():
-        if hasattr(m, "tie_weights"):  # a tied vocabulary projection shares the embedding's table
-            m.tie_weights()
-    return model
-
-
-def int8_converter(model, names: dict):
-    """For weights.load_into: a float matrix bound for an int8 weight is quantized on its way
-    in (load-time quantization, one tensor at a time), yielding the weight and its scales."""
-    int8_keys = {names[n] for n, p in model.named_parameters() if p.dtype == torch.int8}
-
-    def convert(key, tensor):
-        if key in int8_keys and tensor.is_floating_point():
-            q, scales = quantize_rows(tensor)
-            return [(key, q), (key.removesuffix("weight") + "scales", scales)]
-        return [(key, tensor)]
-    return convert
+import pretrained
+import weights
+from images import load_image
 
 
 @torch.no_grad()
@@ -248,8 +35,7 @@ def compare(path, image, prompt, n=32) -> dict:
     also compared with bf16 itself: both round RoPE's frequencies to bf16, float32 does not.
     Both CPU branches run whatever this CPU is: compute is forced (float32 over bf16 weights, as
     without bf16 instructions; bf16 throughout, as with them), only the kernels are this CPU's."""
-    from model import Dragonfly
-    ref = Dragonfly.from_pretrained(path)
+    ref = pretrained.load(path)
     crops = ref.crop_image(image)
     ids = [int(t[0]) for t, _ in ref.generate([prompt], [crops], max_new_tokens=n)]
     tokens, pixels = torch.tensor([prompt + ids]), torch.as_tensor(crops.pixels)[None]
@@ -259,7 +45,7 @@ def compare(path, image, prompt, n=32) -> dict:
             "int8 of bf16, bf16 compute": dict(dtype=torch.bfloat16, quantize="int8")}
     logprobs = {}  # (n, vocab): the predictions of the n generated tokens
     for name, kwargs in ways.items():
-        logits = (ref if name == "float32" else Dragonfly.from_pretrained(path, **kwargs))(tokens, pixels)[0]
+        logits = (ref if name == "float32" else pretrained.load(path, **kwargs))(tokens, pixels)[0]
         logprobs[name] = torch.log_softmax(logits[0, len(prompt) - 1:-1].float(), dim=-1)
     target = torch.tensor(ids)[:, None]
     pairs = [(name, "float32") for name in list(ways)[1:]] + [("int8 of bf16, float32 compute", "bf16 weights, float32 compute"),
@@ -274,9 +60,6 @@ def write_int8(src, dst):
     """Quantize checkpoint `src` into a new directory `dst`: int8 weights and bf16 scales, every
     other tensor in the checkpoint's own dtype, src's config.json + "quantization": "int8", its
     tokenizer files. Written to a temporary directory beside dst, then renamed (weights.staged)."""
-    import weights
-    from model import Dragonfly
-    from pretrained import checkpoint_names
     src, dst = weights.require_checkpoint(src), Path(dst)
     weights.refuse_overwrite(dst, [src], "DST")
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
@@ -287,8 +70,8 @@ def write_int8(src, dst):
     if stored not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"{src / 'config.json'}: torch_dtype: expected float32, bfloat16 or float16, found {stored!r}")
     dtype = getattr(torch, stored)
-    model = Dragonfly.from_pretrained(src, dtype=torch.float32, quantize="int8")
-    names = checkpoint_names(model)
+    model = pretrained.load(src, dtype=torch.float32, quantize="int8")
+    names = pretrained.checkpoint_names(model)
     state = {names[n]: p if p.dtype == torch.int8 or n.endswith(".scales") else p.to(dtype)
              for n, p in model.named_parameters()}
     with weights.staged(dst) as tmp:
@@ -299,7 +82,6 @@ def write_int8(src, dst):
 
 
 if __name__ == "__main__":
-    import argparse
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint directory to quantize (or, with --compare, to measure)")
     p.add_argument("dst", nargs="?", help="new directory for the int8 checkpoint")
@@ -308,7 +90,6 @@ if __name__ == "__main__":
     args = p.parse_args()
     try:
         if args.compare:
-            from crops import load_image
             prompt = [128000, 128006, 882, 128007, 271, 3923, 374, 420, 30, 128009, 128006, 78191, 128007, 271]
             print(json.dumps(compare(args.src, load_image(args.image), prompt), indent=2))
         elif args.dst:

@@ -21,32 +21,15 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
 
 import torch
 
+import looked
+import pretrained
+import weights
+from conversation import ContextFull, Conversation, answer, chat
+from devices import DTYPES, compute_dtype, pick_device, pick_dtype
+from images import load_image
+from tokenizer import Tokenizer
+
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "zoom-tiny"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(name: str) -> str:
-    """--device checked against this machine: 'auto' is cuda when there is one, else cpu; a
-    device that is not here is one line naming those that are (torch would fail much later)."""
-    cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
-    mps = ["mps"] if torch.backends.mps.is_available() else []
-    if name == "auto":
-        return "cuda" if cuda else "cpu"
-    try:
-        d = torch.device(name)
-    except RuntimeError:
-        d = None
-    if d is None or not (d.type == "cpu" or (d.type == "mps" and mps) or
-                         (d.type == "cuda" and cuda and (d.index or 0) < len(cuda))):
-        raise ValueError(f"--device {name} is not available here; available: {', '.join(['cpu', *cuda, *mps])}")
-    return name
-
-
-def pick_dtype(name: str, device: str) -> torch.dtype:
-    """--dtype: 'auto' is bfloat16 on CUDA (as released), float32 elsewhere."""
-    return DTYPES[name] if name != "auto" else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT), help="Dragonfly checkpoint directory")
@@ -60,8 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU without bf16 instructions keeps "
-                        "the weights in bf16 and computes in float32 (quantize.py)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (quantize.py)")
+                        "the weights in bf16 and computes in float32 (stored.py)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (stored.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
     p.add_argument("--special-tokens-in-text", action="store_true",
@@ -72,8 +55,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def check_args(args):
+    """The flags a user can get wrong, refused in one line before anything slow: whether this is a
+    terminal chat, and whether --max-new-tokens was given."""
     interactive = args.prompt is None and sys.stdin.isatty()
     if args.prompt is None and not interactive:
         if not args.image:
@@ -88,45 +72,37 @@ def main(argv=None):
         raise ValueError("need 0 < --top-p <= 1, --temperature >= 0 (a finite number) and --max-new-tokens >= 1")
     if not -2**63 <= args.seed < 2**64:  # what torch.Generator.manual_seed takes
         raise ValueError(f"--seed {args.seed} is out of range: give an integer from -2**63 to 2**64 - 1")
-    device = pick_device(args.device)
-    dtype = pick_dtype(args.dtype, device)
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_dir():
-        raise ValueError(f"checkpoint directory {ckpt} not found (download one, see README)")
+    return interactive, asked_length
 
-    import quantize
-    import weights
+
+def check_paths(args):
+    """The checkpoint folder exists, and --show may write its picture."""
+    if not Path(args.checkpoint).is_dir():
+        raise ValueError(f"checkpoint directory {args.checkpoint} not found (download one, see README)")
     if args.show:  # before the answer, not after it: the picture must not replace what is read
         if Path(args.show).is_dir():
             raise ValueError(f"--show {args.show} is a folder; give the path of the PNG to write")
-        weights.refuse_overwrite(args.show, [args.image, ckpt], "--show")
+        weights.refuse_overwrite(args.show, [args.image, args.checkpoint], "--show")
         weights.require_writable(args.show, "--show", parents=False)
-    from conversation import ContextFull, Conversation, answer, chat
-    from model import Dragonfly
-    from tokenizer import Tokenizer
-    weights.require_checkpoint(ckpt)  # an empty or wrong folder, before the tokenizer looks for its file
+
+
+def load(args, device, dtype):
+    """The tokenizer, the image (a bad one fails before the slow model load) and the model."""
+    ckpt = weights.require_checkpoint(args.checkpoint)  # an empty or wrong folder, before the tokenizer looks for its file
     tok = Tokenizer.from_file(ckpt)
     tok.specials_in_text = args.special_tokens_in_text
-    if args.image:
-        from crops import load_image
-        image = load_image(args.image)  # fail on a bad image before the (slow) model load
+    image = load_image(args.image) if args.image else None
     t0 = time.time()
-    compute = quantize.compute_dtype(dtype, device)
-    model = Dragonfly.from_pretrained(ckpt, dtype=dtype, device=device, compute=compute, quantize=args.quantize)
+    compute = compute_dtype(dtype, device)
+    model = pretrained.load(ckpt, dtype=dtype, device=device, compute=compute, quantize=args.quantize)
     stored = "int8" if any(p.dtype == torch.int8 for p in model.parameters()) else str(dtype).removeprefix("torch.")
     print(f"loaded {ckpt} in {time.time() - t0:.1f}s on {device} (weights {stored}, compute "
           f"{str(compute).removeprefix('torch.')})", file=sys.stderr)
-    crops = model.crop_image(image) if args.image else None
-    conv = Conversation(model, tok, crops)
-    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                    generator=torch.Generator(device=device).manual_seed(args.seed))
-    def show(question, result):  # --show: where the first answer about the image looked
-        import looked
-        shown = looked.show(model, tok, tok.encode_prompt(question), result["token_ids"], conv.crops, args.show, question)
-        print(f"wrote {args.show}: {looked.summary(shown)} of the answer's attention", file=sys.stderr)
+    return tok, image, model
 
-    if interactive:
-        return chat(conv, model.crop_image, args.json, on_first_answer=show if args.show else None, **sampling)
+
+def ask(conv, args, asked_length, show, sampling):
+    """Each --prompt as a turn of one conversation; --show draws the first answer's attention."""
     for i, question in enumerate(args.prompt):
         if len(args.prompt) > 1 and not args.json:
             print(f"> {question}", flush=True)
@@ -142,6 +118,26 @@ def main(argv=None):
                              "with a longer context") from None
         if args.show and i == 0:
             show(question, result)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    interactive, asked_length = check_args(args)
+    device = pick_device(args.device)
+    dtype = pick_dtype(args.dtype, device)
+    check_paths(args)
+    tok, image, model = load(args, device, dtype)
+    conv = Conversation(model, tok, model.crop_image(image) if args.image else None)
+
+    def show(question, result):  # --show: where the first answer about the image looked
+        shown = looked.show(model, tok, tok.encode_prompt(question), result["token_ids"], conv.crops, args.show, question)
+        print(f"wrote {args.show}: {looked.summary(shown)} of the answer's attention", file=sys.stderr)
+
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                    generator=torch.Generator(device=device).manual_seed(args.seed))
+    if interactive:
+        return chat(conv, model.crop_image, args.json, on_first_answer=show if args.show else None, **sampling)
+    ask(conv, args, asked_length, show, sampling)
 
 
 if __name__ == "__main__":

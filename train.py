@@ -12,11 +12,9 @@ with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. The flags: trai
 Checkpoints (checkpoint.py) every --save-every steps and on SIGTERM or Ctrl-C; --resume
 continues the run in --out from its newest intact one. Data that cannot train (missing, empty,
 mostly skipped) and a loss or weight that is no longer a finite number stop the run with one
-line. The end exports a safetensors directory that `Dragonfly.from_pretrained` and `sample.py` load.
+line. The end exports a safetensors directory that `pretrained.load` and `sample.py` load.
 """
 import json
-import math
-import os
 import random
 import sys
 import time
@@ -38,50 +36,14 @@ import checkpoint
 import model as M
 import presets
 import weights
-from data import RecordFile, ShardedSampler, SkipCount, VLDataset, collate
+from data.dataset import ShardedSampler, SkipCount, VLDataset, collate
+from data.formats import RecordFile
 from tokenizer import Tokenizer
 from train_config import TrainConfig, inputs, parse_config, run_identity
+from training import build_model, freeze, lr_at, param_groups, setup_distributed, shard
 
 
 # ---- setup ---------------------------------------------------------------------------------
-def setup_distributed():
-    if "RANK" not in os.environ:
-        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return rank, world, torch.device("cuda", local)
-    return rank, world, torch.device("cpu")
-
-
-def init_weights(model):
-    """A fresh model's initialisation: matrices N(0, 1/fan_in) (so activations keep their scale
-    at any width; GPT-2's fixed 0.02 suits width ~768 and starves a 32-wide model of signal),
-    embeddings N(0, 0.02) (the initial loss is then ~ln(vocab)), zero biases, unit norms."""
-    for m in model.modules():
-        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)):
-            torch.nn.init.normal_(m.weight, std=m.weight[0].numel() ** -0.5)
-            if m.bias is not None:
-                torch.nn.init.zeros_(m.bias)
-        elif isinstance(m, torch.nn.Embedding):
-            torch.nn.init.normal_(m.weight, std=0.02)
-    return model
-
-
-def build_model(cfg: TrainConfig, device):
-    if cfg.model == "tiny":
-        torch.manual_seed(cfg.seed)
-        return init_weights(M.Dragonfly(presets.tiny_config(cfg.low_only, cfg.preset, cfg.high_pool))).to(device)
-    if cfg.init:
-        return M.Dragonfly.from_pretrained(weights.require_checkpoint(cfg.init), device=device)
-    if cfg.clip and cfg.llama:
-        return M.Dragonfly.from_backbones(cfg.clip, cfg.llama, presets.PRESETS.get(cfg.preset), device=device)
-    raise SystemExit("error: give --model tiny, --init DIR, or --clip DIR and --llama DIR")
-
-
 def find_tokenizer(cfg: TrainConfig) -> Path:
     shipped = cfg.model == "tiny" and Path(__file__).parent / "checkpoints" / "zoom-tiny" / "tokenizer.model"  # Meta's Llama-3
     for c in [cfg.tokenizer, cfg.init, cfg.llama and Path(cfg.llama) / "original" / "tokenizer.model", cfg.llama, shipped]:
@@ -109,49 +71,6 @@ def open_records(cfg: TrainConfig) -> RecordFile:
     if len(records) == 0:
         raise SystemExit(f"error: --data {data} holds no records")
     return records
-
-
-def freeze(model, trainable):
-    """requires_grad only on the trained parts (model.PARTS maps each switch of v2 Table 10 to
-    its modules). The ViT blocks after the feature layer and its final LayerNorm never run
-    (Dragonfly reads the penultimate layer), so they stay frozen too."""
-    model.requires_grad_(False)
-    for switch in trainable:
-        for name in M.PARTS[switch]:
-            if getattr(model, name, None) is not None:
-                getattr(model, name).requires_grad_(True)
-    for block in model.vision.blocks[model.cfg.vit.blocks_run(model.cfg.vision_layer):]:
-        block.requires_grad_(False)
-    model.vision.ln_post.requires_grad_(False)
-
-
-def shard(model, dtype):
-    """FSDP2: one unit per ViT block that runs and per Llama block, then the rest at the root
-    (with the ViT blocks that never run: a unit whose forward never runs breaks FSDP2's
-    mixed-precision backward)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)  # fp32 master weights and reduction
-    ran = model.cfg.vit.blocks_run(model.cfg.vision_layer)
-    for block in [*model.vision.blocks[:ran], *model.llm.layers]:
-        fully_shard(block, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model
-
-
-def param_groups(model, weight_decay):
-    """AdamW groups: no weight decay on biases, norms and the CLS vector (all 1-D)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-
-
-def lr_at(step, total, cfg: TrainConfig):
-    """Cosine schedule with linear warmup over the first `warmup` fraction of the steps."""
-    warm = max(1, math.ceil(cfg.warmup * total))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 # ---- the loop ------------------------------------------------------------------------------
@@ -205,17 +124,20 @@ def main(argv=None):
             dist.destroy_process_group()
 
 
-def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, rank, world, device):
-    data, out = records.path, Path(cfg.out)
+def start(cfg: TrainConfig, rank):
+    """Seed every generator; print the resolved flags and keep them as OUT/config.json."""
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     if rank == 0:
         print(json.dumps(asdict(cfg), indent=2))
-        (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+        (Path(cfg.out) / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
 
+
+def prepare_model(cfg: TrainConfig, device, world):
+    """The model as the flags say: built, frozen but for the stage's parts, checkpointing, sharded
+    over several processes; its AdamW; and the compute dtype (bf16 on CUDA unless --dtype)."""
     model = build_model(cfg, device)
-    mcfg = model.cfg
     dtype = torch.bfloat16 if (cfg.dtype == "auto" and device.type == "cuda") or cfg.dtype == "bfloat16" else torch.float32
     freeze(model, cfg.trainable)
     for block in [*model.vision.blocks, *model.llm.layers]:
@@ -225,12 +147,14 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     model.train()
     optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
                               fused=device.type == "cuda")
+    return model, optim, dtype
 
-    tok = Tokenizer.from_file(tok_path)
-    images_dir = cfg.images or str(data.parent)
-    dataset = VLDataset(records, images_dir, tok, mcfg.crops, M.image_positions(mcfg), max_seq=cfg.max_seq,
-                        loss_on=cfg.loss_on, text_path=cfg.text_data or None, text_prob=cfg.text_prob, seed=cfg.seed,
-                        images_anywhere=cfg.images_anywhere)
+
+def prepare_data(cfg: TrainConfig, records: RecordFile, tok, mcfg, rank, world):
+    """The dataset, this process's sampler, the micro-batches per global step and the steps in all."""
+    dataset = VLDataset(records, cfg.images or str(records.path.parent), tok, mcfg.crops, M.image_positions(mcfg),
+                        max_seq=cfg.max_seq, loss_on=cfg.loss_on, text_path=cfg.text_data or None,
+                        text_prob=cfg.text_prob, seed=cfg.seed, images_anywhere=cfg.images_anywhere)
     per_step = cfg.micro_batch * world
     if cfg.batch_size % per_step:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} is not a multiple of micro batch x processes = {per_step}")
@@ -238,8 +162,73 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     sampler = ShardedSampler(len(dataset), rank, world, cfg.seed)
     steps_per_epoch = len(sampler) // (cfg.micro_batch * accum)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, total, cfg))
+    return dataset, sampler, accum, total
 
+
+def micro_batches(loader, sampler, consumed: dict):
+    """The loader's batches epoch after epoch. Workers prefetch ahead of the loop, so
+    consumed["n"] counts what the loop took (the data position a checkpoint saves)."""
+    while True:
+        for batch in loader:
+            parts = [p for p in (batch["image"], batch["text"]) if p]
+            consumed["n"] += sum(batch["skipped"].values()) + sum(len(p["index"]) for p in parts)
+            yield batch
+        sampler.set_epoch(sampler.epoch + 1)
+        consumed["n"] = 0
+
+
+def forward_backward(model, parts, n_tokens, world, device, autocast):
+    """Gradients of one global step, accumulated over its micro-batches: (this process's summed
+    loss, the positions it ran)."""
+    loss_sum, positions = torch.zeros((), device=device), 0
+    for i, p in enumerate(parts):
+        if world > 1:
+            model.set_requires_gradient_sync(i == len(parts) - 1)
+        pixels = p.get("pixels")
+        with autocast:
+            _, loss = model(p["tokens"].to(device), None if pixels is None else pixels.to(device),
+                            p["labels"].to(device), grids=p.get("grids") or (None, None), reduction="sum")
+        # normalise by the global step's token count; FSDP averages gradients over ranks
+        (loss * world / max(1, n_tokens)).backward()
+        loss_sum += loss.detach()
+        positions += p["tokens"].numel() + (0 if pixels is None else len(pixels) * M.image_positions(model.cfg))
+    return loss_sum, positions
+
+
+def step_record(cfg, step, loss_sum, n_tokens, n_samples, positions, grad_norm, lr, dt, parts, world, device, dtype,
+                mcfg, health) -> dict:
+    """One line of OUT/log.jsonl: loss, lr, speed, skipped data; on CUDA also MFU and peak memory."""
+    rec = {"step": step, "loss": loss_sum.item() / n_tokens if n_tokens else None, "lr": lr,
+           "grad_norm": grad_norm.item(), "samples_per_s": n_samples / dt, "tokens_per_s": positions * world / dt,
+           "skipped": dict(health.skipped), "truncated": health.truncated}
+    if device.type == "cuda":
+        peak = {torch.bfloat16: 989e12, torch.float32: 67e12}[dtype]  # H100 SXM dense
+        flops = sum(presets.train_flops_per_sample(mcfg, p["tokens"].shape[1], cfg.trainable, image="pixels" in p)
+                    * len(p["tokens"]) for p in parts)
+        rec["mfu"] = flops * world / dt / peak
+        rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return rec
+
+
+def stop_everywhere(interrupted, world, device) -> bool:
+    """A stop (SIGTERM, Ctrl-C, --stop-after) on any process stops them all at the same step."""
+    if world > 1:
+        flag = torch.tensor(float(interrupted), device=device)
+        dist.all_reduce(flag)
+        interrupted = bool(flag.item())
+    return interrupted
+
+
+def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, rank, world, device):
+    # Over ~60 lines on purpose: the loop reads top to bottom as one training step (data, forward
+    # and backward, the finite check, the optimiser, the log, the checkpoint), as nanoGPT's does.
+    data, out = records.path, Path(cfg.out)
+    start(cfg, rank)
+    model, optim, dtype = prepare_model(cfg, device, world)
+    mcfg = model.cfg
+    tok = Tokenizer.from_file(tok_path)
+    dataset, sampler, accum, total = prepare_data(cfg, records, tok, mcfg, rank, world)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, total, cfg))
     step, sampler_state = checkpoint.resume(out, model, optim, scheduler, rank, run_id, world) if cfg.resume else (0, None)
     if sampler_state:
         sampler.load_state(sampler_state)
@@ -249,20 +238,8 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     stop = checkpoint.Stop()
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=partial(collate, pad_id=tok.eos_id), persistent_workers=False)
-
-    # Workers prefetch ahead of the loop, so the data position saved is what the loop consumed.
     consumed = {"n": sampler.position}
-
-    def micro_batches():
-        while True:
-            for batch in loader:
-                parts = [p for p in (batch["image"], batch["text"]) if p]
-                consumed["n"] += sum(batch["skipped"].values()) + sum(len(p["index"]) for p in parts)
-                yield batch
-            sampler.set_epoch(sampler.epoch + 1)
-            consumed["n"] = 0
-
-    batches = micro_batches()
+    batches = micro_batches(loader, sampler, consumed)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
     health = SkipCount(len(dataset), cfg.max_skip)
@@ -286,19 +263,7 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             health.add(n_samples, skipped, truncated)
             if health.problem():
                 raise SystemExit(f"error: --data {data}: {health.problem()}")
-            loss_sum = torch.zeros((), device=device)
-            positions = 0
-            for i, p in enumerate(parts):
-                if world > 1:
-                    model.set_requires_gradient_sync(i == len(parts) - 1)
-                pixels = p.get("pixels")
-                with autocast:
-                    _, loss = model(p["tokens"].to(device), None if pixels is None else pixels.to(device),
-                                    p["labels"].to(device), grids=p.get("grids") or (None, None), reduction="sum")
-                # normalise by the global step's token count; FSDP averages gradients over ranks
-                (loss * world / max(1, n_tokens)).backward()
-                loss_sum += loss.detach()
-                positions += p["tokens"].numel() + (0 if pixels is None else len(pixels) * M.image_positions(mcfg))
+            loss_sum, positions = forward_backward(model, parts, n_tokens, world, device, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if world > 1:
@@ -311,27 +276,15 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             scheduler.step()
             step += 1
             sampler_state = sampler.state(consumed["n"])
-            dt = time.time() - t0
             if rank == 0:
-                rec = {"step": step, "loss": loss_sum.item() / n_tokens if n_tokens else None, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": grad_norm.item(), "samples_per_s": n_samples / dt, "tokens_per_s": positions * world / dt,
-                       "skipped": dict(health.skipped), "truncated": health.truncated}
-                if device.type == "cuda":
-                    peak = {torch.bfloat16: 989e12, torch.float32: 67e12}[dtype]  # H100 SXM dense
-                    flops = sum(presets.train_flops_per_sample(mcfg, p["tokens"].shape[1], cfg.trainable, image="pixels" in p)
-                                * len(p["tokens"]) for p in parts)
-                    rec["mfu"] = flops * world / dt / peak
-                    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                rec = step_record(cfg, step, loss_sum, n_tokens, n_samples, positions, grad_norm,
+                                  scheduler.get_last_lr()[0], time.time() - t0, parts, world, device, dtype, mcfg, health)
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix({k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in rec.items() if v is not None
                                  if k in ("loss", "lr", "samples_per_s", "tokens_per_s", "mfu", "peak_mem_gib")})
                 bar.update(1)
-            interrupted = stop.requested or (cfg.stop_after and step == cfg.stop_after)
-            if world > 1:
-                flag = torch.tensor(float(interrupted), device=device)
-                dist.all_reduce(flag)
-                interrupted = bool(flag.item())
+            interrupted = stop_everywhere(stop.requested or (cfg.stop_after and step == cfg.stop_after), world, device)
             if not interrupted and (step % cfg.save_every == 0 or step == total):
                 saved = save()
     except checkpoint.Interrupted:
@@ -347,15 +300,22 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             saved = save()
         checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
     else:
-        if health.problem(final=True):
-            raise SystemExit(f"error: --data {data}: {health.problem(final=True)}")
-        if not checkpoint.finite(model):
-            raise SystemExit(diverged(step, "a weight is not a finite number", out, saved))
-        checkpoint.export(out / "final", model, mcfg, tok_path, rank, cfg.export_dtype)
-        checkpoint.say(rank, f"exported {out / 'final'}")
-        checkpoint.say(rank, loss_warning(out / "log.jsonl") if rank == 0 else None)
+        finish(cfg, data, model, tok_path, health, step, saved, rank)
     checkpoint.say(rank, health.summary())
     return model
+
+
+def finish(cfg: TrainConfig, data: Path, model, tok_path: Path, health, step, saved, rank):
+    """The end of a run that was not stopped: a last check of the data and the weights, then
+    OUT/final, and a warning when the loss says the model has hardly learned."""
+    out = Path(cfg.out)
+    if health.problem(final=True):
+        raise SystemExit(f"error: --data {data}: {health.problem(final=True)}")
+    if not checkpoint.finite(model):
+        raise SystemExit(diverged(step, "a weight is not a finite number", out, saved))
+    checkpoint.export(out / "final", model, model.cfg, tok_path, rank, cfg.export_dtype)
+    checkpoint.say(rank, f"exported {out / 'final'}")
+    checkpoint.say(rank, loss_warning(out / "log.jsonl") if rank == 0 else None)
 
 
 if __name__ == "__main__":

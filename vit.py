@@ -34,12 +34,12 @@ class ViTConfig:
     eps: float = 1e-5
 
     @property
-    def grid(self) -> int:  # patches per side: 24 for L/14@336, 7 for B/32@224
+    def patches_per_side(self) -> int:  # 24 for L/14@336, 7 for B/32@224
         return self.image_size // self.patch_size
 
     @property
-    def tokens(self) -> int:  # CLS + grid^2: 577 for L/14@336, 50 for B/32@224
-        return 1 + self.grid ** 2
+    def tokens(self) -> int:  # CLS + patches_per_side^2: 577 for L/14@336, 50 for B/32@224
+        return 1 + self.patches_per_side ** 2
 
     def blocks_run(self, layer: int) -> int:
         """How many blocks run to give hidden state `layer` (-2, Dragonfly's penultimate: all but one)."""
@@ -165,14 +165,14 @@ def checkpoint_key(name: str) -> str:
 
 def config_from_weights(shapes: dict, prefix: str) -> ViTConfig:
     """Infer the tower's shape from tensor shapes (the Dragonfly config does not record it):
-    width from the patch embedding, layers from the keys, heads = width / 64, grid from
-    the position table. `shapes` maps checkpoint key -> shape."""
+    width from the patch embedding, layers from the keys, heads = width / 64, patches per
+    side from the position table. `shapes` maps checkpoint key -> shape."""
     patch = shapes[prefix + "embeddings.patch_embedding.weight"]  # (width, 3, p, p)
     n_pos = shapes[prefix + "embeddings.position_embedding.weight"][0]
     layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
-    grid = math.isqrt(n_pos - 1)
-    if grid * grid != n_pos - 1:
-        raise ValueError(f"position table of {n_pos} rows is not 1 + a square grid")
+    side = math.isqrt(n_pos - 1)
+    if side * side != n_pos - 1:
+        raise ValueError(f"position table of {n_pos} rows is not 1 + a square number of patches")
     width = patch[0]
-    return ViTConfig(image_size=grid * patch[-1], patch_size=patch[-1], width=width, layers=len(layer_ids),
+    return ViTConfig(image_size=side * patch[-1], patch_size=patch[-1], width=width, layers=len(layer_ids),
                      heads=width // 64, mlp_dim=shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0])

@@ -32,10 +32,11 @@ def checkpoint_dir(tiny_v2, tmp_path_factory):
     from dataclasses import replace
     import shutil
     import model
+    import pretrained
     llama_models = pytest.importorskip("llama_models")
     path = tmp_path_factory.mktemp("ckpt")
     small = model.Dragonfly(replace(tiny_v2.cfg, llm=replace(tiny_v2.cfg.llm, max_seq_len=2200)))
     small.load_state_dict(tiny_v2.state_dict())
-    small.save_pretrained(path, dtype=torch.float32)
+    pretrained.save(small, path, dtype=torch.float32)
     shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", path / "tokenizer.model")
     return path

@@ -1,5 +1,5 @@
 """A few FSDP2 training steps on one device, as train.py takes them (freeze, grad_checkpoint,
-train.shard, AdamW over train.param_groups), with and without checkpointing: samples/s, MFU and
+training.shard, AdamW over training.param_groups), with and without checkpointing: samples/s, MFU and
 peak memory measured, plan.py's prediction beside each. Run by tests/gpu.sh.
 
     python tests/gpu_train.py --device cuda       # full widths (CLIP L/14, Llama-3-8B), 2 + 2 blocks
@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 import plan  # noqa: E402
 import presets  # noqa: E402
-import train  # noqa: E402
+import training  # noqa: E402
+import train_config  # noqa: E402
 
 
 def reduced_config(dry):
@@ -31,13 +32,13 @@ def reduced_config(dry):
 
 def run(cfg, device, dtype, grad_checkpoint, steps, text, micro_batch):
     torch.manual_seed(0)
-    model = train.init_weights(M.Dragonfly(cfg)).to(device)
-    trainable = train.STAGES["sft"]["trainable"]
-    train.freeze(model, trainable)
+    model = training.init_weights(M.Dragonfly(cfg)).to(device)
+    trainable = train_config.STAGES["sft"]["trainable"]
+    training.freeze(model, trainable)
     for b in plan.blocks(model):
         b.grad_checkpoint = grad_checkpoint
-    train.shard(model, dtype)
-    optim = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-6, fused=device.type == "cuda")
+    training.shard(model, dtype)
+    optim = torch.optim.AdamW(training.param_groups(model, 0.1), lr=1e-6, fused=device.type == "cuda")
     n = sum(k for _, k, _ in M.crop_levels(cfg))
     tokens = torch.randint(0, 1000, (micro_batch, text), device=device)
     pixels = torch.randn(micro_batch, n, 3, cfg.crops.size, cfg.crops.size, device=device)

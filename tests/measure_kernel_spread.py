@@ -34,7 +34,7 @@ def worker():
     import torch
     import torch.nn.functional as F
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    import quantize
+    import stored
     from test_release_bf16 import first_token_ulps, greedy_ulps_behind, load_release
     out = {"threads": torch.get_num_threads(), "aten": torch.backends.cpu.get_cpu_capability()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -45,9 +45,9 @@ def worker():
     torch.manual_seed(0)
     w = torch.randn(4096, 4096)
     x = torch.randn(1, 4096).bfloat16()
-    q, s = quantize.quantize_rows(w)
-    wq = quantize.dequantize(q, s).double()
-    if quantize.INT8PACK:
+    q, s = stored.quantize_rows(w)
+    wq = stored.dequantize(q, s).double()
+    if stored.INT8PACK:
         got = torch.ops.aten._weight_int8pack_mm(x.clone(), q, s).double()
         exact = F.linear(x.double(), wq)
         out["int8 row rel"] = float(((got - exact).abs() / (x.double().abs() @ wq.abs().T)).max())

@@ -1,5 +1,5 @@
 """The measured side of tests/test_plan.py: one training step of a small Dragonfly on CPU, as
-train.py runs it (freeze, FSDP2 via train.shard when world > 1, AdamW over train.param_groups),
+train.py runs it (freeze, FSDP2 via training.shard when world > 1, AdamW over training.param_groups),
 and the peak resident memory it adds.
 
     MALLOC_MMAP_THRESHOLD_=65536 python tests/plan_measure.py --world 2 --grad-checkpoint
@@ -22,7 +22,8 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 import presets  # noqa: E402
-import train  # noqa: E402
+import training  # noqa: E402
+import train_config  # noqa: E402
 
 TEXT = 40
 
@@ -54,12 +55,12 @@ def run(rank, world, stage, grad_checkpoint, port):
     torch.manual_seed(0)
     cfg = small_config()
     model = M.Dragonfly(cfg)
-    train.freeze(model, train.STAGES[stage]["trainable"])
+    training.freeze(model, train_config.STAGES[stage]["trainable"])
     for b in [*model.vision.blocks, *model.llm.layers]:
         b.grad_checkpoint = grad_checkpoint
     if world > 1:
-        train.shard(model, torch.float32)
-    optim = torch.optim.AdamW(train.param_groups(model, 0.1), lr=1e-4)
+        training.shard(model, torch.float32)
+    optim = torch.optim.AdamW(training.param_groups(model, 0.1), lr=1e-4)
     n = sum(k for _, k, _ in M.crop_levels(cfg))
     batch = (torch.randint(0, 1000, (1, TEXT)), torch.randn(1, n, 3, cfg.crops.size, cfg.crops.size))
     # SDPA's math path, as plan.py counts it on the meta device (the CPU's fused kernel saves less)

@@ -7,6 +7,7 @@ from PIL import Image
 
 import llama
 import model
+import pretrained
 from conftest import ROOT
 from conversation import ContextFull, Conversation
 
@@ -65,7 +66,7 @@ def test_cached_turns_equal_recomputing_the_whole_conversation(tiny_v2, tok, cro
 
 
 def test_answers_that_stop_keep_the_models_eot_on_the_shipped_zoom_model(tok):
-    m = model.Dragonfly.from_pretrained(ROOT / "checkpoints" / "zoom-tiny")
+    m = pretrained.load(ROOT / "checkpoints" / "zoom-tiny")
     image = m.crop_image(ROOT / "data" / "zoom" / "example.png")
     conv = Conversation(m, tok, image)
     questions = ["What digit is this page printed in?", "Which digit fills this picture?",

@@ -18,8 +18,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import crops  # noqa: E402
-from crops import (V1, V2, CropConfig, load_image, make_crops, preprocess,  # noqa: E402
-                   select_best_resolution)
+import images  # noqa: E402
+from crops import V1, V2, CropConfig, make_crops, preprocess, select_best_resolution  # noqa: E402
+from images import load_image  # noqa: E402
 
 GOLDEN = ROOT / "tests" / "golden"
 
@@ -274,13 +275,12 @@ def test_cli_exits_1_with_one_line_on_a_bad_file(tmp_path):
 # ---------------------------------------------------------------------------- huge images
 
 def test_huge_jpeg_is_decoded_at_reduced_size_but_gridded_at_full_size(tmp_path, monkeypatch):
-    import crops
     # scaled down like the real thing: the floor is the longest grid side (12 x 14 px here, 12 x 336 there)
-    monkeypatch.setattr(crops, "DRAFT_FLOOR", 168)
+    monkeypatch.setattr(images, "DRAFT_FLOOR", 168)
     path = tmp_path / "wide.jpg"
     synthetic_image(807, 403).save(path, quality=95)
     img = load_image(path)
-    assert img.size == (404, 202) and img.info[crops.FULL_SIZE] == (807, 403)   # 1/2 scale, rounded up
+    assert img.size == (404, 202) and img.info[images.FULL_SIZE] == (807, 403)   # 1/2 scale, rounded up
     cfg = CropConfig(size=14)
     candidates = [(c * 14, r * 14) for c, r in cfg.medium_grids]
     # 807/403 is just over 2:1 but 404/202 is exactly 2:1, where best fit picks another grid
@@ -294,14 +294,13 @@ def test_huge_jpeg_is_decoded_at_reduced_size_but_gridded_at_full_size(tmp_path,
 
 
 def test_jpeg_under_twice_the_floor_is_decoded_whole(tmp_path, monkeypatch):
-    import crops
-    monkeypatch.setattr(crops, "DRAFT_FLOOR", 168)
+    monkeypatch.setattr(images, "DRAFT_FLOOR", 168)
     path = tmp_path / "tall.jpg"
     synthetic_image(335, 900).save(path)                 # 335 < 2 x 168: one side too small to halve
     with Image.open(path) as f:
         whole = f.convert("RGB")
     img = load_image(path)
-    assert crops.FULL_SIZE not in img.info
+    assert images.FULL_SIZE not in img.info
     np.testing.assert_array_equal(np.asarray(img), np.asarray(whole))
 
 
@@ -309,4 +308,4 @@ def test_a_fifo_is_refused_without_opening_it(tmp_path):
     import os
     os.mkfifo(tmp_path / "pipe.png")  # opening it would block until something writes to it
     with pytest.raises(ValueError, match=r"image .*pipe\.png is not a regular file \(a folder, FIFO or device\)"):
-        crops.load_image(tmp_path / "pipe.png")
+        images.load_image(tmp_path / "pipe.png")

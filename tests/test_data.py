@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import crops
-from data import (CAPTION_INSTRUCTIONS, IGNORE, RecordFile, ShardedSampler, SkipCount, Skipped, VLDataset, collate, encode_turns,
-                  format_chat, parse_chat, read_records, to_turns)
+from data.dataset import ShardedSampler, SkipCount, Skipped, VLDataset, collate
+from data.formats import (CAPTION_INSTRUCTIONS, IGNORE, RecordFile, encode_turns, format_chat, parse_chat, read_records,
+                          to_turns)
 from tokenizer import Tokenizer
 
 llama_models = pytest.importorskip("llama_models")

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 import eval as ev
-import model
+import pretrained
 
 
 def recs(*rows):
@@ -123,7 +123,7 @@ def test_rerun_skips_answered_ids_and_keeps_going_past_a_bad_image(checkpoint, t
 
 def test_batched_answers_equal_answers_one_at_a_time(checkpoint, tmp_path):
     from tokenizer import Tokenizer
-    tok, m = Tokenizer.from_file(checkpoint), model.Dragonfly.from_pretrained(checkpoint)
+    tok, m = Tokenizer.from_file(checkpoint), pretrained.load(checkpoint)
     rng = np.random.default_rng(2)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "c.png")
     crops = m.crop_image(tmp_path / "c.png")

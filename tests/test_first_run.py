@@ -13,13 +13,13 @@ import pytest
 import first_run
 from conftest import ROOT
 
-ENTRY_POINTS = ["sample.py", "train.py", "eval.py", "bench.py", "weights.py", "model.py", "presets.py", "crops.py",
-                "quantize.py", "looked.py", "data/zoom/demo.py", "data/zoom/prepare.py", "data/zoom/ablations.py",
+ENTRY_POINTS = ["sample.py", "train.py", "eval.py", "bench.py", "weights.py", "presets.py", "crops.py",
+                "quantize.py", "looked.py", "plan.py", "data/zoom/demo.py", "data/zoom/prepare.py", "data/zoom/ablations.py",
                 "data/llava/prepare.py"]
 # every module that imports a required package, scripts included (the tests import those too)
-MODULES = ["vit", "llama", "crops", "pool", "tokenizer", "weights", "metrics", "model", "pretrained", "quantize",
-           "presets", "conversation", "looked", "checkpoint", "data.formats", "data.dataset", "sample", "eval",
-           "train", "bench"]
+MODULES = ["vit", "llama", "crops", "images", "pool", "tokenizer", "weights", "metrics", "devices", "stored", "model",
+           "pretrained", "quantize", "presets", "conversation", "looked", "checkpoint", "training", "data.formats",
+           "data.dataset", "sample", "eval", "train", "plan", "bench"]
 
 
 def quick_start_commands():
@@ -86,7 +86,7 @@ def test_a_short_zoom_demo_writes_only_under_out(tmp_path):
     tracked = [ROOT / "data" / "zoom" / name for name in ("results.json", "results.png", "example.png")]
     tracked += sorted((ROOT / "checkpoints" / "zoom-tiny").iterdir())
     before = {p: p.read_bytes() for p in tracked}
-    listing = sorted(p.name for p in (ROOT / "data" / "zoom").iterdir())
+    listing = sorted(p.name for p in (ROOT / "data" / "zoom").iterdir() if p.name != "__pycache__")  # not tracked
     r = subprocess.run([sys.executable, "data/zoom/demo.py", "--steps", "1", "--train", "16", "--test", "2",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -96,7 +96,7 @@ def test_a_short_zoom_demo_writes_only_under_out(tmp_path):
         assert len((tmp_path / run / "log.jsonl").read_text().splitlines()) == 1   # --steps 1
         assert json.loads((tmp_path / run / "eval" / "metrics.json").read_text())["n"] == 2  # --test 2
     assert {p: p.read_bytes() for p in tracked} == before
-    assert sorted(p.name for p in (ROOT / "data" / "zoom").iterdir()) == listing
+    assert sorted(p.name for p in (ROOT / "data" / "zoom").iterdir() if p.name != "__pycache__") == listing
 
 
 def test_ship_is_refused_for_a_short_demo(tmp_path):

@@ -68,7 +68,7 @@ def v2(request, tmp_path_factory):
     g = golden("dragonfly_v2.npz")
     path = tiny.write_tiny_dragonfly(tmp_path_factory.mktemp("v2"), "v2", request.param, seed=int(g["checkpoint_seed"]))
     check_fingerprint(path, g)
-    return model.Dragonfly.from_pretrained(path), g
+    return pretrained.load(path), g
 
 
 def test_v2_image_token_layout_matches_the_release_processor(v2):
@@ -115,7 +115,7 @@ def v1(tmp_path_factory):
     g = golden("dragonfly_v1.npz")
     path = tiny.write_tiny_dragonfly(tmp_path_factory.mktemp("v1"), "v1", "bin", seed=int(g["checkpoint_seed"]))
     check_fingerprint(path, g)
-    m = model.Dragonfly.from_pretrained(path)
+    m = pretrained.load(path)
     return m, g, m.crop_image(GOLDEN / str(g["image_file"]))
 
 
@@ -168,15 +168,15 @@ def test_converted_safetensors_directory_gives_identical_logits(tmp_path):
     assert not list((tmp_path / "st").glob("*.bin"))
     text = torch.from_numpy(g["text_only_input_ids"])[None]
     with torch.no_grad():
-        a = model.Dragonfly.from_pretrained(src)(text)[0]
-        b = model.Dragonfly.from_pretrained(tmp_path / "st")(text)[0]
+        a = pretrained.load(src)(text)[0]
+        b = pretrained.load(tmp_path / "st")(text)[0]
     assert torch.equal(a, b)
 
 
 def test_from_backbones_loads_clip_and_llama_checkpoints(tmp_path):
     tiny.write_tiny_clip(tmp_path / "clip", "l14-336", "bin")
     tiny.write_tiny_llama(tmp_path / "llama")
-    m = model.Dragonfly.from_backbones(tmp_path / "clip", tmp_path / "llama")
+    m = pretrained.from_backbones(tmp_path / "clip", tmp_path / "llama")
     ref = pretrained.load_clip_vision(tmp_path / "clip")
     assert all(torch.equal(a, b) for a, b in zip(m.vision.parameters(), ref.parameters()))
     assert m.cfg.llm.vocab_size == 512 and m.projection.weight.shape == (64, 128)

@@ -12,6 +12,7 @@ from PIL import Image
 
 import looked
 import model as M
+import pretrained
 from conftest import ROOT
 
 ZOOM = ROOT / "checkpoints" / "zoom-tiny"
@@ -20,7 +21,7 @@ ZOOM = ROOT / "checkpoints" / "zoom-tiny"
 @pytest.fixture(scope="module")
 def zoom():
     from tokenizer import Tokenizer
-    return M.Dragonfly.from_pretrained(ZOOM), Tokenizer.from_file(ZOOM)
+    return pretrained.load(ZOOM), Tokenizer.from_file(ZOOM)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def test_looking_leaves_no_hooks_behind(zoom):
 
 def test_v1_kept_high_crops_are_the_ones_in_the_image_block(v1_dir):
     from tokenizer import Tokenizer
-    m, tok = M.Dragonfly.from_pretrained(v1_dir), Tokenizer.from_file(v1_dir)
+    m, tok = pretrained.load(v1_dir), Tokenizer.from_file(v1_dir)
     crops = m.crop_image(v1_dir / "image.png")
     result = looked.look(m, tok.encode_prompt("What is this?"), tok.encode("a"), crops)
     assert len(result.kept) == 12 and result.kept == sorted(result.kept) and max(result.kept) < 24

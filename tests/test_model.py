@@ -95,8 +95,8 @@ def test_prompt_longer_than_the_context_is_refused(tiny_v2):
 
 
 def test_save_and_load_round_trip_gives_identical_logits(tiny_v2, crops, tmp_path):
-    tiny_v2.save_pretrained(tmp_path, dtype=torch.float32)
-    loaded = model.Dragonfly.from_pretrained(tmp_path)
+    pretrained.save(tiny_v2, tmp_path, dtype=torch.float32)
+    loaded = pretrained.load(tmp_path)
     tokens, pixels = torch.tensor([[128000, 40, 1097]]), torch.from_numpy(crops.pixels)[None]
     assert all(torch.equal(p, q) for p, q in zip(tiny_v2.parameters(), loaded.parameters()))
     # generate() may have stored tiny_v2's output matrix column-major (llama.setup_cache): equal
@@ -105,15 +105,15 @@ def test_save_and_load_round_trip_gives_identical_logits(tiny_v2, crops, tmp_pat
 
 
 def test_loading_from_meta_allocates_in_the_target_dtype(tiny_v2, tmp_path):
-    tiny_v2.save_pretrained(tmp_path)
-    loaded = model.Dragonfly.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    pretrained.save(tiny_v2, tmp_path)
+    loaded = pretrained.load(tmp_path, dtype=torch.bfloat16)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert not any(p.is_meta for p in loaded.parameters())
 
 
 def broken_checkpoint(m, path, edit):
     from safetensors.torch import load_file, save_file
-    m.save_pretrained(path)
+    pretrained.save(m, path)
     state = load_file(path / "model.safetensors")
     edit(state)
     save_file(state, path / "model.safetensors")
@@ -122,7 +122,7 @@ def broken_checkpoint(m, path, edit):
 def test_missing_weight_is_named(tiny_v2, tmp_path):
     broken_checkpoint(tiny_v2, tmp_path, lambda s: s.pop("vision_embed_tokens.bias"))
     with pytest.raises(weights.CheckpointError, match="vision_embed_tokens.bias"):
-        model.Dragonfly.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_shape_mismatch_names_key_and_file(tiny_v2, tmp_path):
@@ -130,7 +130,7 @@ def test_shape_mismatch_names_key_and_file(tiny_v2, tmp_path):
         s["language_model.model.norm.weight"] = torch.ones(65)
     broken_checkpoint(tiny_v2, tmp_path, edit)
     with pytest.raises(weights.CheckpointError, match=r"model.safetensors: language_model.model.norm.weight has shape \(65,\)"):
-        model.Dragonfly.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_unexpected_weight_is_named(tiny_v2, tmp_path):
@@ -138,14 +138,14 @@ def test_unexpected_weight_is_named(tiny_v2, tmp_path):
         s["language_model.model.extra.weight"] = torch.ones(3)
     broken_checkpoint(tiny_v2, tmp_path, edit)
     with pytest.raises(weights.CheckpointError, match="unexpected weight 'language_model.model.extra.weight'"):
-        model.Dragonfly.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def test_unreadable_weight_file_is_named(tiny_v2, tmp_path):
-    tiny_v2.save_pretrained(tmp_path)
+    pretrained.save(tiny_v2, tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(weights.CheckpointError, match="model.safetensors: cannot read"):
-        model.Dragonfly.from_pretrained(tmp_path)
+        pretrained.load(tmp_path)
 
 
 def resident_file_pages():
@@ -188,7 +188,7 @@ def test_loss_is_next_token_cross_entropy_on_supervised_positions_only(tiny_v2):
 
 def test_saved_config_has_the_release_fields(tiny_v2, tmp_path):
     import json
-    tiny_v2.save_pretrained(tmp_path)
+    pretrained.save(tiny_v2, tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["architectures"] == ["DragonflyForCausalLM"] and cfg["model_type"] == "dragonfly"
     assert cfg["text_config"]["model_type"] == "llama" and cfg["rope_scaling"] is None

@@ -14,7 +14,8 @@ import torch.distributed as dist
 import model as M
 import plan
 import presets
-import train
+import training
+import train_config
 from conftest import ROOT
 from plan_measure import TEXT, small_config
 
@@ -33,22 +34,22 @@ def test_release_parameter_count_is_8_34_billion():
     assert LLAMA == 8_030_261_248 and LLAMA + VIT + PROJECTION == 8_337_967_104  # Llama-3.1-8B's published count
 
 
-@pytest.mark.parametrize("stage", list(train.STAGES))
+@pytest.mark.parametrize("stage", list(train_config.STAGES))
 def test_full_size_params_grads_and_adam_bytes_follow_the_parameter_count(stage):
-    s = plan.sharded(plan.meta_model(V2, train.STAGES[stage]["trainable"]), world=1)
+    s = plan.sharded(plan.meta_model(V2, train_config.STAGES[stage]["trainable"]), world=1)
     assert s["params"] == 4 * (LLAMA + VIT + PROJECTION)          # float32 masters of every parameter
     assert s["grads"] == 4 * TRAINED[stage] and s["adam"] == 8 * TRAINED[stage]
-    eight = plan.sharded(plan.meta_model(V2, train.STAGES[stage]["trainable"]), world=8)
+    eight = plan.sharded(plan.meta_model(V2, train_config.STAGES[stage]["trainable"]), world=8)
     assert s["params"] / 8 <= eight["params"] <= s["params"] / 8 * 1.001  # padding of dim 0 to a multiple of 8
 
 
 @pytest.mark.parametrize("grad_checkpoint", [False, True], ids=["plain", "checkpointed"])
 def test_meta_device_counts_the_same_saved_bytes_as_real_tensors(grad_checkpoint):
-    trainable = train.STAGES["sft"]["trainable"]
+    trainable = train_config.STAGES["sft"]["trainable"]
     meta = plan.saved_bytes(plan.meta_model(small_config(), trainable, torch.float32), 1, TEXT, grad_checkpoint, flash=False)
     torch.manual_seed(0)
     real = M.Dragonfly(small_config())
-    train.freeze(real, trainable)
+    training.freeze(real, trainable)
     with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
         cpu = plan.saved_bytes(real, 1, TEXT, grad_checkpoint)
     # a meta tensor cannot select the supervised labels: the mask and the selected targets (T bytes + 8 T) go uncounted
@@ -76,7 +77,7 @@ def measure(world, grad_checkpoint):
 
 
 def predicted_step(world, grad_checkpoint):
-    m = plan.meta_model(small_config(), train.STAGES["sft"]["trainable"], torch.float32)
+    m = plan.meta_model(small_config(), train_config.STAGES["sft"]["trainable"], torch.float32)
     mem = plan.memory(m, world, 1, grad_checkpoint, TEXT, flash=False)
     return mem, mem["grads"] + mem["activations"] + mem["transient"]  # what step 2 adds to params and AdamW state
 
@@ -113,20 +114,20 @@ def fake_world_of_8():
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("stage", list(train.STAGES))
+@pytest.mark.parametrize("stage", list(train_config.STAGES))
 def test_train_builds_freezes_shards_and_optimizes_the_8b_on_8_ranks(stage, fake_world_of_8):
     """train.py's own freeze, shard and param_groups on the full v2 model (meta tensors). The
     forward itself cannot run here: FSDP2 refuses parameters still on the meta device
     ("should be materialized from meta device before training"); plan.py counts that forward
     on the unsharded meta model instead."""
-    trainable = train.STAGES[stage]["trainable"]
+    trainable = train_config.STAGES[stage]["trainable"]
     with torch.device("meta"):
         model = M.Dragonfly(V2)
-    train.freeze(model, trainable)
+    training.freeze(model, trainable)
     for b in plan.blocks(model):
         b.grad_checkpoint = True
-    train.shard(model, torch.bfloat16)
-    optim = torch.optim.AdamW(train.param_groups(model, 0.1), lr=2e-6, fused=False)
+    training.shard(model, torch.bfloat16)
+    optim = torch.optim.AdamW(training.param_groups(model, 0.1), lr=2e-6, fused=False)
     in_optim = [p for g in optim.param_groups for p in g["params"]]
     assert sum(p.numel() for p in in_optim) == TRAINED[stage]          # DTensor: the global count
     assert all(p.requires_grad for p in in_optim) and len(in_optim) == len({id(p) for p in in_optim})

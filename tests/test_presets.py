@@ -7,6 +7,7 @@ from PIL import Image
 
 import crops as crops_lib
 import model
+import pretrained
 import presets
 from presets import PRESETS
 
@@ -86,7 +87,7 @@ def test_dual_encoder_sends_the_low_crop_through_its_own_vit_and_projection():
     torch.manual_seed(0)
     cfg = presets.tiny(PRESETS["v2-dual-encoder"])
     m = model.Dragonfly(cfg).eval()
-    assert m.vision_low.cfg.grid == 24 and m.vision.cfg.grid == 7
+    assert m.vision_low.cfg.patches_per_side == 24 and m.vision.cfg.patches_per_side == 7
     pixels = torch.from_numpy(crops_lib.make_crops(random_image(), cfg.crops).pixels)[None]  # (1, 41, 3, 24, 24)
     with torch.no_grad():
         block = m.image_block(pixels)
@@ -122,8 +123,8 @@ def test_medium_from_low_cuts_the_low_crop():
 def test_ablation_models_round_trip_through_save_pretrained(tmp_path, name):
     torch.manual_seed(0)
     m = model.Dragonfly(presets.tiny(PRESETS[name]))
-    m.save_pretrained(tmp_path, dtype=torch.float32)
-    loaded = model.Dragonfly.from_pretrained(tmp_path)
+    pretrained.save(m, tmp_path, dtype=torch.float32)
+    loaded = pretrained.load(tmp_path)
     assert loaded.cfg == m.cfg
     assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), loaded.state_dict().values()))
 

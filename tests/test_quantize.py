@@ -1,4 +1,4 @@
-"""quantize.py: int8 per-channel error bounds, the stored linears against float32 products, the
+"""stored.py and quantize.py: int8 per-channel error bounds, the stored linears against float32 products, the
 int8 checkpoint round trip, and what bf16 storage keeps of the bf16 model (RoPE, float32 attention)."""
 import json
 import subprocess
@@ -9,9 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import devices
 import llama
 import model
+import pretrained
 import quantize
+import stored
 import weights
 from conftest import ROOT
 from tiny_checkpoints import LLM_HEAD128, load_tensors, make_test_image, write_tiny_dragonfly
@@ -34,7 +37,7 @@ def rows_of_many_magnitudes(n=64, k=96):
 
 def test_int8_error_is_at_most_half_a_scale_per_weight():
     w = rows_of_many_magnitudes()
-    q, s = quantize.quantize_rows(w)
+    q, s = stored.quantize_rows(w)
     assert q.dtype == torch.int8 and s.dtype == torch.bfloat16 and q.shape == w.shape and s.shape == (64,)
     err = (w.double() - q.double() * s.double()[:, None]).abs()
     # round-to-nearest of w / s: |w - q s| <= s / 2, up to float32's rounding of the quotient
@@ -55,32 +58,32 @@ def stored_int8(n, k, bias=True, dtype=torch.float32):
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g))
     holder = torch.nn.Sequential(lin).to(dtype)
-    quantize.store_weights(holder, torch.int8, dtype)
+    stored.store_weights(holder, torch.int8, dtype)
     return holder[0]
 
 
 @pytest.mark.parametrize("rows", [1, 7])
 @pytest.mark.parametrize("k", [64, 40])  # 40: not a multiple of 16, the int8 kernel cannot take it
 def test_int8_linear_matches_dequantized_float32_matmul(rows, k, monkeypatch):
-    monkeypatch.setattr(quantize, "BLOCK_SMALL", 5 * k)  # several blocks of rows, and a last partial one
+    monkeypatch.setattr(stored, "BLOCK_SMALL", 5 * k)  # several blocks of rows, and a last partial one
     lin = stored_int8(37, k)
     x = torch.randn(1, rows, k)
-    w = quantize.dequantize(lin.weight, lin.scales).double()
+    w = stored.dequantize(lin.weight, lin.scales).double()
     ref = F.linear(x.double(), w, lin.bias.double())
     bound = (x.abs().double() @ w.abs().T) + lin.bias.double().abs()  # the size of the terms summed
     # float32 products: float32 rounding; the one-row int8 kernel rounds x and the output to bf16
     # (each within 2^-8 relative: 8 significant bits)
-    tol = 2 ** -7 * 1.01 if rows == 1 and k % 16 == 0 and quantize.INT8PACK else 1e-5
+    tol = 2 ** -7 * 1.01 if rows == 1 and k % 16 == 0 and stored.INT8PACK else 1e-5
     assert bool(((lin(x).double() - ref).abs() <= tol * bound).all())
 
 
-@pytest.mark.skipif(not quantize.INT8PACK, reason="no torch.ops.aten._weight_int8pack_mm in this torch")
+@pytest.mark.skipif(not stored.INT8PACK, reason="no torch.ops.aten._weight_int8pack_mm in this torch")
 def test_int8_kernel_takes_a_token_that_is_a_view_into_a_longer_sequence():
     # the decoder's last position (h[:, -1:]) is a view at an offset; the kernel's aligned loads
     # crash on such a pointer unless the row is copied first
     lin = stored_int8(32, 64, bias=False, dtype=torch.bfloat16)
     h = torch.randn(1, 5, 64).to(torch.bfloat16)
-    ref = F.linear(h[:, -1:].double(), quantize.dequantize(lin.weight, lin.scales).double())
+    ref = F.linear(h[:, -1:].double(), stored.dequantize(lin.weight, lin.scales).double())
     assert torch.allclose(lin(h[:, -1:]).double(), ref, rtol=2 ** -6, atol=1e-2)
 
 
@@ -89,12 +92,12 @@ def test_bf16_storage_linear_equals_float32_linear_of_the_bf16_weight_exactly(ro
     lin = torch.nn.Linear(48, 80)
     holder = torch.nn.Sequential(lin)
     w, b = lin.weight.detach().to(torch.bfloat16).float(), lin.bias.detach().clone()
-    quantize.store_weights(holder, torch.bfloat16, torch.float32)
+    stored.store_weights(holder, torch.bfloat16, torch.float32)
     x = torch.randn(rows, 48)
     assert holder[0].weight.dtype == torch.bfloat16
     assert torch.equal(holder[0](x), F.linear(x, w, b))
-    monkeypatch.setattr(quantize, "BLOCK_SMALL", 16 * 48)  # blocks of 16 output rows
-    monkeypatch.setattr(quantize, "BLOCK_LARGE", 16 * 48)
+    monkeypatch.setattr(stored, "BLOCK_SMALL", 16 * 48)  # blocks of 16 output rows
+    monkeypatch.setattr(stored, "BLOCK_LARGE", 16 * 48)
     assert torch.equal(holder[0](x), F.linear(x, w, b))
 
 
@@ -103,7 +106,7 @@ def test_bf16_storage_single_row_is_float32_accumulation_of_bf16_rounded_inputs(
     # (2^-8 relative each), the sum itself in float32
     lin = torch.nn.Linear(4096, 96)
     holder = torch.nn.Sequential(lin)
-    quantize.store_weights(holder, torch.bfloat16, torch.float32)
+    stored.store_weights(holder, torch.bfloat16, torch.float32)
     w, b = holder[0].weight.double(), holder[0].bias.double()
     x = torch.randn(1, 4096)
     bound = x.abs().double() @ w.abs().T
@@ -114,12 +117,12 @@ def test_bf16_storage_single_row_is_float32_accumulation_of_bf16_rounded_inputs(
 
 
 def test_compute_dtype_is_float32_on_a_cpu_without_bf16_instructions(monkeypatch):
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "fma"})
-    assert quantize.compute_dtype(torch.bfloat16, "cpu") == torch.float32
-    assert quantize.compute_dtype(torch.float32, "cpu") == torch.float32
-    assert quantize.compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
-    assert quantize.compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "fma"})
+    assert devices.compute_dtype(torch.bfloat16, "cpu") == torch.float32
+    assert devices.compute_dtype(torch.float32, "cpu") == torch.float32
+    assert devices.compute_dtype(torch.bfloat16, "cuda") == torch.bfloat16
+    monkeypatch.setattr(devices, "cpu_flags", lambda: {"avx2", "avx512_bf16"})
+    assert devices.compute_dtype(torch.bfloat16, "cpu") == torch.bfloat16
 
 
 def logits(m, tokens=(128000, 882, 11, 1268, 30)):
@@ -130,16 +133,16 @@ def test_int8_checkpoint_round_trip_gives_the_logits_of_load_time_quantization(t
     dst = tmp_path / "int8"
     subprocess.run([sys.executable, str(ROOT / "quantize.py"), str(tiny_release), str(dst)], check=True,
                    capture_output=True, timeout=300)
-    stored = load_tensors(dst)
-    assert stored["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
-    assert stored["language_model.lm_head.weight"].dtype == torch.int8
-    assert stored["image_encoder.vision_model.encoder.layers.0.mlp.fc1.scales"].dtype == torch.bfloat16
+    written = load_tensors(dst)
+    assert written["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
+    assert written["language_model.lm_head.weight"].dtype == torch.int8
+    assert written["image_encoder.vision_model.encoder.layers.0.mlp.fc1.scales"].dtype == torch.bfloat16
     assert json.loads((dst / "config.json").read_text())["quantization"] == "int8"
-    loaded = model.Dragonfly.from_pretrained(dst)
-    at_load = model.Dragonfly.from_pretrained(tiny_release, quantize="int8")
+    loaded = pretrained.load(dst)
+    at_load = pretrained.load(tiny_release, quantize="int8")
     assert torch.equal(logits(loaded), logits(at_load))
     # and int8 is not float32: the quantization really happened
-    assert not torch.equal(logits(loaded), logits(model.Dragonfly.from_pretrained(tiny_release)))
+    assert not torch.equal(logits(loaded), logits(pretrained.load(tiny_release)))
 
 
 def test_quantize_refuses_a_destination_that_is_not_empty(tiny_release, tmp_path):
@@ -152,22 +155,22 @@ def test_quantize_refuses_a_destination_that_is_not_empty(tiny_release, tmp_path
 
 
 def test_tied_embedding_is_one_int8_table_for_lookup_and_vocabulary_projection():
-    m = model.Dragonfly.from_pretrained(ROOT / "checkpoints" / "zoom-tiny", quantize="int8")
+    m = pretrained.load(ROOT / "checkpoints" / "zoom-tiny", quantize="int8")
     emb, head = m.llm.embed_tokens, m.llm.lm_head
     assert m.cfg.llm.tie_embeddings and head.weight is emb.weight and head.scales is emb.scales
     ids = torch.tensor([5, 128000, 17])
-    assert torch.equal(m.llm.embed(ids), quantize.dequantize(emb.weight, emb.scales)[ids])
+    assert torch.equal(m.llm.embed(ids), stored.dequantize(emb.weight, emb.scales)[ids])
 
 
 def test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release(tmp_path, monkeypatch):
     # bf16 weights computed in float32 must rotate by the frequencies the checkpoint was trained
     # with (bf16-rounded): the same as a float32 model given those frequencies by hand
     write_tiny_dragonfly(tmp_path, "v2", fmt="safetensors", llm=LLM_HEAD128)  # 64 frequencies, sharp attention
-    stored = model.Dragonfly.from_pretrained(tmp_path, dtype=torch.bfloat16, compute=torch.float32)
-    fp32 = model.Dragonfly.from_pretrained(tmp_path)  # the same bf16 values, in float32
+    bf16_weights = pretrained.load(tmp_path, dtype=torch.bfloat16, compute=torch.float32)
+    fp32 = pretrained.load(tmp_path)  # the same bf16 values, in float32
     pixels = torch.from_numpy(fp32.crop_image(make_test_image(300, 200)).pixels)[None]
     tokens = torch.tensor([[128000, 882, 11, 1268, 30]])  # text at positions 2098.., after the image block
-    got, plain = stored(tokens, pixels)[0], fp32(tokens, pixels)[0]
+    got, plain = bf16_weights(tokens, pixels)[0], fp32(tokens, pixels)[0]
     exact = llama.rope_frequencies
     monkeypatch.setattr(llama, "rope_frequencies", lambda cfg, device=None: exact(cfg, device).bfloat16().float())
     assert torch.equal(got, fp32(tokens, pixels)[0])
@@ -175,7 +178,7 @@ def test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release(tmp_path, monk
 
 
 def test_bf16_storage_attends_in_float32(tiny_release, monkeypatch):
-    m = model.Dragonfly.from_pretrained(tiny_release, dtype=torch.bfloat16, compute=torch.float32)
+    m = pretrained.load(tiny_release, dtype=torch.bfloat16, compute=torch.float32)
     seen, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((q.dtype, k.dtype)) or sdpa(q, k, v, **kw))
     steps = list(m.generate([[128000, 882, 11]], [m.crop_image(make_test_image(200, 150))], max_new_tokens=3))
@@ -210,16 +213,16 @@ BRANCHES = {"no bf16 instructions": ({"avx2", "fma"}, torch.float32),
 def test_each_cpu_branch_builds_its_layers_and_answers_the_zoom_page(branch, quantized, monkeypatch):
     from tokenizer import Tokenizer
     flags, want = BRANCHES[branch]
-    monkeypatch.setattr(quantize, "cpu_flags", lambda: flags)
-    compute = quantize.compute_dtype(torch.bfloat16, "cpu")
+    monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
+    compute = devices.compute_dtype(torch.bfloat16, "cpu")
     assert compute == want
-    m = model.Dragonfly.from_pretrained(ZOOM, dtype=torch.bfloat16, compute=compute, quantize=quantized)
+    m = pretrained.load(ZOOM, dtype=torch.bfloat16, compute=compute, quantize=quantized)
     fc1 = m.vision.blocks[0].mlp.fc1
-    stored = torch.int8 if quantized else torch.bfloat16
+    kept = torch.int8 if quantized else torch.bfloat16
     if compute == torch.bfloat16 and not quantized:
         assert type(fc1) is torch.nn.Linear and fc1.weight.dtype == torch.bfloat16  # bf16 throughout
     else:
-        assert type(fc1) is quantize.StoredLinear and fc1.weight.dtype == stored and fc1.bias.dtype == compute
+        assert type(fc1) is stored.StoredLinear and fc1.weight.dtype == kept and fc1.bias.dtype == compute
     assert m.llm.norm.weight.dtype == compute
     tok = Tokenizer.from_file(ZOOM)
     crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")

@@ -12,6 +12,7 @@ import torch
 
 import llama
 import model
+import pretrained
 from conftest import GOLDEN
 import tiny_checkpoints as tiny
 
@@ -76,7 +77,7 @@ def test_single_process_bf16_training_rotates_in_bf16(tiny_v2, monkeypatch):
 
 def test_fsdp_bf16_training_rotates_in_bf16(monkeypatch):
     import torch.distributed as dist
-    import train
+    import training
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(29650 + os.getpid() % 300))
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -84,7 +85,7 @@ def test_fsdp_bf16_training_rotates_in_bf16(monkeypatch):
         torch.manual_seed(0)
         cfg = model.v2_config(model.ViTConfig(336, 14, 32, 2, 1, 64),
                               llama.LlamaConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=64, vocab_size=128256))
-        m = train.shard(model.Dragonfly(cfg), torch.bfloat16)
+        m = training.shard(model.Dragonfly(cfg), torch.bfloat16)
         spy = RopeSpy(monkeypatch)
         tokens = torch.tensor([[128000, 40, 1097, 264]])
         _, loss = m(tokens, labels=tokens)
@@ -106,7 +107,7 @@ def load_release(version, tmp):
     g = load_golden(version)
     path = tiny.write_tiny_dragonfly(tmp / version, version, "bin", seed=int(g["checkpoint_seed"]), llm=tiny.LLM_HEAD128)
     assert tiny.fingerprint(path) == pytest.approx(float(g["weights_fingerprint"]), rel=1e-9)
-    m = model.Dragonfly.from_pretrained(path, dtype=torch.bfloat16)
+    m = pretrained.load(path, dtype=torch.bfloat16)
     crops = m.crop_image(GOLDEN / str(g["image_file"]))
     np.testing.assert_allclose(crops.pixels.mean(axis=(2, 3)), g["crop_pixel_mean"], atol=1e-5)
     assert model.image_positions(m.cfg) == int(g["image_positions"])

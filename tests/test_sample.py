@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import model
+import pretrained
 from conftest import ROOT
 
 
@@ -37,7 +37,7 @@ def test_json_output_matches_model_generate(checkpoint):
     assert set(out) == {"text", "token_ids", "logprobs"} and len(out["logprobs"]) == len(out["token_ids"])
     from tokenizer import Tokenizer
     tok = Tokenizer.from_file(checkpoint)
-    m = model.Dragonfly.from_pretrained(checkpoint)
+    m = pretrained.load(checkpoint)
     steps = list(m.generate([tok.encode_prompt("What is this?")], [m.crop_image(checkpoint / "image.png")],
                             max_new_tokens=4, stop_ids=tok.stop_ids))
     ids = [int(t[0]) for t, _ in steps if int(t[0]) not in tok.stop_ids]
@@ -74,7 +74,7 @@ def test_several_prompts_are_turns_of_one_conversation_one_json_object_each(chec
             "--max-new-tokens", "3", "--json", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     turns = [json.loads(line) for line in r.stdout.splitlines()]
-    tok, m = Tokenizer.from_file(checkpoint), model.Dragonfly.from_pretrained(checkpoint)
+    tok, m = Tokenizer.from_file(checkpoint), pretrained.load(checkpoint)
     text = []
     for q, turn in zip(questions, turns, strict=True):
         text += tok.encode_prompt(q)[1 if text else 0:]

@@ -14,8 +14,10 @@ import pytest
 import torch
 
 import model as M
+import pretrained
 import presets
 import train
+import training
 from train_config import TrainConfig, fields
 from conftest import ROOT
 
@@ -55,8 +57,8 @@ def test_two_fsdp_processes_give_the_losses_of_one(zoom_data, tmp_path):
     # the gradient reduction differs, ~1e-7 relative per step, compounding over 3 AdamW steps.
     assert len(one) == len(two) == 3
     assert one == pytest.approx(two, rel=1e-4)
-    a = M.Dragonfly.from_pretrained(tmp_path / "one" / "final")
-    b = M.Dragonfly.from_pretrained(tmp_path / "two" / "final")
+    a = pretrained.load(tmp_path / "one" / "final")
+    b = pretrained.load(tmp_path / "two" / "final")
     for (n, p), q in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(p, q, atol=1e-4, rtol=1e-3, msg=n)
 
@@ -70,14 +72,14 @@ def test_fsdp_bf16_mixed_precision_with_activation_checkpointing(zoom_data, tmp_
     fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
     assert len(bf16) == 3 and bf16 != fp32  # bf16 really ran ...
     assert bf16 == pytest.approx(fp32, rel=5e-3)  # ... 8 mantissa bits: ~4e-3 per rounding, far less on average
-    weights = M.Dragonfly.from_pretrained(tmp_path / "bf16" / "final")
+    weights = pretrained.load(tmp_path / "bf16" / "final")
     assert all(p.dtype == torch.float32 for p in weights.parameters())  # exported from the fp32 masters
 
 
 def test_pretrain_stage_trains_only_the_projection(zoom_data, tmp_path):
     trained = run_single(zoom_data, tmp_path, "--stage", "pretrain", "--max-steps", "2")
     torch.manual_seed(0)
-    initial = train.init_weights(M.Dragonfly(presets.tiny_config()))
+    initial = training.init_weights(M.Dragonfly(presets.tiny_config()))
     for (name, p), q in zip(trained.named_parameters(), initial.parameters()):
         if name.startswith("projection."):
             assert not torch.equal(p, q), name
@@ -92,9 +94,9 @@ def test_data_may_be_a_prepared_folder(zoom_data, tmp_path):
 
 
 def test_frozen_weights_are_not_in_the_optimizer(zoom_data, tmp_path):
-    m = train.init_weights(M.Dragonfly(presets.tiny_config()))
-    train.freeze(m, ("projection", "vision"))
-    groups = train.param_groups(m, 0.1)
+    m = training.init_weights(M.Dragonfly(presets.tiny_config()))
+    training.freeze(m, ("projection", "vision"))
+    groups = training.param_groups(m, 0.1)
     in_optim = {id(p) for g in groups for p in g["params"]}
     unused = {id(p) for p in [*m.vision.blocks[-1].parameters(), *m.vision.ln_post.parameters()]}  # after layer -2
     assert in_optim == {id(p) for p in [*m.projection.parameters(), *m.vision.parameters()]} - unused
@@ -127,7 +129,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(zoom_data, tmp_path):
 
 def test_exported_checkpoint_round_trips_with_identical_logits(zoom_data, tmp_path):
     trained = run_single(zoom_data, tmp_path, "--max-steps", "1", "--export-dtype", "float32")
-    loaded = M.Dragonfly.from_pretrained(tmp_path / "final")
+    loaded = pretrained.load(tmp_path / "final")
     crops = loaded.crop_image(zoom_data / "example.png")
     tokens, pixels = torch.tensor([[128000, 3923, 16099]]), torch.from_numpy(crops.pixels)[None]
     trained.eval()
@@ -414,7 +416,7 @@ def test_non_finite_weights_are_neither_saved_nor_exported(zoom_data, tmp_path, 
                                          r"stopped, no checkpoint was saved, nothing exported"):
         run_single(zoom_data, tmp_path, "--max-steps", "1")
     assert not list(tmp_path.glob("step_*")) and not (tmp_path / "final").exists()
-    assert checkpoint.finite(train.init_weights(M.Dragonfly(presets.tiny_config())))
+    assert checkpoint.finite(training.init_weights(M.Dragonfly(presets.tiny_config())))
 
 
 def test_a_step_with_no_usable_sample_logs_no_loss(zoom_data, tmp_path):

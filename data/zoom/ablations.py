@@ -5,8 +5,8 @@ the high crops (Table 8), trained and scored on the zoom demo's data with the de
     python data/zoom/ablations.py --steps 2 --train 32 --test 4 --seeds 0 --runs L "L+H 3x3" \\
         --results /tmp/abl                                      # a smoke run (what the test runs)
 
-Every run is `train.py --model tiny` (called in this process) with demo.py's flags (batch 16, lr 2e-3, ...) plus the
-preset whose resolution levels it takes (presets.py: v2-L ... dragonfly-v2) and, for Table 8,
+Every run is `train.py --model tiny`, in its own process, with the demo's flags (recipe.py: batch 16,
+lr 2e-3, ...) plus the preset whose resolution levels it takes (presets.py: v2-L ... dragonfly-v2) and, for Table 8,
 `--high-pool N`; then `eval.py --task zoom` on the held-out pages. Two seeds each (model
 initialisation and data order). The tiny model's crops are 56 px with 7 px patches, an 8x8
 grid: the paper's 3x3 and 6x6 do not divide it, so those pool adaptively (pool.mean_pool:
@@ -37,13 +37,10 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-sys.path.insert(0, str(HERE))
-import demo  # noqa: E402  (the zoom demo: its training flags)
-import eval as evaluate  # noqa: E402
 import model as M  # noqa: E402
-import prepare  # noqa: E402
 import presets  # noqa: E402
-import train  # noqa: E402
+from data.zoom import prepare  # noqa: E402
+from data.zoom.recipe import ROOT, TRAIN, run  # noqa: E402
 
 # name: (paper table, train.py flags). Table 8 rows use the presets of those rows (same levels as v2-LH).
 RUNS = {
@@ -96,13 +93,13 @@ def run_one(name, seed, args, data, out) -> dict:
     folder = run_dir(out, name, seed)
     shutil.rmtree(folder, ignore_errors=True)  # a run cut short: train.py refuses a folder holding a run
     load = os.getloadavg()[0]  # recorded: on a shared machine other work slows the runs
-    t, cpu = time.time(), cpu_seconds()  # in this process: 20 runs would otherwise pay ~10 s of imports twice each
-    train.main([*demo.TRAIN, *flags, "--seed", str(seed), "--max-steps", str(args.steps),
-                "--data", str(data / "train.jsonl"), "--out", str(folder)])
+    t, cpu = time.time(), cpu_seconds()  # each script in its own process: its imports (~5 s) are counted
+    run(["train.py", *TRAIN, *flags, "--seed", str(seed), "--max-steps", str(args.steps),
+         "--data", str(data / "train.jsonl"), "--out", str(folder)])
     train_s, train_cpu_s = time.time() - t, cpu_seconds() - cpu
     t = time.time()
-    evaluate.main(["--checkpoint", str(folder / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
-                   "--out", str(folder / "eval"), "--batch-size", "16", "--device", "cpu"])
+    run(["eval.py", "--checkpoint", str(folder / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
+         "--out", str(folder / "eval"), "--batch-size", "16", "--device", "cpu"])
     eval_s = time.time() - t
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
     metrics = json.loads((folder / "eval" / "metrics.json").read_text())
@@ -198,7 +195,7 @@ def main(argv=None):
     p.add_argument("--test", type=int, default=200, help="held-out pages scored per run (the demo: 500)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--runs", nargs="+", default=list(RUNS), help="a subset of: " + ", ".join(RUNS))
-    p.add_argument("--out", default=str(demo.ROOT / "out" / "zoom-ablations"), help="data, runs and runs.jsonl")
+    p.add_argument("--out", default=str(ROOT / "out" / "zoom-ablations"), help="data, runs and runs.jsonl")
     p.add_argument("--results", default=str(HERE), help="where ablations.md/.json/.png go")
     args = p.parse_args(argv)
     unknown = set(args.runs) - set(RUNS)

@@ -18,32 +18,22 @@ default checkpoint.
 import argparse
 import json
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # first_run.py
     import first_run
     first_run.one_line_for_missing_packages()
 
 from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[2]
+from data.zoom.recipe import ROOT, TRAIN, run  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
-TRAIN = ["--model", "tiny", "--stage", "sft", "--batch-size", "16", "--micro-batch", "16", "--lr", "2e-3",
-         "--epochs", "1.5", "--no-grad-checkpoint", "--workers", "1", "--save-every", "100000",
-         "--export-dtype", "bfloat16", "--seed", "0"]
 FULL = {"train": 4000, "test": 500}   # the recorded run's pages
 VARIANTS = {"low only (L)": ["--low-only"], "low + medium + high (L+M+H)": []}
-
-
-def run(args):
-    print("$", " ".join(args), flush=True)
-    code = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
-    if code:        # the script has said why, above
-        sys.exit(f"error: {args[0]} stopped with exit code {code} (its message is above)")
 
 
 def plot(results, path, n_test):

@@ -1,0 +1,112 @@
+"""Imports point one way (README, "Layers"): each project file sits in one layer and imports only
+files of lower layers, at the top of the file or inside a function alike; the command-line
+scripts, the top layer, never import one another, and nothing imports them."""
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT
+
+# Lowest first. A file imports only files of the layers before its own.
+LAYERS = [
+    ("first_run", ["first_run.py"]),
+    ("basics", ["weights.py", "images.py", "devices.py", "stored.py", "timing.py", "results.py", "tokenizer.py", "metrics.py",
+                "data/__init__.py", "data/formats.py", "data/benchmarks/__init__.py"]),
+    ("parts", ["vit.py", "llama.py", "crops.py", "pool.py"]),
+    ("model", ["model.py"]),
+    ("loading, presets, data", ["pretrained.py", "presets.py", "data/dataset.py", "data/zoom/prepare.py",
+                                "data/zoom/recipe.py"]),
+    ("uses", ["conversation.py", "looked.py", "checkpoint.py", "training.py", "train_config.py"]),
+    ("scripts", ["sample.py", "eval.py", "train.py", "plan.py", "bench.py", "quantize.py", "data/zoom/demo.py",
+                 "data/zoom/ablations.py", "data/llava/prepare.py", "data/benchmarks/convert.py"]),
+]
+LAYER = {file: (rank, name) for rank, (name, files) in enumerate(LAYERS) for file in files}
+
+
+def project_files() -> list:
+    """Every .py file of the project: the top folder and data/ (tests/ may import anything)."""
+    found = [p.name for p in ROOT.glob("*.py")]
+    for folder, subfolders, files in os.walk(ROOT / "data"):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
+        found += [str((Path(folder) / f).relative_to(ROOT)) for f in files if f.endswith(".py")]
+    return sorted(found)
+
+
+def module_file(dotted: str):
+    """The project file that `import dotted` runs last (`data.formats` -> data/formats.py), or None
+    for a module from outside the project."""
+    path = ROOT / dotted.replace(".", "/")
+    for candidate in (path.with_suffix(".py"), path / "__init__.py"):
+        if candidate.is_file():
+            return str(candidate.relative_to(ROOT))
+    return None
+
+
+def imported_files(source: str) -> list:
+    """(line, file) for each project file an import anywhere in `source` runs: the module itself
+    and the packages above it (`import data.formats` runs data/__init__.py first); for
+    `from package import name`, the submodule `name` when it is one."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        for dotted in names:
+            parts = dotted.split(".")
+            for i in range(1, len(parts) + 1):
+                file = module_file(".".join(parts[:i]))
+                if file:
+                    found.append((node.lineno, file))
+    return sorted(set(found))
+
+
+def upward_imports(file: str, source: str) -> list:
+    rank, _ = LAYER[file]
+    return [f"{file}:{line} imports {other} ({LAYER[other][1]}), not below {LAYER[file][1]}"
+            for line, other in imported_files(source) if other != file and LAYER[other][0] >= rank]
+
+
+def test_every_project_file_has_a_layer():
+    assert set(project_files()) == set(LAYER), "place each new file in LAYERS (and the README's picture)"
+
+
+@pytest.mark.parametrize("file", sorted(LAYER))
+def test_imports_point_only_to_lower_layers(file):
+    assert upward_imports(file, (ROOT / file).read_text()) == []
+
+
+def test_scripts_never_import_scripts():
+    scripts = dict(LAYERS)["scripts"]
+    found = [f"{file} imports {other}" for file in LAYER for _, other in imported_files((ROOT / file).read_text())
+             if other in scripts and other != file]
+    assert found == []
+
+
+def test_the_check_sees_imports_inside_functions_and_from_packages():
+    # the shapes the cycles used to hide in (model.py's loaders, looked.py's main, ablations.py)
+    hidden = "def from_pretrained(path):\n    import pretrained\n    return pretrained.load(path)\n"
+    assert upward_imports("model.py", hidden) == ["model.py:2 imports pretrained.py (loading, presets, data), not below model"]
+    assert [f for _, f in imported_files("def main():\n    from data.zoom import prepare\n")] == \
+        ["data/__init__.py", "data/zoom/prepare.py"]
+    assert upward_imports("data/zoom/ablations.py", "import train\n") != []
+
+
+def imports_inside_functions(source: str) -> list:
+    """(line, file) of each project file imported inside a function of `source`."""
+    inside = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            body = ast.unparse(ast.Module(body=fn.body, type_ignores=[]))
+            inside += [(fn.lineno, file) for _, file in imported_files(body)]
+    return sorted(set(inside))
+
+
+@pytest.mark.parametrize("file", sorted(LAYER))
+def test_project_imports_sit_at_the_top_of_the_file(file):
+    # an import placed inside a function to dodge a cycle hides the file's real layer
+    assert imports_inside_functions((ROOT / file).read_text()) == []
