@@ -20,7 +20,7 @@ LAYERS = [
                                 "data/zoom/recipe.py"]),
     ("uses", ["conversation.py", "looked.py", "checkpoint.py", "training.py", "train_config.py"]),
     ("scripts", ["sample.py", "eval.py", "train.py", "plan.py", "bench.py", "quantize.py", "data/zoom/demo.py",
-                 "data/zoom/ablations.py", "data/llava/prepare.py", "data/benchmarks/convert.py"]),
+                 "data/zoom/ablations.py", "data/zoom/onset.py", "data/llava/prepare.py", "data/benchmarks/convert.py"]),
 ]
 LAYER = {file: (rank, name) for rank, (name, files) in enumerate(LAYERS) for file in files}
 

@@ -40,21 +40,8 @@ sys.path.insert(0, str(HERE.parents[1]))
 import model as M  # noqa: E402
 import presets  # noqa: E402
 from data.zoom import prepare  # noqa: E402
-from data.zoom.recipe import ROOT, TRAIN, run  # noqa: E402
+from data.zoom.recipe import ROOT, RUNS, TRAIN, run, run_dir  # noqa: E402
 
-# name: (paper table, train.py flags). Table 8 rows use the presets of those rows (same levels as v2-LH).
-RUNS = {
-    "L": ("2", ["--preset", "v2-L"]),
-    "M": ("2", ["--preset", "v2-M"]),
-    "H": ("2", ["--preset", "v2-H"]),
-    "L+M": ("2", ["--preset", "v2-LM"]),
-    "L+H": ("2", ["--preset", "v2-LH"]),
-    "L+M+H": ("2", ["--preset", "dragonfly-v2"]),
-    "L+H 3x3": ("8", ["--preset", "v2-LH-9", "--high-pool", "3"]),
-    "L+H 4x4": ("8", ["--preset", "v2-LH-16", "--high-pool", "4"]),
-    "L+H 6x6": ("8", ["--preset", "v2-LH", "--high-pool", "6"]),
-    "L+H 8x8": ("8", ["--preset", "v2-LH-64", "--high-pool", "8"]),
-}
 # The paper's own numbers (v2 paper, Table 2 columns L ... L + M + H; Table 8 columns 9, 16, 36,
 # 64 tokens): (TextVQA, ChartQA). Table 8's "36 tokens" is the Table 2 "L + H" run, though it
 # prints ChartQA 56.4 there and 56.2 in Table 2.
@@ -75,10 +62,6 @@ def cpu_seconds() -> float:
     time, it barely changes when other work shares the machine."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
-
-
-def run_dir(out, name, seed) -> Path:
-    return out / f"{name.replace(' ', '_').replace('+', '')}_seed{seed}"
 
 
 def step_seconds(run: Path) -> float:

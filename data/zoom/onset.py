@@ -18,57 +18,54 @@ checkpoint on the study's held-out pages:
               training pages, norm per position, mean over pages and the level's positions):
               how much each level's tokens are pushed to change.
 One JSON line per run goes to OUT/onset.jsonl and its table is printed. The runs behind
-ablations.md's section "Why L+M stays at chance" (26 min of CPU here, checkpoints followed included).
+ablations.md's section "Why L+M stays at chance" (26 min of CPU on a 2-core CPU with avx512_bf16 amx_bf16, checkpoints followed included).
 """
 import argparse
 import collections
-import contextlib
-import io
 import json
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-import torch
-import torch.distributed.checkpoint as dcp
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
-sys.path.insert(0, str(HERE))
-import ablations  # noqa: E402  (the study's rows and data)
-import crops as crops_lib  # noqa: E402
-import demo  # noqa: E402
-import eval as evaluate  # noqa: E402
+if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
+    import first_run
+    first_run.one_line_for_missing_packages()
+
+import torch  # noqa: E402
+import torch.distributed.checkpoint as dcp  # noqa: E402
 import looked  # noqa: E402
+import metrics  # noqa: E402
 import model as M  # noqa: E402
-import prepare  # noqa: E402
 import presets  # noqa: E402
-import train  # noqa: E402
 from data.dataset import VLDataset, collate  # noqa: E402
+from data.zoom import prepare  # noqa: E402
+from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run_dir  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
-
-def blank_low_crops():
-    """The control run: every low crop becomes a flat page at the CLIP mean (0 after normalising),
-    so L+M keeps its 18 low positions but they carry nothing that varies from page to page.
-    Patched where the dataset and model.crop_image call it (DataLoader workers fork: they inherit it)."""
-    make = crops_lib.make_crops
-
-    def made(img, cfg=crops_lib.V2):
-        crops = make(img, cfg)
-        if cfg.low:
-            crops.pixels[0] = 0.0
-        return crops
-    crops_lib.make_crops = made
+# train.py run as a script (scripts never import scripts), with the control's low crops blanked
+# first when asked: the DataLoader's workers fork from it and inherit the patch.
+TRAIN_SCRIPT = """import runpy, sys
+sys.path.insert(0, {root!r})
+if {blank}:
+    from data.zoom.recipe import blank_low_crops
+    blank_low_crops()
+sys.argv = ["train.py"] + sys.argv[1:]
+runpy.run_path({train!r}, run_name="__main__")
+"""
 
 
-def train_with_checkpoints(name, seed, steps, lr, every, data, folder):
+def train_with_checkpoints(name, seed, steps, lr, every, data, folder, blank_low=False):
     shutil.rmtree(folder, ignore_errors=True)
-    flags = [*demo.TRAIN, *ablations.RUNS[name][1], "--seed", str(seed), "--max-steps", str(steps), "--lr", lr,
+    flags = [*TRAIN, *RUNS[name][1], "--seed", str(seed), "--max-steps", str(steps), "--lr", lr, "--force",
              "--save-every", str(every), "--data", str(data / "train.jsonl"), "--out", str(folder)]
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):  # tqdm, the config
-        train.main(flags)
+    code = TRAIN_SCRIPT.format(root=str(ROOT), blank=blank_low, train=str(ROOT / "train.py"))
+    r = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode:
+        sys.exit(f"error: train.py stopped with exit code {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
 
 
 def load_step(model, folder):
@@ -104,11 +101,15 @@ def gradient_per_level(model, batch) -> dict:
 
 def follow(model, tok, records, data, batch) -> dict:
     """One checkpoint on the held-out pages: accuracy, commonest answer, attention and gradient per level."""
-    answers = []
-    for i in range(0, len(records), 16):
-        answers += evaluate.answer_batch(model, tok, evaluate.TASKS["zoom"], records[i:i + 16], data, 4)
-    predictions = {a["id"]: a["prediction"] for a in answers}
-    accuracy = evaluate.score("zoom", records, predictions)["accuracy"]
+    predictions = {}
+    for i in range(0, len(records), 16):  # eval.py --task zoom's way: the question as asked, 4 tokens
+        batch_records = records[i:i + 16]
+        ids = M.greedy_ids(model, [tok.encode_prompt(r["question"]) for r in batch_records],
+                           [model.crop_image(data / r["image"]) for r in batch_records], 4, tok.stop_ids)
+        predictions.update({r["id"]: tok.decode(x).strip() for r, x in zip(batch_records, ids)})
+    right = [metrics.normalize_vqa_answer(predictions[r["id"]]) in {metrics.normalize_vqa_answer(a) for a in r["answers"]}
+             for r in records]
+    accuracy = 100 * sum(right) / len(records)
     top, count = collections.Counter(predictions.values()).most_common(1)[0]
     attention = collections.Counter()
     for r in records:
@@ -164,11 +165,11 @@ def main(argv=None):
     p.add_argument("--lr", default="2e-3", help="peak learning rate (the study's: 2e-3)")
     p.add_argument("--train", type=int, default=4000, help="training pages, if --data must be made (the study's 4000)")
     p.add_argument("--test", type=int, default=200, help="held-out pages (the study's 200)")
-    p.add_argument("--data", default=str(demo.ROOT / "out" / "zoom-ablations" / "data"),
+    p.add_argument("--data", default=str(ROOT / "out" / "zoom-ablations" / "data"),
                    help="the pages (default: the study's, made by prepare.py if missing)")
     p.add_argument("--blank-low", action="store_true", help="the control: a flat grey low crop (see blank_low_crops)")
     p.add_argument("--table", action="store_true", help="no training: the tables of every run in OUT/onset.jsonl")
-    p.add_argument("--out", default=str(demo.ROOT / "out" / "zoom-onset"))
+    p.add_argument("--out", default=str(ROOT / "out" / "zoom-onset"))
     args = p.parse_args(argv)
     out, data = Path(args.out), Path(args.data)
     if args.blank_low and not args.run.startswith("L+"):
@@ -187,13 +188,13 @@ def main(argv=None):
         print(summary_table(runs, [r["answers"][0] for r in records]), "", checkpoint_table(runs), sep="\n")
         return
     if args.blank_low:
-        blank_low_crops()
+        blank_low_crops()  # this process's held-out pages are scored as the control trained
     name = args.run + " blank low" * args.blank_low
-    folder = out / f"{ablations.run_dir(out, name, args.seed).name}_steps{args.steps}_lr{args.lr}"
-    train_with_checkpoints(args.run, args.seed, args.steps, args.lr, args.every, data, folder)
+    folder = out / f"{run_dir(out, name, args.seed).name}_steps{args.steps}_lr{args.lr}"
+    train_with_checkpoints(args.run, args.seed, args.steps, args.lr, args.every, data, folder, args.blank_low)
     tok = Tokenizer.from_file(folder / "final")
     losses = [json.loads(line)["loss"] for line in (folder / "log.jsonl").read_text().splitlines()]
-    model = M.Dragonfly(presets.tiny_config(preset=ablations.RUNS[args.run][1][1])).eval()
+    model = M.Dragonfly(presets.tiny_config(preset=RUNS[args.run][1][1])).eval()
     pages = VLDataset(data / "train.jsonl", data, tok, model.cfg.crops, M.image_positions(model.cfg))
     batch = collate([pages[i] for i in range(32)], tok.eos_id)["image"]
     checkpoints = []
