@@ -191,14 +191,6 @@ def load_memory(path, dtype=torch.bfloat16, **kwargs):
             "anon_over_model": round(peak["RssAnon"] / size, 2), "rss_over_model": round(peak["VmRSS"] / size, 2)}, model
 
 
-def cpu_kind() -> str:
-    """The CPU flags that decide which kernels run (not a brand name), and ATen's capability."""
-    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in devices.cpu_flags()]
-    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
-    return f"{' '.join(flags) or 'flags unreadable'} (ATen {torch.backends.cpu.get_cpu_capability()}" + \
-        (f", ONEDNN_MAX_CPU_ISA={isa})" if isa else ")")
-
-
 def check_args(args):
     """Every flag that would fail only after minutes of measuring, said at once in one line."""
     for name, least in (("threads", 1), ("repeats", 1), ("warmup", 0), ("new_tokens", 1), ("context_tokens", 1)):
@@ -376,7 +368,7 @@ def main(argv=None):
     cfg, image = model.cfg, synthetic_image()
     measured = measure(args, model, image)
     positions = image_positions(cfg) + len(PROMPT)
-    r = {"args": vars(args), "cpu": None if cuda else cpu_kind(), "compute": compute, "cfg": cfg,
+    r = {"args": vars(args), "cpu": None if cuda else devices.cpu_kind(), "compute": compute, "cfg": cfg,
          "median_ms": {k: 1e3 * statistics.median(v) for k, v in measured["runs"].items() if v},
          "peak_memory_gib": peak_memory(args, model, measured["crops"]), "busy": measured["busy"],
          "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),

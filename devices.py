@@ -1,7 +1,9 @@
 """Where to run and in which dtypes: the `--device` and `--dtype` flags the command lines share,
-and whether this machine computes in a half dtype at full speed (where it does not, stored.py
+and whether the CPU computes in a half dtype at full speed (where it does not, stored.py
 keeps the weights in that dtype and computes in float32).
 """
+import os
+
 import torch
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -37,6 +39,15 @@ def cpu_flags() -> set:
             return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
     except OSError:
         return set()
+
+
+def cpu_kind() -> str:
+    """The CPU flags that decide which kernels run, to name beside a measured number (a brand
+    name says less), and ATen's vector capability."""
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in cpu_flags()]
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return (f"{' '.join(flags) or 'flags unreadable'} (ATen {torch.backends.cpu.get_cpu_capability()}"
+            + (f", ONEDNN_MAX_CPU_ISA={isa})" if isa else ")"))
 
 
 def native_dtype(dtype, device) -> bool:

@@ -4,13 +4,13 @@ channel) while each product runs in the compute dtype, in the spirit of gpt-fast
 (a handler swaps every nn.Linear for a module that stores its weight compactly).
 
 Why: an 8B model is ~34 GB in float32. bf16 halves that, but a CPU without bf16 matrix
-instructions (this project's AVX2 machine) runs bf16 GEMMs at 1-10 GFLOP/s against ~140 in
+instructions (an AVX2-only CPU: `avx2 fma`, no `avx512f`) runs bf16 GEMMs at 1-10 GFLOP/s against ~140 in
 float32. So on such a CPU `--dtype bfloat16` keeps the weights in bf16 and converts them to
 float32 one block of rows at a time, right before the product: activations, attention and the
 KV cache stay float32, and prefill runs at float32 speed with half the memory. One row (a
 decoded token) is the exception: PyTorch's bf16 matrix-vector kernel converts in registers and
-accumulates in float32, memory-bound without bf16 instructions, five times faster here than
-converting first; it rounds the token's activations and the product to bf16 (as the int8
+accumulates in float32, memory-bound without bf16 instructions, five times faster on that CPU
+than converting first; it rounds the token's activations and the product to bf16 (as the int8
 kernel below does). Which CPUs count as fast is read from /proc/cpuinfo (devices.py's `native_dtype`):
 avx512_bf16 or amx_bf16 (avx512_fp16 or amx_fp16 for float16); other CPUs, and CPUs whose
 flags we cannot read, compute in float32.
@@ -30,7 +30,7 @@ PyTorch's int8 kernel `torch.ops.aten._weight_int8pack_mm` (bf16 activations and
 float32 accumulation, bf16 output); more rows (prefill), and other devices, convert the int8
 rows to the compute dtype a block at a time and scale the product's columns.
 
-Which dtype computes fast on this machine is devices.py's question (`compute_dtype`); writing an
+Which dtype computes fast on a given CPU is devices.py's question (`compute_dtype`); writing an
 int8 checkpoint and measuring what storage costs is quantize.py's command line.
 """
 import torch
@@ -97,8 +97,8 @@ def blockwise_linear(x, weight, scales=None, bias=None):
 def half_gemv(x, weight, bias=None):
     """One row times a bf16/fp16 matrix with PyTorch's matrix-vector kernel, which converts the
     weights in registers and accumulates in float32: 14 GB/s of bf16 on a 14336 x 4096 matrix
-    here, against 2.8 GB/s when each block is first converted to float32 (bench.py's machine,
-    21 GB/s read bandwidth). x and the output are rounded to the weight's dtype, as in the int8
+    on the AVX2-only CPU, against 2.8 GB/s when each block is first converted to float32 (21 GB/s
+    read bandwidth there); 12 GB/s on a CPU with avx512f avx512_bf16 amx_bf16 (13 GB/s read). x and the output are rounded to the weight's dtype, as in the int8
     kernel below."""
     out = F.linear(x.to(weight.dtype), weight).to(x.dtype)
     return out if bias is None else out.add_(bias)

@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
+import devices  # noqa: E402
 import model as M  # noqa: E402
 import presets  # noqa: E402
 from data.zoom import prepare  # noqa: E402
@@ -118,7 +119,8 @@ def table(summary, meta, command="", study_s=0) -> str:
         seeds = ", ".join(f"{a:.1f}" for a in s["seeds"])
         rows.append(f"| {name} | v2 Table {RUNS[name][0]}: `{preset}`{' + high ' + name.split()[-1] if ' ' in name else ''} "
                     f"| {s['positions']} | {s['accuracy']:.1f} ({seeds}) | {s['late_loss']:.3f} | {s['steps'] * s['step_s']:.0f} | {s['train_cpu_s']:.0f} | {tv} | {cq} |")
-    made = [f"Made by `{command}`: {study_s / 60:.0f} min of training and scoring on this 2-core CPU.", ""] if command else []
+    made = [f"Made by `{command}`: {study_s / 60:.0f} min of training and scoring on a {os.cpu_count()}-core CPU "
+            f"with {devices.cpu_kind()}.", ""] if command else []
     return "\n".join([f"Zoom demo ablations: {meta}", "", *made, *head, *rows, ""])
 
 
