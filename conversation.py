@@ -13,7 +13,8 @@ the same way, with no system prompt):
 (no line breaks between the pieces in the real sequence). A `Conversation` keeps the LLM's KV
 cache from one turn to the next: the image block (the ViT over 41 crops, 2098 positions in the
 release) is computed and prefilled once, and a turn runs the LLM only over its new tokens (the
-user turn and the assistant header) after the cached prefix, then decodes. Earlier answers
+user turn and the assistant header) after the cached prefix, then decodes, with model.py's
+`prefill` and `decode_one_token` (the steps `Dragonfly.generate` takes too). Earlier answers
 stay in the context as the ids that were generated, not re-encoded text (the same text can
 encode to other ids). A conversation that outgrows its cache gets a larger one holding the same
 keys and values (`llama.KVCache.grow`): the prefix is never recomputed.
@@ -30,7 +31,7 @@ import sys
 
 import torch
 
-from model import sample
+from model import decode_one_token, new_caches, next_token, prefill
 
 
 class ContextFull(ValueError):
@@ -111,12 +112,11 @@ class Conversation:
         self.tokens += new
         self.finish = "interrupted"
         try:
-            logits = self._feed(reserve=n)
+            logits = self._prefill(reserve=n)
             for step in range(n):
-                token = sample(logits[None], temperature, top_p, generator)
-                logprob = float(torch.log_softmax(logits.float(), dim=-1)[token])
-                token = int(token)
-                self.tokens.append(token)  # kept if Ctrl-C comes before it is fed
+                token, logprob = next_token(logits[None], temperature, top_p, generator)
+                token, logprob = int(token), float(logprob)
+                self.tokens.append(token)  # kept if Ctrl-C comes before it is decoded
                 if token in stop_ids:
                     self.finish = "stop"
                     return
@@ -124,38 +124,37 @@ class Conversation:
                 if step == n - 1:
                     self.finish = "length" if n == max_new_tokens else "context"
                     return
-                logits = self._feed()
+                logits = self._decode(token)
         finally:  # the one place a turn is closed (or undone)
             if self.cached == cached:  # stopped during the prefill: the question never happened
                 del self.tokens[answer_from - len(new):]
             elif self.tokens[-1] in stop_ids and len(self.tokens) > answer_from:
-                self.tokens[-1] = self.tok.eot_id  # never fed: decoding ends at a stop token
+                self.tokens[-1] = self.tok.eot_id  # never decoded: decoding ends at a stop token
             else:
                 self.tokens.append(self.tok.eot_id)
 
-    def _feed(self, reserve: int = 0):
-        """Run the LLM over every position not yet in the cache (the image block on the first
-        turn) and return the last one's logits (vocab,); `reserve` more slots are made room for."""
+    def _prefill(self, reserve: int):
+        """`model.prefill` of every position not yet in the cache (the image block on the first
+        turn; then the last answer's closing tokens and the new turn) -> the last one's logits
+        (vocab,); `reserve` more slots are made room for, for the answer."""
         llm, P, start = self.model.llm, self.image_len, self.cached
         ids = torch.tensor(self.tokens[max(0, start - P):], device=llm.lm_head.weight.device)
         x = llm.embed(ids)[None]                                            # (1, T, dim)
         if start < P:  # the first turn: the image block goes in with its text (start is 0)
             x = torch.cat([self.image.to(x.dtype), x], dim=1)
-        T = x.shape[1]
-        mask = None  # a fresh prefill is causal; one new token sees the whole cache
-        if start > 0 and T > 1:  # new tokens see the cache and each other causally, no later slot
-            slots = torch.arange(start + T, device=x.device)
-            mask = (slots[None, :] <= slots[start:, None])[None, None]      # (1, 1, T, start+T)
-        self._reserve(start + T + reserve)
-        for layer, cache in zip(llm.layers, self.caches):
-            layer.attn.cache = cache
-        try:
-            logits = llm(x, start=start, mask=mask, logits_from=-1)[0, -1]
-        finally:
-            llm.clear_cache()  # the model stays usable for other work between turns
+        self._reserve(start + x.shape[1] + reserve)
+        return self._counted(prefill(llm, self.caches, x, start)[0], start + x.shape[1])
+
+    def _decode(self, token: int):
+        """`model.decode_one_token` of the last answer token -> the next logits (vocab,)."""
+        token = torch.tensor([token], device=self.model.llm.lm_head.weight.device)
+        return self._counted(decode_one_token(self.model.llm, self.caches, token, self.cached)[0], self.cached + 1)
+
+    def _counted(self, logits, cached: int):
+        """The cache now holds `cached` positions, unless the logits are not finite."""
         if not torch.isfinite(logits.sum()):  # finite only if every logit is; 20x faster than isfinite
             raise NotFinite()  # before the cache counts these positions: a prefill's turn is undone
-        self.cached = start + T
+        self.cached = cached
         return logits
 
     def _reserve(self, n: int):
@@ -165,11 +164,8 @@ class Conversation:
         if n <= have:
             return
         size = min(self.context, max(n, 2 * have))
-        llm = self.model.llm
         if not self.caches:
-            llm.setup_cache(1, size)  # also lays the output matrix out for fast decoding
-            self.caches = [layer.attn.cache for layer in llm.layers]
-            llm.clear_cache()
+            self.caches = new_caches(self.model.llm, 1, size)
         for cache in self.caches:
             cache.grow(size)
 

@@ -246,39 +246,21 @@ class Dragonfly(nn.Module):
         if L >= ctx:
             raise ValueError(f"prompt is {L} positions (image block included); the context is {ctx}")
         max_new_tokens = min(max_new_tokens, ctx - L)
-        pad = L - lengths                                                   # left padding per row
         x = torch.stack([F.pad(s, (0, 0, L - len(s), 0)) for s in seqs])    # (B, L, dim)
-        slots = torch.arange(L + max_new_tokens, device=device)
-        positions = (slots[:L] - pad[:, None]).clamp(min=0)                 # (B, L)
-        mask = None
-        if bool(pad.any()):
-            valid = slots[None, :] >= pad[:, None]                          # (B, S) real positions
-            causal = slots[:L, None] >= slots[None, :L]                     # (L, L)
-            # Not part of the paper: a padding position sees no real position, and a query row
-            # with nothing to attend to is NaN on some attention kernels (PyTorch before 2.5; on
-            # 2.13's CPU kernels it is zeros, so no test here fails without it). Letting each
-            # position see itself keeps every row finite; real positions never see padding.
-            mask = (causal & valid[:, None, :L]) | torch.eye(L, dtype=torch.bool, device=device)
-            mask = mask[:, None]                                            # (B, 1, L, L)
-        self.llm.setup_cache(B, L + max_new_tokens)
+        pad = L - lengths                                                   # left padding per row
+        pad = pad if bool(pad.any()) else None
+        caches = new_caches(self.llm, B, L + max_new_tokens)
         say(f"LLM over {B * L} positions")
-        try:
-            logits = self.llm(x, positions, start=0, mask=mask, logits_from=-1)[:, -1]
-            done = torch.zeros(B, dtype=torch.bool, device=device)
-            stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
-            for step in range(max_new_tokens):
-                token = sample(logits, temperature, top_p, generator)
-                logprob = torch.log_softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
-                yield token, logprob
-                done |= torch.isin(token, stop)
-                if bool(done.all()) or step == max_new_tokens - 1:
-                    break
-                slot = L + step
-                step_mask = None if mask is None else valid[:, None, None, :slot + 1]
-                logits = self.llm(self.llm.embed(token[:, None]), (lengths + step)[:, None],
-                                  start=slot, mask=step_mask)[:, -1]
-        finally:
-            self.llm.clear_cache()
+        logits = prefill(self.llm, caches, x, pad=pad)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop = torch.tensor(sorted(stop_ids), device=device, dtype=torch.long)
+        for step in range(max_new_tokens):
+            token, logprob = next_token(logits, temperature, top_p, generator)
+            yield token, logprob
+            done |= torch.isin(token, stop)
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            logits = decode_one_token(self.llm, caches, token, L + step, pad)
 
 
 def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
@@ -289,16 +271,68 @@ def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
     return pool.PerceiverResampler(cfg.vit.width, cfg.resampler_depth, cfg.high_pool ** 2, heads=cfg.vit.heads)
 
 
-def greedy_ids(model: Dragonfly, prompts, images, max_new_tokens: int, stop_ids) -> list:
-    """Batched greedy answers as token-id lists (generate's arguments); each row ends before its
-    first stop id, the batch when every row has stopped."""
-    ids, stopped = [[] for _ in prompts], [False] * len(prompts)
-    for token, _ in model.generate(prompts, images, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
-        for i, t in enumerate(token.tolist()):
-            stopped[i] = stopped[i] or t in stop_ids
-            if not stopped[i]:
-                ids[i].append(t)
-    return ids
+# ---- generation: one prefill, then one token at a time (gpt-fast's generate.py) ----------------
+# Dragonfly.generate (a batch of prompts), conversation.py (turns after a cached prefix), eval.py's
+# and looked.py's greedy answers (`greedy_ids`) all generate with these functions.
+def new_caches(llm: Llama, batch: int, size: int) -> list:
+    """Empty KV caches (one llama.KVCache per layer) for `batch` rows of `size` positions."""
+    llm.setup_cache(batch, size)  # also lays the output matrix out for fast decoding
+    caches = [layer.attn.cache for layer in llm.layers]
+    llm.clear_cache()
+    return caches
+
+
+def prefill(llm: Llama, caches: list, x, start: int = 0, pad=None):
+    """Embeddings x (B, T, dim) (image block and text) through the LLM, their keys and values
+    written to `caches` at slots start..start+T-1, after the `start` positions already there
+    -> the last position's logits (B, vocab). pad (B,): a batch's left padding per row (start 0),
+    masked out and not counted in the positions; None: no row is padded."""
+    T = x.shape[1]
+    positions = mask = None  # positions = slots; a fresh prefill is causal (llama.Attention)
+    if pad is not None:
+        slots = torch.arange(T, device=x.device)
+        positions = (slots - pad[:, None]).clamp(min=0)                 # (B, T)
+        real = slots[None, :] >= pad[:, None]                           # (B, T) not padding
+        causal = slots[:, None] >= slots[None, :]                       # (T, T)
+        # Not part of the paper: a padding position sees no real position, and a query row
+        # with nothing to attend to is NaN on some attention kernels (PyTorch before 2.5; on
+        # 2.13's CPU kernels it is zeros, so no test here fails without it). Letting each
+        # position see itself keeps every row finite; real positions never see padding.
+        mask = (causal & real[:, None]) | torch.eye(T, dtype=torch.bool, device=x.device)
+        mask = mask[:, None]                                            # (B, 1, T, T)
+    elif start > 0 and T > 1:  # new tokens see the cache and each other causally, no later slot
+        slots = torch.arange(start + T, device=x.device)
+        mask = (slots[None, :] <= slots[start:, None])[None, None]      # (1, 1, T, start+T)
+    return cached_forward(llm, caches, x, positions, start, mask)
+
+
+def decode_one_token(llm: Llama, caches: list, token, slot: int, pad=None):
+    """One token per row (B,) at cache slot `slot`, seeing every slot before it but `prefill`'s
+    padding -> its logits (B, vocab). Its position is the slot less the row's padding."""
+    positions = mask = None  # one new token sees the whole cache
+    if pad is not None:
+        positions = (slot - pad)[:, None]                               # (B, 1)
+        real = torch.arange(slot + 1, device=pad.device)[None, :] >= pad[:, None]
+        mask = real[:, None, None]                                      # (B, 1, 1, slot+1)
+    return cached_forward(llm, caches, llm.embed(token[:, None]), positions, slot, mask)
+
+
+def cached_forward(llm: Llama, caches: list, x, positions, start: int, mask):
+    """The LLM's last logits (B, vocab) with `caches` in its attention layers for this call
+    only: between calls the model serves other work (another conversation, training, looked.py)."""
+    for layer, cache in zip(llm.layers, caches):
+        layer.attn.cache = cache
+    try:
+        return llm(x, positions, start=start, mask=mask, logits_from=-1)[:, -1]
+    finally:
+        llm.clear_cache()
+
+
+def next_token(logits, temperature: float, top_p: float, generator=None):
+    """logits (B, vocab) -> the chosen ids (B,) (`sample`) and their log-probabilities (B,),
+    log-softmax of the float32 logits."""
+    token = sample(logits, temperature, top_p, generator)
+    return token, torch.log_softmax(logits.float(), dim=-1).gather(1, token[:, None])[:, 0]
 
 
 def sample(logits, temperature: float, top_p: float, generator=None):
@@ -313,3 +347,16 @@ def sample(logits, temperature: float, top_p: float, generator=None):
         sorted_p[outside] = 0
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+
+def greedy_ids(model: Dragonfly, prompts, images, max_new_tokens: int, stop_ids) -> list:
+    """Batched greedy answers as token-id lists (generate's arguments); each row ends before its
+    first stop id, the batch when every row has stopped."""
+    ids, stopped = [[] for _ in prompts], [False] * len(prompts)
+    for token, _ in model.generate(prompts, images, max_new_tokens=max_new_tokens, stop_ids=stop_ids):
+        for i, t in enumerate(token.tolist()):
+            stopped[i] = stopped[i] or t in stop_ids
+            if not stopped[i]:
+                ids[i].append(t)
+    return ids
+

@@ -86,15 +86,10 @@ def test_answers_that_stop_keep_the_models_eot_on_the_shipped_zoom_model(tok):
 def test_unused_cache_slots_never_reach_attention(tiny_v2, tok, crops):
     clean = chat_turns(Conversation(tiny_v2, tok, crops), QUESTIONS[:2], max_new=4)
     conv = Conversation(tiny_v2, tok, crops)
-    conv._reserve(tiny_v2.cfg.llm.max_seq_len)
-    feed = conv._feed
-
-    def feed_after_garbage(reserve=0):  # every slot not written yet holds large finite values
-        for cache in conv.caches:
-            cache.k[:, :, conv.cached:] = 1e4
-            cache.v[:, :, conv.cached:] = -3e4
-        return feed(reserve)
-    conv._feed = feed_after_garbage
+    conv._reserve(tiny_v2.cfg.llm.max_seq_len)  # the whole context: the cache is never reallocated
+    for cache in conv.caches:  # every slot not written yet holds large finite values
+        cache.k.fill_(1e4)
+        cache.v.fill_(-3e4)
     dirty = chat_turns(conv, QUESTIONS[:2], max_new=4)
     for (ids, lp), (want_ids, want_lp) in zip(dirty, clean):
         assert ids == want_ids
