@@ -30,3 +30,15 @@ def one_line_for_missing_packages():
         else:
             sys.__excepthook__(kind, error, traceback)
     sys.excepthook = report
+
+
+def run(main):
+    """A script's main() with the errors a user causes as one line: a bad input (ValueError) or a
+    file that cannot be read or written (OSError) is `error: ...` with exit status 1, Ctrl-C is
+    exit status 130, with no traceback either way."""
+    try:
+        return main()
+    except (ValueError, OSError) as e:
+        sys.exit(f"error: {e}")
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -23,7 +23,6 @@ Not part of Llama-3 as Meta describes it, and marked where it sits (skip on a fi
   re-layout in `Llama.setup_cache`. Neither changes a value.
 """
 import math
-import re
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -322,7 +321,9 @@ class Llama(nn.Module):
 
 
 # Our parameter names -> Hugging Face Llama names (after the optional `language_model.` prefix).
-_RENAMES = [
+# Our parameter names -> a Hugging Face Llama checkpoint's (without a prefix), first match wins;
+# pretrained.checkpoint_key applies them.
+CHECKPOINT_NAMES = [
     (r"^embed_tokens\.", "model.embed_tokens."),
     (r"^norm\.", "model.norm."),
     (r"^lm_head\.", "lm_head."),
@@ -332,11 +333,3 @@ _RENAMES = [
     (r"^layers\.(\d+)\.ffn\.", r"model.layers.\1.mlp."),
 ]
 
-
-def checkpoint_key(name: str) -> str:
-    """Name of our parameter `name` in a Hugging Face Llama checkpoint, without a prefix."""
-    for pattern, repl in _RENAMES:
-        name, n = re.subn(pattern, repl, name)
-        if n:
-            return name
-    raise KeyError(name)

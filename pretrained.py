@@ -10,6 +10,7 @@ saves a Dragonfly: model.py holds only the architecture and imports nothing abov
 """
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, is_dataclass, replace
@@ -20,12 +21,11 @@ import torch
 import crops as crops_lib
 import model as M
 import stored
+import llama
 import vit as vit_lib
 import weights
 from llama import Llama, LlamaConfig
-from llama import checkpoint_key as llama_key
 from vit import ViTConfig, VisionTransformer
-from vit import checkpoint_key as vit_key
 
 # Buffers older transformers versions saved next to the weights: recomputed here, never loaded.
 SAVED_BUFFERS = ("embeddings.position_ids", "rotary_emb.inv_freq")
@@ -35,13 +35,23 @@ def saved_buffer(key: str) -> bool:
     return key.endswith(SAVED_BUFFERS)
 
 
+def checkpoint_key(renames, name: str) -> str:
+    """Our parameter `name` under a checkpoint's naming: the first of `renames` (a building
+    block's CHECKPOINT_NAMES, regular expression -> replacement) that matches."""
+    for pattern, repl in renames:
+        name, n = re.subn(pattern, repl, name)
+        if n:
+            return name
+    raise KeyError(name)
+
+
 def checkpoint_names(model: "M.Dragonfly") -> dict:
     """Our parameter names -> the released checkpoint's names (docs/release-facts.md#weight-names)."""
-    prefix = {"vision": lambda r: "image_encoder.vision_model." + vit_key(r),
+    prefix = {"vision": lambda r: "image_encoder.vision_model." + checkpoint_key(vit_lib.CHECKPOINT_NAMES, r),
               "projection": lambda r: "vision_embed_tokens." + r,
-              "llm": lambda r: "language_model." + llama_key(r),
+              "llm": lambda r: "language_model." + checkpoint_key(llama.CHECKPOINT_NAMES, r),
               # ablation modules (not in any release): our own names
-              "vision_low": lambda r: "low_image_encoder.vision_model." + vit_key(r),
+              "vision_low": lambda r: "low_image_encoder.vision_model." + checkpoint_key(vit_lib.CHECKPOINT_NAMES, r),
               "projection_low": lambda r: "low_vision_embed_tokens." + r,
               "resampler": lambda r: "resampler." + r}
     return {name: prefix[name.split(".", 1)[0]](name.split(".", 1)[1]) for name, _ in model.named_parameters()}
@@ -262,7 +272,7 @@ def allocate(cfg, weights_dtype, device, compute_dtype=None, quantize=None):
 def load_clip_vision(clip_dir, dtype=torch.float32, device="cpu") -> VisionTransformer:
     """The vision tower of an OpenAI CLIP checkpoint (`vision_model.*`; the text tower is skipped)."""
     vision = build(vit_lib.config_from_weights(weights.read_shapes(clip_dir), "vision_model."), dtype, device, VisionTransformer)
-    weights.load_into(vision, clip_dir, {n: "vision_model." + vit_key(n) for n, _ in vision.named_parameters()},
+    weights.load_into(vision, clip_dir, {n: "vision_model." + checkpoint_key(vit_lib.CHECKPOINT_NAMES, n) for n, _ in vision.named_parameters()},
                       ignore=lambda k: not k.startswith("vision_model.") or saved_buffer(k))
     return vision.eval()
 
@@ -272,5 +282,5 @@ def load_llama(llama_dir, dtype=torch.float32, device="cpu") -> Llama:
     hf = weights.read_config(Path(llama_dir) / "config.json")
     check_llm_fields(hf, str(Path(llama_dir) / "config.json"))
     llm = build(check_heads(LlamaConfig.from_hf(hf), str(Path(llama_dir) / "config.json")), dtype, device, Llama)
-    weights.load_into(llm, llama_dir, {n: llama_key(n) for n, _ in llm.named_parameters()}, ignore=saved_buffer)
+    weights.load_into(llm, llama_dir, {n: checkpoint_key(llama.CHECKPOINT_NAMES, n) for n, _ in llm.named_parameters()}, ignore=saved_buffer)
     return llm.eval()

@@ -11,7 +11,7 @@ Data flow, in the order of the classes below:
     pixels (N, 3, S, S) -> conv patch embedding (no bias) -> [CLS] + patches + positions
     -> pre-LayerNorm ("pre_layrnorm", sic) -> pre-LN blocks (attention, quick_gelu MLP)
 Weights load by name from `vision_model.*` (OpenAI's CLIP repo) or
-`image_encoder.vision_model.*` (the Dragonfly release): see `checkpoint_key`.
+`image_encoder.vision_model.*` (the Dragonfly release): see `CHECKPOINT_NAMES`.
 """
 import math
 import re
@@ -142,7 +142,9 @@ class VisionTransformer(nn.Module):
 
 
 # Our parameter names -> the names in the released checkpoints (after `vision_model.`).
-_RENAMES = [
+# Our parameter names -> a Hugging Face CLIP checkpoint's (without a prefix), first match wins;
+# pretrained.checkpoint_key applies them.
+CHECKPOINT_NAMES = [
     (r"^patch_embed\.", "embeddings.patch_embedding."),
     (r"^cls$", "embeddings.class_embedding"),
     (r"^pos$", "embeddings.position_embedding.weight"),
@@ -153,14 +155,6 @@ _RENAMES = [
     (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
 ]
 
-
-def checkpoint_key(name: str) -> str:
-    """Name of our parameter `name` in a Hugging Face CLIP checkpoint, without the prefix."""
-    for pattern, repl in _RENAMES:
-        name, n = re.subn(pattern, repl, name)
-        if n:
-            return name
-    raise KeyError(name)
 
 
 def config_from_weights(shapes: dict, prefix: str) -> ViTConfig:
