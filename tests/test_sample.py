@@ -89,8 +89,13 @@ class Terminal:
 
     def __init__(self, *args):
         self.master, slave = pty.openpty()
+        # A person's terminal starts sample.py with Ctrl-C at its default. The pytest process may
+        # be ignoring SIGINT (seen: /proc SigIgn 0x1001006 after the full suite under
+        # ONEDNN_MAX_CPU_ISA=AVX2), and an ignored signal is inherited across exec, where Python
+        # then leaves it ignored: so the child gets the default back before sample.py starts.
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "sample.py"), *args],
-                                     stdin=slave, stdout=slave, stderr=slave, close_fds=True)
+                                     stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+                                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         os.close(slave)
         self.screen = ""
 
