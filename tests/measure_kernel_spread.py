@@ -62,9 +62,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
-    flags = open("/proc/cpuinfo").read().split("flags", 1)[1].split("\n", 1)[0]
-    kinds = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    print(f"CPU flags that matter: {' '.join(kinds)}")
+    sys.path.insert(0, str(HERE.parent))
+    import devices
+    cpu = devices.cpu_kind()  # the flags that decide the kernels, as bench.py names them
+    print(f"CPU: {cpu}")
     settings = [(isa, aten, t) for isa in ISA_CAPS for aten in ("", "avx2") for t in ("2",)]
     settings += [("", "", "1"), ("AVX2", "avx2", "1")]
     rows, table = [], []  # rows: the settings that ran
@@ -83,7 +84,7 @@ def main():
         table.append(row)
     print("largest spread: " + ", ".join(f"{k} {max(r[k] for r in rows)}" for k in rows[0] if "ulps" in k or k.endswith("rel")))
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu_flags": kinds, "rows": table}, indent=1))
+        Path(args.json).write_text(json.dumps({"cpu": cpu, "rows": table}, indent=1))
 
 
 if __name__ == "__main__":
