@@ -27,22 +27,17 @@ Quirks of the rules, kept because the checkpoints were trained with them:
   (docs/release-facts.md#zoom-in-selection).
 
 Opening the image file itself (the release's `convert("RGB")`, hardened against unreadable,
-16-bit and huge files) is images.py's `load_image`.
+16-bit and huge files) is lib/images.py's `load_image`; the drawing of the grids is
+tools/draw_crops.py.
 """
-import argparse
-import sys
 from dataclasses import dataclass
 
-if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
-    first_run.one_line_for_missing_packages()
-
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
-import weights  # the command line's output-path guard
-from images import FULL_SIZE, load_image  # opening a file safely: images.py
-
+# The key under which lib/images.py keeps a huge JPEG's full size when it decodes it smaller: the
+# grids follow the image's real size.
+FULL_SIZE = "dragonfly_full_size"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -95,30 +90,23 @@ def _best_grid(image_size, grids, size):
 
 # ---------------------------------------------------------------------------- CLIP preprocessing
 
-def _clip_table():
-    # HF rescales in float64 then casts to float32, then normalises in float32; as every
-    # step is per value, a (3, 256) table reproduces it bit for bit.
-    x = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)
-    mean, std = np.array(CLIP_MEAN, np.float32), np.array(CLIP_STD, np.float32)
-    return (x[None, :] - mean[:, None]) / std[:, None]
-
-
-_CLIP_TABLE = _clip_table()   # (3, 256) float32
-
-
-def _normalize(tiles):
-    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32 CLIP-normalised."""
-    out = np.empty((tiles.shape[0], 3) + tiles.shape[1:3], np.float32)
-    for c in range(3):
-        out[:, c] = _CLIP_TABLE[c][tiles[..., c]]
-    return out
+def normalize(tiles):
+    """(N, S, S, 3) uint8 -> (N, 3, S, S) float32: x / 255, then (x - mean) / std per channel.
+    Release fidelity: in CLIPImageProcessor's precisions (the rescale in float64, cast to float32,
+    the normalisation in float32), so the pixels equal the release's bit for bit
+    (tests/test_crops.py's goldens)."""
+    x = (tiles.astype(np.float64) * (1 / 255)).astype(np.float32)
+    x = (x - np.array(CLIP_MEAN, np.float32)) / np.array(CLIP_STD, np.float32)
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def preprocess(img, size=336):
-    """CLIPImageProcessor (PIL path) on one image -> (3, size, size) float32: bicubic
-    resize of the shortest edge to `size` (long edge = int(size * long / short)), centre
-    crop with offsets (dim - size) // 2, /255, CLIP mean/std."""
-    img = load_image(img)
+    """CLIPImageProcessor (PIL path) on one RGB image of any size -> (3, size, size) float32:
+    bicubic resize of the shortest edge to `size` (long edge = int(size * long / short)), centre
+    crop with offsets (dim - size) // 2, then `normalize`. The release runs it on every tile;
+    `make_crops` cuts tiles of exactly size x size, where the resize and the crop do nothing, so
+    it calls `normalize` alone (tests/test_crops.py checks both against the release)."""
+    img = img.convert("RGB") if img.mode != "RGB" else img
     w, h = img.size
     if w <= h:
         new = (size, int(size * h / w))
@@ -127,7 +115,7 @@ def preprocess(img, size=336):
     img = img.resize(new, Image.BICUBIC)
     left, top = (new[0] - size) // 2, (new[1] - size) // 2
     a = np.asarray(img)[top:top + size, left:left + size]
-    return _normalize(a[None])[0]
+    return normalize(a[None])[0]
 
 
 # ---------------------------------------------------------------------------- the crops
@@ -140,8 +128,9 @@ def _tiles(img, grid, size):
 
 
 def make_crops(img, cfg=V2) -> Crops:
-    """The low / medium / high crops of one image (docs/release-facts.md#crop-grids)."""
-    img = load_image(img)
+    """The low / medium / high crops of one RGB PIL image (docs/release-facts.md#crop-grids).
+    Opening a file safely is lib/images.py's `load_image`."""
+    img = img.convert("RGB") if img.mode != "RGB" else img   # the release's convert("RGB")
     S, size = cfg.size, img.info.get(FULL_SIZE, img.size)   # a huge JPEG's grids follow its full size
     medium_grid = _best_grid(size, cfg.medium_grids, S)
     if cfg.high_grids is None:
@@ -155,84 +144,5 @@ def make_crops(img, cfg=V2) -> Crops:
         # tiles are already S x S, so the CLIP processor's resize and crop are identities
         parts.append(_tiles(src, grid, S) if keep else np.empty((0, S, S, 3), np.uint8))
         counts.append(len(parts[-1]))
-    pixels = _normalize(np.concatenate(parts))   # (N, 3, S, S)
+    pixels = normalize(np.concatenate(parts))   # (N, 3, S, S)
     return Crops(pixels, medium_grid, high_grid, tuple(counts))
-
-
-# ---------------------------------------------------------------------------- CLI
-
-GRID_STYLE = {"medium": ((255, 0, 0), "thick red"), "high": ((0, 255, 255), "thin cyan")}
-
-
-def legend(medium_grid, high_grid) -> list:
-    """One line per drawn grid: which colour is which level, and the grid (cols x rows) chosen."""
-    return [f"{level} grid {c}x{r}: {GRID_STYLE[level][1]} lines"
-            for level, (c, r) in (("medium", medium_grid), ("high", high_grid))]
-
-
-def draw_grids(img, medium_grid, high_grid):
-    """The original image with the medium grid (thick red) and the high grid (thin cyan) drawn
-    on it, above a dark band holding the legend."""
-    canvas = img.copy()
-    if max(canvas.size) < 512:               # tiny images: enlarge so the lines are visible
-        k = -(-512 // max(canvas.size))
-        canvas = canvas.resize((canvas.width * k, canvas.height * k), Image.NEAREST)
-    draw = ImageDraw.Draw(canvas)
-    w, h = canvas.size
-    for (cols, rows), level, width in ((high_grid, "high", 1), (medium_grid, "medium", max(3, min(w, h) // 150))):
-        for i in range(1, cols):
-            x = round(i * w / cols)
-            draw.line([(x, 0), (x, h)], fill=GRID_STYLE[level][0], width=width)
-        for j in range(1, rows):
-            y = round(j * h / rows)
-            draw.line([(0, y), (w, y)], fill=GRID_STYLE[level][0], width=width)
-    size = max(14, w // 36)
-    try:
-        font = ImageFont.load_default(size=size)
-    except (TypeError, ImportError):        # Pillow < 10.1, or no FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    lines = legend(medium_grid, high_grid)
-    text_w = max(round(draw.textlength(line, font=font)) for line in lines) + size   # a narrow image gets a wider band
-    out = Image.new("RGB", (max(w, text_w), h + 3 * size), (24, 24, 24))
-    out.paste(canvas, (0, 0))
-    draw = ImageDraw.Draw(out)
-    for i, (line, level) in enumerate(zip(lines, ("medium", "high"))):
-        draw.text((size // 2, h + size // 3 + round(i * 1.3 * size)), line, fill=GRID_STYLE[level][0], font=font)
-    return out
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Show Dragonfly's medium/high crop grids on an image.")
-    p.add_argument("image")
-    p.add_argument("--out", help="write the image with the grids drawn on it (PNG)")
-    p.add_argument("--v1", action="store_true", help="v1 rules (224px, best-fit high grid)")
-    args = p.parse_args(argv)
-    cfg = V1 if args.v1 else V2
-    try:
-        if args.out:
-            weights.refuse_overwrite(args.out, [args.image], "--out")
-            weights.require_writable(args.out, "--out", parents=False)  # before the work, not after it
-        img = load_image(args.image)
-        crops = make_crops(img, cfg)
-        if args.out:
-            draw_grids(img, crops.medium_grid, crops.high_grid).save(args.out, format="PNG")
-    except (ValueError, OSError) as e:
-        print(f"crops.py: {e}", file=sys.stderr)
-        return 1
-    S, (mc, mr), (hc, hr) = cfg.size, crops.medium_grid, crops.high_grid
-    print(f"image {img.width}x{img.height}  ({'v1' if args.v1 else 'v2'}, crop {S})")
-    print(f"low     {S}x{S}  grid 1x1")
-    print(f"medium  {mc * S}x{mr * S}  grid {mc}x{mr}")
-    print(f"high    {hc * S}x{hr * S}  grid {hc}x{hr}")
-    n = crops.counts
-    print(f"crops   {n[0]} + {n[1]} + {n[2]} = {sum(n)}")
-    if args.out:
-        print(f"wrote {args.out}:", "; ".join(legend(crops.medium_grid, crops.high_grid)))
-    return 0
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        sys.exit(130)

@@ -189,10 +189,6 @@ class Dragonfly(nn.Module):
             chosen.append(pool.select_region_topk(m_sum[b], h_sum[b], regions, cfg.zoom_k))
         return torch.stack(chosen)
 
-    def crop_image(self, image):
-        """A path or PIL image -> `crops.Crops`: pixels (N, 3, S, S) and the chosen grids."""
-        return crops_lib.make_crops(crops_lib.load_image(image), self.cfg.crops)
-
     # ---- the language model over [image block][text] ----------------------------------------
     def forward(self, tokens, pixels=None, labels=None, grids=(None, None), reduction="mean"):
         """tokens (B, T) text ids starting with <|begin_of_text|>; pixels (B, N, 3, S, S) or None.
@@ -225,7 +221,7 @@ class Dragonfly(nn.Module):
                  stop_ids=(), generator=None, progress=None):
         """Yield (token ids (B,), log-probabilities (B,)) one step at a time.
         prompts: list of B token-id lists (each starting with <|begin_of_text|>); images: list of
-        B `crops.Crops` (from `crop_image`) or None (text only). Prompts are left-padded to a common
+        B `crops.Crops` (`crops.make_crops`) or None (text only). Prompts are left-padded to a common
         length; padding is masked out and does not shift positions. Stops when every row has
         produced a stop id. Log-probabilities are log-softmax of the float32 logits.
         progress: called with what the prefill is doing, before each of its slow parts."""

@@ -16,18 +16,18 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 import torch
 
-import looked
-import pretrained
-import weights
-from conversation import ContextFull, Conversation, answer, chat
-from devices import DTYPES, compute_dtype, pick_device, pick_dtype
-from images import load_image
-from tokenizer import Tokenizer
+from lib import looked
+from lib import pretrained
+from lib import weights
+from lib.conversation import ContextFull, Conversation, answer, chat
+from lib.devices import DTYPES, compute_dtype, pick_device, pick_dtype
+from lib.images import crop_image, load_image
+from lib.tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "checkpoints" / "zoom-tiny"
 def parse_args(argv=None):
@@ -127,7 +127,7 @@ def main(argv=None):
     dtype = pick_dtype(args.dtype, device)
     check_paths(args)
     tok, image, model = load(args, device, dtype)
-    conv = Conversation(model, tok, model.crop_image(image) if args.image else None)
+    conv = Conversation(model, tok, crop_image(image, model.cfg.crops) if args.image else None)
 
     def show(question, result):  # --show: where the first answer about the image looked
         shown = looked.show(model, tok, tok.encode_prompt(question), result["token_ids"], conv.crops, args.show, question)
@@ -136,7 +136,7 @@ def main(argv=None):
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     generator=torch.Generator(device=device).manual_seed(args.seed))
     if interactive:
-        return chat(conv, model.crop_image, args.json, on_first_answer=show if args.show else None, **sampling)
+        return chat(conv, args.json, on_first_answer=show if args.show else None, **sampling)
     ask(conv, args, asked_length, show, sampling)
 
 

@@ -24,7 +24,7 @@ from functools import partial
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 import numpy as np
@@ -32,15 +32,15 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-import checkpoint
+from lib import checkpoint
 import model as M
-import presets
-import weights
+from lib import presets
+from lib import weights
 from data.dataset import ShardedSampler, SkipCount, VLDataset, collate
 from data.formats import RecordFile
-from tokenizer import Tokenizer
-from train_config import TrainConfig, inputs, parse_config, run_identity
-from training import build_model, freeze, lr_at, param_groups, setup_distributed, shard
+from lib.tokenizer import Tokenizer
+from lib.train_config import TrainConfig, inputs, parse_config, run_identity
+from lib.training import build_model, freeze, lr_at, param_groups, setup_distributed, shard
 
 
 # ---- setup ---------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-import crops as crops_lib
+from lib.images import crop_image
 from data.formats import IGNORE, RecordFile, encode_turns, to_turns
 
 
@@ -99,7 +99,7 @@ class VLDataset(torch.utils.data.Dataset):
             if not path.is_file():
                 return Skipped("missing image", i, str(path))
             try:
-                crops = crops_lib.make_crops(crops_lib.load_image(path), self.crop_cfg)
+                crops = crop_image(path, self.crop_cfg)
             except Exception as e:              # PIL raises many types on hostile files
                 return Skipped("bad image", i, f"{path}: {e}")
             pixels = torch.from_numpy(crops.pixels)                       # (N, 3, S, S)

@@ -9,6 +9,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 GOLDEN = ROOT / "tests" / "golden"
 
+
+def script(path: str) -> list:
+    """How the README runs a command line, after `python`: `sample.py` and `train.py` as files, every
+    other one as a module from the repository root (`tools/eval.py` -> `-m tools.eval`): run the
+    command with cwd=ROOT."""
+    return [str(ROOT / path)] if "/" not in path else ["-m", path[:-3].replace("/", ".")]
+
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
@@ -32,7 +39,7 @@ def checkpoint_dir(tiny_v2, tmp_path_factory):
     from dataclasses import replace
     import shutil
     import model
-    import pretrained
+    from lib import pretrained
     llama_models = pytest.importorskip("llama_models")
     path = tmp_path_factory.mktemp("ckpt")
     small = model.Dragonfly(replace(tiny_v2.cfg, llm=replace(tiny_v2.cfg.llm, max_seq_len=2200)))

@@ -2,12 +2,12 @@
 # What only a GPU can check, in one go on one H100 (< 8 minutes):
 #   1. the tests that compare bf16 and int8 with the goldens (they run on CPU today: the suite has
 #      no CUDA-marked tests yet; pytest -m cuda runs any that get marked);
-#   2. bench.py --config full --device cuda, bf16 and int8, on random weights;
+#   2. python -m tools.bench --config full --device cuda, bf16 and int8, on random weights;
 #   3. a few FSDP2 training steps of a 2+2-block model at full width, checkpointing off and on:
-#      samples/s, MFU and peak memory, plan.py's prediction beside each (tests/gpu_train.py).
+#      samples/s, MFU and peak memory, tools/plan.py's prediction beside each (tests/gpu_train.py).
 #   bash tests/gpu.sh          # on a machine with CUDA
 #   bash tests/gpu.sh --dry    # on CPU, toy sizes: that this script still runs (tests/test_plan.py)
-# --dry skips 1 and 2: bench.py waits for a quiet CPU before each timing (minutes on a shared
+# --dry skips 1 and 2: tools/bench.py waits for a quiet CPU before each timing (minutes on a shared
 # machine), and the tests are the suite's own; it prints their commands and runs 3 at toy size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,9 +20,9 @@ echo "== 1. golden parity in bf16 and int8 (+ any tests marked cuda)"
 run "$PY" -m pytest -q tests/test_release_bf16.py tests/test_quantize.py tests/test_golden.py
 run "$PY" -m pytest -q -m cuda tests --no-header -p no:cacheprovider || [ $? = 5 ]  # 5: none marked yet
 echo "== 2. inference speed of the full model on random weights"
-run "$PY" bench.py --config full --device cuda --dtype bfloat16
-run "$PY" bench.py --config full --device cuda --dtype bfloat16 --quantize int8
-echo "== 3. FSDP2 training steps, measured beside plan.py's prediction"
+run "$PY" -m tools.bench --config full --device cuda --dtype bfloat16
+run "$PY" -m tools.bench --config full --device cuda --dtype bfloat16 --quantize int8
+echo "== 3. FSDP2 training steps, measured beside tools/plan.py's prediction"
 if [ "$DRY" = 1 ]; then
     "$PY" tests/gpu_train.py --dry
 else

@@ -16,10 +16,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
-import plan  # noqa: E402
-import presets  # noqa: E402
-import training  # noqa: E402
-import train_config  # noqa: E402
+from tools import plan  # noqa: E402
+from lib import presets  # noqa: E402
+from lib import training  # noqa: E402
+from lib import train_config  # noqa: E402
 
 
 def reduced_config(dry):

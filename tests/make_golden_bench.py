@@ -29,11 +29,12 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import bench  # noqa: E402
+from tools import bench  # noqa: E402
 import llama  # noqa: E402
-import pretrained  # noqa: E402
+from lib import pretrained  # noqa: E402
 import vit  # noqa: E402
 from model import Dragonfly  # noqa: E402
+from lib.images import crop_image
 
 hf_logging.set_verbosity_error()
 
@@ -163,7 +164,7 @@ def main():
     model = bench.random_model(bench.CONFIGS["small"]())
     clip, lm = hugging_face_models(model)
     cut, full = hugging_face_glue(model, clip, lm, cut=True), hugging_face_glue(model, clip, lm, cut=False)
-    crops = model.crop_image(bench.synthetic_image())
+    crops = crop_image(bench.synthetic_image(), model.cfg.crops)
 
     with torch.no_grad():  # the same function before timing it: first-token logits over image + prompt
         ours, _ = model(torch.tensor([bench.PROMPT]), torch.as_tensor(crops.pixels)[None])

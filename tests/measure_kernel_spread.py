@@ -34,7 +34,7 @@ def worker():
     import torch
     import torch.nn.functional as F
     sys.path[:0] = [str(HERE.parent), str(HERE)]
-    import stored
+    from lib import stored
     from test_release_bf16 import first_token_ulps, greedy_ulps_behind, load_release
     out = {"threads": torch.get_num_threads(), "aten": torch.backends.cpu.get_cpu_capability()}
     with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +63,7 @@ def main():
     p.add_argument("--json", help="also write the rows to this file")
     args = p.parse_args()
     sys.path.insert(0, str(HERE.parent))
-    import devices
+    from lib import devices
     cpu = devices.cpu_kind()  # the flags that decide the kernels, as bench.py names them
     print(f"CPU: {cpu}")
     settings = [(isa, aten, t) for isa in ISA_CAPS for aten in ("", "avx2") for t in ("2",)]

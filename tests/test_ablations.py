@@ -4,7 +4,8 @@ import json
 import pytest
 
 import model as M
-import presets
+from lib import presets
+from lib.images import crop_image
 
 
 @pytest.mark.parametrize("preset,high_pool,expected", [
@@ -59,7 +60,7 @@ def zoom_models(*preset_names):
     for m in models[1:]:
         m.load_state_dict(models[0].state_dict())
     page = prepare.draw_sample(random.Random("zoom/test"), digit=4)[0]
-    return [(m, torch.from_numpy(m.crop_image(page).pixels)[None]) for m in models]
+    return [(m, torch.from_numpy(crop_image(page, m.cfg.crops).pixels)[None]) for m in models]
 
 
 def test_low_plus_medium_block_is_the_low_block_then_the_medium_block():

@@ -23,6 +23,8 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import script  # noqa: E402
 TINY = ROOT / "checkpoints" / "zoom-tiny"     # context 1024, 258 image positions
 IMAGE = ROOT / "data" / "zoom" / "example.png"
 RECORDS = ROOT / "tests" / "fixtures" / "data" / "release.jsonl"  # usable data: the --init rows fail on --init
@@ -72,24 +74,24 @@ ROWS = [
      r"\(63,\), the model expects \(64,\)"),
     ("sample.py", "missing weight", ["--checkpoint", "{tmp}/noweight", "--prompt", "hi"], 1,
      r"error: .*noweight: missing 1 weight\(s\), first 'image_encoder\.vision_model\.post_layernorm\.weight'"),
-    ("eval.py", "--device cuda not here", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_a", "--device", CUDA], 1,
+    ("tools/eval.py", "--device cuda not here", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_a", "--device", CUDA], 1,
      rf"error: --device {CUDA} is not available here; available: cpu.*"),
-    ("eval.py", "empty checkpoint directory", ["--checkpoint", "{tmp}/empty", *EVAL, "{tmp}/eval_b"], 1,
+    ("tools/eval.py", "empty checkpoint directory", ["--checkpoint", "{tmp}/empty", *EVAL, "{tmp}/eval_b"], 1,
      r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
-    ("eval.py", "unknown task", ["--checkpoint", str(TINY), "--task", "gqa", "--data", "{tmp}/bench.jsonl"], 1,
+    ("tools/eval.py", "unknown task", ["--checkpoint", str(TINY), "--task", "gqa", "--data", "{tmp}/bench.jsonl"], 1,
      r"error: unknown task 'gqa'; tasks: textvqa, .*"),
-    ("eval.py", "predictions file torn by a kill", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_torn"], 0,
+    ("tools/eval.py", "predictions file torn by a kill", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_torn"], 0,
      r".*predictions\.jsonl: dropped a torn last line .*"),
-    ("weights.py", "non-empty DST", [str(TINY), "{tmp}/dst_full"], 1,
+    ("tools/convert_weights.py", "non-empty DST", [str(TINY), "{tmp}/dst_full"], 1,
      r"error: .*dst_full exists and is not empty; choose a new folder or pass --force to replace it"),
-    ("weights.py", "non-empty DST with --force", [str(TINY), "{tmp}/dst_force", "--force"], 0,
+    ("tools/convert_weights.py", "non-empty DST with --force", [str(TINY), "{tmp}/dst_force", "--force"], 0,
      r"model\.safetensors -> model-00001-of-00001\.safetensors \(77 tensors\)"),
-    ("weights.py", "SRC is a file", [str(TINY / "model.safetensors"), "{tmp}/dst_new"], 1,
+    ("tools/convert_weights.py", "SRC is a file", [str(TINY / "model.safetensors"), "{tmp}/dst_new"], 1,
      r"error: .*model\.safetensors: not a checkpoint directory .*"),
-    ("crops.py", "missing image", ["{tmp}/nope.png"], 1, r"crops\.py: image file not found: .*nope\.png"),
-    ("crops.py", "truncated image", ["{tmp}/truncated.png"], 1, r"crops\.py: cannot read image .*truncated\.png: .*"),
-    ("crops.py", "huge image (13000x13000 PNG)", ["{tmp}/huge.png"], 1,
-     r"crops\.py: image .*huge\.png is 13000x13000 \(169 megapixels\); at most 67 are read .*"),
+    ("tools/draw_crops.py", "missing image", ["{tmp}/nope.png"], 1, r"error: image file not found: .*nope\.png"),
+    ("tools/draw_crops.py", "truncated image", ["{tmp}/truncated.png"], 1, r"error: cannot read image .*truncated\.png: .*"),
+    ("tools/draw_crops.py", "huge image (13000x13000 PNG)", ["{tmp}/huge.png"], 1,
+     r"error: image .*huge\.png is 13000x13000 \(169 megapixels\); at most 67 are read .*"),
     ("train.py", "empty --init directory", ["--init", "{tmp}/empty", "--data", str(RECORDS), "--out", "{tmp}/train_a"], 1,
      r"error: .*empty: no checkpoint here \(no config\.json, no weights\); .*"),
     ("train.py", "invalid config.json in --init", ["--init", "{tmp}/badconfig", "--data", str(RECORDS), "--out", "{tmp}/train_b"], 1,
@@ -164,43 +166,43 @@ ROWS = [
      r"error: .*cfg_key/config\.json: dragonfly_nano: unknown field 'crop' \(known: vit, crops, .*\)"),
     ("sample.py", "config.json null crop size", ["--checkpoint", "{tmp}/cfg_null", "--prompt", "hi"], 1,
      r"error: .*cfg_null/config\.json: dragonfly_nano\.crops\.size: expected an integer from 1 to 65536, found null"),
-    ("eval.py", "--batch-size 0", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_c", "--batch-size", "0"], 1,
+    ("tools/eval.py", "--batch-size 0", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_c", "--batch-size", "0"], 1,
      r"error: --batch-size 0: give a number >= 1"),
-    ("eval.py", "--limit -1", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_d", "--limit", "-1"], 1,
+    ("tools/eval.py", "--limit -1", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_d", "--limit", "-1"], 1,
      r"error: --limit -1: give a number >= 1"),
-    ("eval.py", "no records", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/blank.jsonl", "--out", "{tmp}/eval_e"], 1,
+    ("tools/eval.py", "no records", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/blank.jsonl", "--out", "{tmp}/eval_e"], 1,
      r"error: .*blank\.jsonl holds no questions"),
-    ("eval.py", "every image missing", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/noimages.jsonl",
+    ("tools/eval.py", "every image missing", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/noimages.jsonl",
                                         "--out", "{tmp}/eval_f", "--device", "cpu"], 1,
      r"error: none of the 2 questions was answered \(first: q1: image file not found: .*gone\.png\); see .*"),
-    ("eval.py", "an image path leaving --images", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/escape.jsonl",
+    ("tools/eval.py", "an image path leaving --images", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/escape.jsonl",
                                                    "--out", "{tmp}/eval_g"], 1,
      r"error: .*escape\.jsonl: question q1: image '\.\./\.\./etc/passwd' is outside the image root .*; pass "
      r"--images-anywhere to read it"),
-    ("eval.py", "a FIFO as an image", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/fifo.jsonl",
+    ("tools/eval.py", "a FIFO as an image", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/fifo.jsonl",
                                        "--out", "{tmp}/eval_h", "--device", "cpu"], 1,
      r"error: none of the 1 questions was answered \(first: q1: image .*fifo\.png is not a regular file .*"),
-    ("eval.py", "--out holding another checkpoint's answers", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_other"], 1,
+    ("tools/eval.py", "--out holding another checkpoint's answers", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_other"], 1,
      r"error: .*eval_other/predictions\.jsonl holds answers of another run \(they differ in checkpoint\); use a new "
      r"--out, or --restart to discard them"),
-    ("eval.py", "--out holding answers of an unknown run", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_old"], 1,
+    ("tools/eval.py", "--out holding answers of an unknown run", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_old"], 1,
      r"error: .*eval_old/predictions\.jsonl holds answers of another run \(no run\.json says what made them\); .*"),
-    ("weights.py", "DST inside SRC with --force", ["{tmp}/src_copy", "{tmp}/src_copy/model.safetensors", "--force"], 1,
+    ("tools/convert_weights.py", "DST inside SRC with --force", ["{tmp}/src_copy", "{tmp}/src_copy/model.safetensors", "--force"], 1,
      r"error: DST .*src_copy/model\.safetensors is inside the input .*src_copy; write to a new path"),
-    ("weights.py", "DST holding SRC", ["{tmp}/src_copy", "{tmp}", "--force"], 1,
+    ("tools/convert_weights.py", "DST holding SRC", ["{tmp}/src_copy", "{tmp}", "--force"], 1,
      r"error: DST .* holds the input .*src_copy; write to a new path"),
-    ("crops.py", "--out onto the image", ["{tmp}/pic.png", "--out", "{tmp}/pic.png"], 1,
-     r"crops\.py: --out .*pic\.png is the input .*pic\.png; write to a new path"),
-    ("crops.py", "a FIFO as the image", ["{tmp}/fifo.png"], 1,
-     r"crops\.py: image .*fifo\.png is not a regular file \(a folder, FIFO or device\); give an image file"),
-    ("quantize.py", "DST inside SRC", ["{tmp}/src_copy", "{tmp}/src_copy/int8"], 1,
+    ("tools/draw_crops.py", "--out onto the image", ["{tmp}/pic.png", "--out", "{tmp}/pic.png"], 1,
+     r"error: --out .*pic\.png is the input .*pic\.png; write to a new path"),
+    ("tools/draw_crops.py", "a FIFO as the image", ["{tmp}/fifo.png"], 1,
+     r"error: image .*fifo\.png is not a regular file \(a folder, FIFO or device\); give an image file"),
+    ("tools/quantize.py", "DST inside SRC", ["{tmp}/src_copy", "{tmp}/src_copy/int8"], 1,
      r"error: DST .*src_copy/int8 is inside the input .*src_copy; write to a new path"),
-    ("quantize.py", "DST where nothing can be written", [str(TINY), "/sys/dragonfly-int8"], 1,
+    ("tools/quantize.py", "DST where nothing can be written", [str(TINY), "/sys/dragonfly-int8"], 1,
      r"error: DST /sys/dragonfly-int8: cannot write in /sys \(.*\); choose another place"),
-    ("bench.py", "--threads 0", ["--threads", "0"], 1, r"error: --threads 0: give a number >= 1"),
-    ("bench.py", "--repeats 0", ["--repeats", "0", "--warmup", "0", "--contexts", "", "--no-turns", "--new-tokens", "1"], 1,
+    ("tools/bench.py", "--threads 0", ["--threads", "0"], 1, r"error: --threads 0: give a number >= 1"),
+    ("tools/bench.py", "--repeats 0", ["--repeats", "0", "--warmup", "0", "--contexts", "", "--no-turns", "--new-tokens", "1"], 1,
      r"error: --repeats 0: give a number >= 1"),
-    ("bench.py", "--json into a missing folder", ["--json", "{tmp}/nodir/bench.json", "--repeats", "1", "--warmup", "0",
+    ("tools/bench.py", "--json into a missing folder", ["--json", "{tmp}/nodir/bench.json", "--repeats", "1", "--warmup", "0",
                                                   "--contexts", "", "--no-turns", "--new-tokens", "1"], 1,
      r"error: --json .*nodir/bench\.json: the folder .*nodir does not exist; create it or choose another path"),
     # ---- issue 17, probes of our own
@@ -208,17 +210,17 @@ ROWS = [
      r"error: .*fifoweights/model\.safetensors: not a regular file \(a folder, FIFO or device\); .*"),
     ("sample.py", "--show naming a folder", ["--image", str(IMAGE), "--prompt", "hi", "--show", "{tmp}/empty"], 1,
      r"error: --show .*empty is a folder; give the path of the PNG to write"),
-    ("eval.py", "a repeated question id", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/dupids.jsonl",
+    ("tools/eval.py", "a repeated question id", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/dupids.jsonl",
                                            "--out", "{tmp}/eval_i"], 1,
      r"error: .*dupids\.jsonl:2: id 'q1' again \(first on line 1\); ids must be unique"),
-    ("eval.py", "answers as one string", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/strans.jsonl",
+    ("tools/eval.py", "answers as one string", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/strans.jsonl",
                                           "--out", "{tmp}/eval_j"], 1,
      r"error: .*strans\.jsonl:1: not a benchmark record \('answers' must be a list of strings\); .*"),
-    ("eval.py", "an image path that is a number", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/intimage.jsonl",
+    ("tools/eval.py", "an image path that is a number", ["--checkpoint", str(TINY), *EVAL[:2], "--data", "{tmp}/intimage.jsonl",
                                                    "--out", "{tmp}/eval_k"], 1,
      r"error: .*intimage\.jsonl:1: not a benchmark record \('image' must be a string\); .*"),
-    ("crops.py", "--out into a missing folder", [str(IMAGE), "--out", "{tmp}/nodir/grid.png"], 1,
-     r"crops\.py: --out .*nodir/grid\.png: the folder .*nodir does not exist; create it or choose another path"),
+    ("tools/draw_crops.py", "--out into a missing folder", [str(IMAGE), "--out", "{tmp}/nodir/grid.png"], 1,
+     r"error: --out .*nodir/grid\.png: the folder .*nodir does not exist; create it or choose another path"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -261,7 +263,7 @@ def make_fixtures(tmp: Path):
     (tmp / "badrun" / "run.json").write_text('{"run_id": ')
     (tmp / "lockdir" / "lock").mkdir(parents=True)
     (tmp / "badfirst.jsonl").write_text('{"image_url": "red.png", "conversations": \n' + RECORDS.read_text())
-    import train_config   # a run of TINY_RUN in resume_seed, with --seed 0
+    from lib import train_config   # a run of TINY_RUN in resume_seed, with --seed 0
     cfg = train_config.parse_config([*TINY_RUN, "--out", str(tmp / "resume_seed")])
     (tmp / "resume_seed").mkdir()
     (tmp / "resume_seed" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
@@ -274,7 +276,7 @@ def make_fixtures(tmp: Path):
 
 def write_run_json(tmp: Path, out: str, **changed):
     """OUT/run.json as the eval rows' run writes it (eval.run_identity), with `changed` fields."""
-    import eval as ev
+    from tools import eval as ev
     args = ev.parse_args(["--checkpoint", str(TINY), *[a.replace("{tmp}", str(tmp)) for a in EVAL], str(tmp / out)])
     (tmp / out / "run.json").write_text(json.dumps({**ev.run_identity(args, "cpu"), **changed}))
 
@@ -323,18 +325,18 @@ def make_fixtures_17(tmp: Path, state: dict):
 
 # ---- checks on the files a row leaves behind -------------------------------------------------
 def check_files(case, tmp: Path):
-    if case == ("eval.py", "predictions file torn by a kill"):
+    if case == ("tools/eval.py", "predictions file torn by a kill"):
         lines = (tmp / "eval_torn" / "predictions.jsonl").read_text().splitlines()
         assert [json.loads(line)["id"] for line in lines] == ["q1", "q2"]   # every line whole, q2 asked again
-    elif case == ("weights.py", "non-empty DST"):
+    elif case == ("tools/convert_weights.py", "non-empty DST"):
         assert sorted(os.listdir(tmp / "dst_full")) == ["pytorch_model.bin.index.json"]   # left untouched
-    elif case == ("weights.py", "non-empty DST with --force"):
-        import weights
+    elif case == ("tools/convert_weights.py", "non-empty DST with --force"):
+        from lib import weights
         assert sorted(os.listdir(tmp / "dst_force")) == sorted(
             ["config.json", "tokenizer.model", "model-00001-of-00001.safetensors", "model.safetensors.index.json"])
         assert weights.read_shapes(tmp / "dst_force") == weights.read_shapes(TINY)
         assert not [p for p in os.listdir(tmp) if p.endswith(".tmp")]
-    elif case == ("weights.py", "SRC is a file"):
+    elif case == ("tools/convert_weights.py", "SRC is a file"):
         assert not (tmp / "dst_new").exists()
     elif case in (("train.py", "--out is --init"), ("train.py", "--out inside --init")):
         assert sorted(os.listdir(tmp / "init_copy")) == sorted(os.listdir(TINY))
@@ -347,13 +349,13 @@ def check_files(case, tmp: Path):
     elif case[0] == "train.py" and case[1].startswith(("--lr", "--max-steps", "--seed", "first JSONL", "--save-every",
                                                        "--micro-batch", "--epochs", "--text-prob")):
         assert not (tmp / "train_c").exists() and not (tmp / "train_d").exists()
-    elif case in [("sample.py", "--show onto the --image"), ("crops.py", "--out onto the image")]:
+    elif case in [("sample.py", "--show onto the --image"), ("tools/draw_crops.py", "--out onto the image")]:
         assert (tmp / "pic.png").read_bytes() == IMAGE.read_bytes()
-    elif case in [("weights.py", "DST inside SRC with --force"), ("weights.py", "DST holding SRC"),
-                  ("quantize.py", "DST inside SRC")]:
+    elif case in [("tools/convert_weights.py", "DST inside SRC with --force"), ("tools/convert_weights.py", "DST holding SRC"),
+                  ("tools/quantize.py", "DST inside SRC")]:
         assert sorted(os.listdir(tmp / "src_copy")) == sorted(os.listdir(TINY))
         assert (tmp / "src_copy" / "model.safetensors").read_bytes() == (TINY / "model.safetensors").read_bytes()
-    elif case[0] == "eval.py" and case[1].startswith("--out holding"):
+    elif case[0] == "tools/eval.py" and case[1].startswith("--out holding"):
         out = tmp / ("eval_other" if "another" in case[1] else "eval_old")
         assert len((out / "predictions.jsonl").read_text().splitlines()) == 2   # left as it was
 
@@ -365,7 +367,7 @@ def run_rows(rows, timeout=120):
     results = []
     for tool, args in rows:
         if not hasattr(os, "fork"):
-            r = subprocess.run([sys.executable, str(ROOT / tool), *args], capture_output=True, text=True,
+            r = subprocess.run([sys.executable, *script(tool), *args], capture_output=True, text=True,
                                timeout=timeout, cwd=ROOT)
             results.append((r.returncode, r.stdout, r.stderr))
             continue
@@ -379,7 +381,10 @@ def run_rows(rows, timeout=120):
             import runpy
             sys.argv = [str(ROOT / tool), *args]
             try:
-                runpy.run_path(str(ROOT / tool), run_name="__main__")
+                if "/" in tool:  # python -m tools.eval ...
+                    runpy.run_module(tool[:-3].replace("/", "."), run_name="__main__", alter_sys=True)
+                else:            # python sample.py ...
+                    runpy.run_path(str(ROOT / tool), run_name="__main__")
                 code = 0
             except SystemExit as e:  # as the interpreter ends on one: a non-int code is printed, exit 1
                 code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1

@@ -7,9 +7,10 @@ from PIL import Image
 
 import llama
 import model
-import pretrained
+from lib import pretrained
 from conftest import ROOT
-from conversation import ContextFull, Conversation
+from lib.conversation import ContextFull, Conversation
+from lib.images import crop_image
 
 QUESTIONS = ["What is this?", "And behind it?", "Which colour is the top left corner?"]
 EOT, STOPS = 128009, {128001, 128009}
@@ -17,14 +18,14 @@ EOT, STOPS = 128009, {128001, 128009}
 
 @pytest.fixture(scope="module")
 def tok():
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     return Tokenizer.from_file(ROOT / "checkpoints" / "zoom-tiny")  # Meta's Llama-3 tokenizer.model
 
 
 @pytest.fixture(scope="module")
 def crops(tiny_v2):
     rng = np.random.default_rng(1)
-    return tiny_v2.crop_image(Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)))
+    return crop_image(Image.fromarray(rng.integers(0, 256, (120, 200, 3), dtype=np.uint8)), tiny_v2.cfg.crops)
 
 
 def from_scratch(m, crops, text, max_new):
@@ -67,7 +68,7 @@ def test_cached_turns_equal_recomputing_the_whole_conversation(tiny_v2, tok, cro
 
 def test_answers_that_stop_keep_the_models_eot_on_the_shipped_zoom_model(tok):
     m = pretrained.load(ROOT / "checkpoints" / "zoom-tiny")
-    image = m.crop_image(ROOT / "data" / "zoom" / "example.png")
+    image = crop_image(ROOT / "data" / "zoom" / "example.png", m.cfg.crops)
     conv = Conversation(m, tok, image)
     questions = ["What digit is this page printed in?", "Which digit fills this picture?",
                  "Read the tiny digits in the image. Which digit is it?"]
@@ -179,18 +180,19 @@ def test_turn_past_the_context_says_how_many_positions_are_left(tiny_v2, tok):
 def test_chat_calls_the_first_answer_hook_once_per_image(tiny_v2, tok, crops, monkeypatch, capsys):
     # sample.py --show in the chat: the first answer about each image is drawn, later turns are
     # not (looked.py reads a single-turn prompt), a text-only conversation never is
-    from conversation import chat
+    from lib.conversation import chat
     lines = iter(["What is this?", "And behind it?", "/reset", "Again?", "/image x.png", "New one?", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
     seen = []
+    monkeypatch.setattr("lib.conversation.crop_image", lambda path, cfg: crops)
     conv = Conversation(tiny_v2, tok, crops)
-    chat(conv, lambda path: crops, on_first_answer=lambda q, r: seen.append((q, len(r["token_ids"]), conv.crops)),
+    chat(conv, on_first_answer=lambda q, r: seen.append((q, len(r["token_ids"]), conv.crops)),
          max_new_tokens=2)
     assert [(q, n) for q, n, _ in seen] == [("What is this?", 2), ("Again?", 2), ("New one?", 2)]
     assert all(c is crops for _, _, c in seen)
     lines = iter(["Hello?", "/quit"])
     seen.clear()
-    chat(Conversation(tiny_v2, tok), lambda path: crops, on_first_answer=lambda q, r: seen.append(q), max_new_tokens=2)
+    chat(Conversation(tiny_v2, tok), on_first_answer=lambda q, r: seen.append(q), max_new_tokens=2)
     assert seen == []
 
 
@@ -198,7 +200,7 @@ def test_non_finite_output_stops_the_turn_and_writes_no_json(tiny_v2, tok):
     # sample.py --json: a NaN log-probability would make the line invalid JSON
     import copy
     import io
-    from conversation import NotFinite, answer
+    from lib.conversation import NotFinite, answer
     broken = copy.deepcopy(tiny_v2)
     with torch.no_grad():
         broken.llm.norm.weight.fill_(float("nan"))
@@ -211,8 +213,7 @@ def test_non_finite_output_stops_the_turn_and_writes_no_json(tiny_v2, tok):
 def test_chat_image_that_is_a_fifo_is_refused_without_blocking(tiny_v2, tok, crops, tmp_path, monkeypatch, capsys):
     import os
     import signal
-    from conversation import chat
-    from crops import load_image
+    from lib.conversation import chat
     os.mkfifo(tmp_path / "pipe.png")
     lines = iter([f"/image {tmp_path / 'pipe.png'}", "/quit"])
     monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
@@ -221,7 +222,7 @@ def test_chat_image_that_is_a_fifo_is_refused_without_blocking(tiny_v2, tok, cro
     old = signal.signal(signal.SIGALRM, hung)
     signal.alarm(20)
     try:
-        chat(Conversation(tiny_v2, tok, crops), lambda path: load_image(path), max_new_tokens=1)
+        chat(Conversation(tiny_v2, tok, crops), max_new_tokens=1)
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

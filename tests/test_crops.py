@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import crops  # noqa: E402
-import images  # noqa: E402
-from crops import V1, V2, CropConfig, make_crops, preprocess, select_best_resolution  # noqa: E402
-from images import load_image  # noqa: E402
+import crops
+from conftest import ROOT, script
+from crops import V1, V2, CropConfig, make_crops, preprocess, select_best_resolution
+from lib import images
+from lib.images import load_image
+from tools import draw_crops
 
 GOLDEN = ROOT / "tests" / "golden"
 
@@ -98,7 +98,7 @@ def test_crops_match_release_pipeline(path):
     img = synthetic_image(int(g["w"]), int(g["h"]), str(g["mode"]))
     assert crc(img) == int(g["crc"]), "synthetic_image changed: regenerate the golden files"
     cfg = dataclasses.replace(V1 if str(g["version"]) == "v1" else V2, size=int(g["size"]))
-    out = make_crops(img, cfg)
+    out = images.crop_image(img, cfg)   # opened as files are (16-bit rescaled, the release's convert("RGB"))
     assert out.medium_grid == tuple(g["medium_grid"]) and out.high_grid == tuple(g["high_grid"])
     step = int(g["step"])    # the 336-pixel files keep a strided subset of each crop
     pixels = out.pixels[g["index"]][..., ::step, ::step]
@@ -210,7 +210,7 @@ def test_odd_images_give_finite_crops(tmp_path, mode, w, h):
     path = tmp_path / ("x.tif" if mode in ("CMYK", "F", "I") else "x.png")
     img.save(path)
     for src in (img, path):
-        out = make_crops(src, CropConfig(size=14))
+        out = images.crop_image(src, CropConfig(size=14))
         assert out.pixels.shape == (41, 3, 14, 14) and np.isfinite(out.pixels).all()
 
 
@@ -237,15 +237,15 @@ def test_non_image_file_raises_value_error_naming_it(tmp_path):
     path = tmp_path / "notes.png"
     path.write_text("not an image")
     with pytest.raises(ValueError, match="notes.png"):
-        make_crops(path)
+        images.crop_image(path, V2)
 
 
 # ---------------------------------------------------------------------------- CLI
 
 def test_cli_draws_grids_and_exits_0(tmp_path):
     synthetic_image(1600, 400).save(tmp_path / "in.png")
-    r = subprocess.run([sys.executable, str(ROOT / "crops.py"), str(tmp_path / "in.png"),
-                        "--out", str(tmp_path / "grid.png")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, *script("tools/draw_crops.py"), str(tmp_path / "in.png"),
+                        "--out", str(tmp_path / "grid.png")], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "grid 4x1" in r.stdout and "12x3" in r.stdout and "= 41" in r.stdout
     with Image.open(tmp_path / "grid.png") as drawn:
@@ -255,7 +255,7 @@ def test_cli_draws_grids_and_exits_0(tmp_path):
 def test_grid_picture_has_a_legend_of_colours_and_grids(tmp_path, capsys):
     path, out = tmp_path / "wide.png", tmp_path / "grid.png"
     synthetic_image(1600, 400).save(path)
-    assert crops.main([str(path), "--out", str(out)]) == 0
+    assert draw_crops.main([str(path), "--out", str(out)]) == 0
     # a 4:1 image: medium 4 tiles in a row (best fit), high 3x that (v2)
     assert "medium grid 4x1: thick red lines; high grid 12x3: thin cyan lines" in capsys.readouterr().out
     band = np.asarray(Image.open(out).convert("RGB"))[400:]   # below the image
@@ -266,8 +266,8 @@ def test_grid_picture_has_a_legend_of_colours_and_grids(tmp_path, capsys):
 
 def test_cli_exits_1_with_one_line_on_a_bad_file(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"\x89PNG broken")
-    r = subprocess.run([sys.executable, str(ROOT / "crops.py"), str(tmp_path / "bad.png"), "--v1"],
-                       capture_output=True, text=True)
+    r = subprocess.run([sys.executable, *script("tools/draw_crops.py"), str(tmp_path / "bad.png"), "--v1"],
+                       capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 1 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "bad.png" in r.stderr
 
@@ -287,7 +287,7 @@ def test_huge_jpeg_is_decoded_at_reduced_size_but_gridded_at_full_size(tmp_path,
     assert select_best_resolution((807, 403), candidates) != select_best_resolution((404, 202), candidates)
     with Image.open(path) as f:
         whole = f.convert("RGB")
-    out, ref = make_crops(path, cfg), make_crops(whole, cfg)
+    out, ref = images.crop_image(path, cfg), make_crops(whole, cfg)
     assert (out.medium_grid, out.high_grid) == (ref.medium_grid, ref.high_grid) == ((4, 1), (12, 3))
     diff = np.abs(out.pixels - ref.pixels) * np.array(crops.CLIP_STD, np.float32)[:, None, None] * 255
     assert diff.mean() < 4.0   # grey levels (2.6 measured): resampling noise; neighbouring crops differ by ~60

@@ -14,7 +14,7 @@ import crops
 from data.dataset import ShardedSampler, SkipCount, Skipped, VLDataset, collate
 from data.formats import (CAPTION_INSTRUCTIONS, IGNORE, RecordFile, encode_turns, format_chat, parse_chat, read_records,
                           to_turns)
-from tokenizer import Tokenizer
+from lib.tokenizer import Tokenizer
 
 llama_models = pytest.importorskip("llama_models")
 FIXTURES = Path(__file__).parent / "fixtures" / "data"

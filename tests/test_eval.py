@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import eval as ev
-import pretrained
+from tools import eval as ev
+from lib import pretrained
+from lib.images import crop_image
 
 
 def recs(*rows):
@@ -122,11 +123,11 @@ def test_rerun_skips_answered_ids_and_keeps_going_past_a_bad_image(checkpoint, t
 
 
 def test_batched_answers_equal_answers_one_at_a_time(checkpoint, tmp_path):
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     tok, m = Tokenizer.from_file(checkpoint), pretrained.load(checkpoint)
     rng = np.random.default_rng(2)
     Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "c.png")
-    crops = m.crop_image(tmp_path / "c.png")
+    crops = crop_image(tmp_path / "c.png", m.cfg.crops)
     prompts = [tok.encode_prompt(q) for q in ["Hi", "What is written on the small red sign in the corner?"]]
     together = ev.greedy(m, tok, prompts, [crops, crops], max_new_tokens=4)  # the short prompt is left-padded
     assert together == [ev.greedy(m, tok, [p], [crops], max_new_tokens=4)[0] for p in prompts]

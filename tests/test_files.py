@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import pretrained
-import weights
+from lib import pretrained
+from lib import weights
 from conftest import ROOT
 
 TINY = ROOT / "checkpoints" / "zoom-tiny"

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import pytest
 
-import first_run
+from lib import first_run
 from conftest import ROOT
 
-ENTRY_POINTS = ["sample.py", "train.py", "eval.py", "bench.py", "weights.py", "presets.py", "crops.py",
-                "quantize.py", "looked.py", "plan.py", "data/zoom/demo.py", "data/zoom/prepare.py", "data/zoom/ablations.py",
+ENTRY_POINTS = ["sample.py", "train.py", "tools/eval.py", "tools/bench.py", "tools/convert_weights.py",
+                "tools/presets.py", "tools/draw_crops.py", "tools/quantize.py", "tools/looked.py", "tools/plan.py",
+                "data/zoom/demo.py", "data/zoom/prepare.py", "data/zoom/ablations.py", "data/zoom/onset.py",
                 "data/llava/prepare.py"]
 # every module that imports a required package, scripts included (the tests import those too)
-MODULES = ["vit", "llama", "crops", "images", "pool", "tokenizer", "weights", "metrics", "devices", "stored", "model",
-           "pretrained", "quantize", "presets", "conversation", "looked", "checkpoint", "training", "data.formats",
-           "data.dataset", "sample", "eval", "train", "plan", "bench"]
+MODULES = ["vit", "llama", "crops", "pool", "model", "lib.images", "lib.tokenizer", "lib.weights", "lib.metrics",
+           "lib.devices", "lib.stored", "lib.pretrained", "lib.presets", "lib.conversation", "lib.looked",
+           "lib.checkpoint", "lib.training", "data.formats", "data.dataset", "sample", "train", "tools.quantize",
+           "tools.eval", "tools.plan", "tools.bench"]
 
 
 def quick_start_commands():
@@ -52,10 +54,12 @@ def test_quick_start_sample_command_reads_the_example_digit():
 @pytest.mark.parametrize("script", ENTRY_POINTS)
 def test_a_missing_package_gives_one_line_naming_the_install_command(script):
     # -S leaves site-packages out: a python without torch, numpy or pillow, like a fresh machine's python3
-    r = subprocess.run([sys.executable, "-S", script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    command = script if "/" not in script else "-m " + script[:-3].replace("/", ".")
+    r = subprocess.run([sys.executable, "-S", *command.split(), "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 1 and len(lines) == 1, r.stderr
-    assert "is not installed" in lines[0] and f"bash run.sh {script}" in lines[0]
+    assert "is not installed" in lines[0] and f"bash run.sh {command} ..." in lines[0]
     assert "pip install -r requirements.txt" in lines[0]
 
 
@@ -77,7 +81,7 @@ def test_required_packages_are_those_of_requirements_txt():
 
 
 def test_a_missing_optional_package_keeps_its_traceback():
-    code = "import first_run\nfirst_run.one_line_for_missing_packages()\nimport pycocoevalcap_absent_here\n"
+    code = "from lib import first_run\nfirst_run.one_line_for_missing_packages()\nimport pycocoevalcap_absent_here\n"
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "Traceback" in r.stderr and "bash run.sh" not in r.stderr
 
@@ -87,7 +91,7 @@ def test_a_short_zoom_demo_writes_only_under_out(tmp_path):
     tracked += sorted((ROOT / "checkpoints" / "zoom-tiny").iterdir())
     before = {p: p.read_bytes() for p in tracked}
     listing = sorted(p.name for p in (ROOT / "data" / "zoom").iterdir() if p.name != "__pycache__")  # not tracked
-    r = subprocess.run([sys.executable, "data/zoom/demo.py", "--steps", "1", "--train", "16", "--test", "2",
+    r = subprocess.run([sys.executable, "-m", "data.zoom.demo", "--steps", "1", "--train", "16", "--test", "2",
                         "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())["results"]
@@ -100,7 +104,7 @@ def test_a_short_zoom_demo_writes_only_under_out(tmp_path):
 
 
 def test_ship_is_refused_for_a_short_demo(tmp_path):
-    r = subprocess.run([sys.executable, "data/zoom/demo.py", "--ship", "--steps", "20", "--out", str(tmp_path)],
+    r = subprocess.run([sys.executable, "-m", "data.zoom.demo", "--ship", "--steps", "20", "--out", str(tmp_path)],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "--ship writes the tracked results and checkpoint: only for the full run" in r.stderr
     assert not any(tmp_path.iterdir())

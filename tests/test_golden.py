@@ -11,10 +11,11 @@ import torch
 
 import model
 import pool
-import pretrained
-import weights
+from lib import pretrained
+from lib import weights
 from conftest import GOLDEN
 import tiny_checkpoints as tiny
+from lib.images import crop_image
 
 ATOL = 1e-4
 
@@ -80,14 +81,14 @@ def test_v2_image_token_layout_matches_the_release_processor(v2):
 
 def test_v2_crops_match_the_release_preprocessing(v2):
     m, g = v2
-    crops = m.crop_image(GOLDEN / str(g["image_file"]))
+    crops = crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops)
     assert list(crops.medium_grid) == g["medium_grid"].tolist()
     close(torch.from_numpy(crops.pixels.mean(axis=(2, 3))), g["crop_pixel_mean"], atol=1e-5)
 
 
 def test_v2_image_embeddings_match(v2):
     m, g = v2
-    pixels = torch.from_numpy(m.crop_image(GOLDEN / str(g["image_file"])).pixels)[None]
+    pixels = torch.from_numpy(crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops).pixels)[None]
     with torch.no_grad():
         close(m.vision(pixels[0, :1], layer=-2)[0, :8], g["vision_features_low_first8"])
         block = m.image_block(pixels)[0]
@@ -100,7 +101,7 @@ def test_v2_logits_and_greedy_ids_match(v2, with_image):
     m, g = v2
     pre = "" if with_image else "text_only_"
     text = torch.from_numpy(g["text_ids"] if with_image else g["text_only_input_ids"])[None]
-    crops = m.crop_image(GOLDEN / str(g["image_file"])) if with_image else None
+    crops = crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops) if with_image else None
     with torch.no_grad():
         logits, _ = m(text, None if crops is None else torch.from_numpy(crops.pixels)[None])
     step = int(g["vocab_step"])
@@ -116,7 +117,7 @@ def v1(tmp_path_factory):
     path = tiny.write_tiny_dragonfly(tmp_path_factory.mktemp("v1"), "v1", "bin", seed=int(g["checkpoint_seed"]))
     check_fingerprint(path, g)
     m = pretrained.load(path)
-    return m, g, m.crop_image(GOLDEN / str(g["image_file"]))
+    return m, g, crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops)
 
 
 def test_v1_checkpoint_is_recognised_from_its_vision_tower(v1):

@@ -3,32 +3,38 @@ files of lower layers, at the top of the file or inside a function alike; the co
 scripts, the top layer, never import one another, and nothing imports them."""
 import ast
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import ROOT
 
-# Lowest first. A file imports only files of the layers before its own.
+# Lowest first. A file imports only files of the layers before its own. The architecture (the card's
+# files at the top) sits low: it imports only itself, torch, numpy and PIL.
 LAYERS = [
-    ("first_run", ["first_run.py"]),
-    ("basics", ["weights.py", "images.py", "devices.py", "stored.py", "timing.py", "results.py", "tokenizer.py", "metrics.py",
-                "data/__init__.py", "data/formats.py", "data/benchmarks/__init__.py"]),
+    ("first_run", ["lib/__init__.py", "lib/first_run.py"]),
     ("parts", ["vit.py", "llama.py", "crops.py", "pool.py"]),
     ("model", ["model.py"]),
-    ("loading, presets, data", ["pretrained.py", "presets.py", "data/dataset.py", "data/zoom/prepare.py",
+    ("basics", ["lib/weights.py", "lib/images.py", "lib/devices.py", "lib/stored.py", "lib/timing.py",
+                "lib/results.py", "lib/tokenizer.py", "lib/metrics.py", "data/__init__.py", "data/formats.py",
+                "data/benchmarks/__init__.py"]),
+    ("loading, presets, data", ["lib/pretrained.py", "lib/presets.py", "data/dataset.py", "data/zoom/prepare.py",
                                 "data/zoom/recipe.py"]),
-    ("uses", ["conversation.py", "looked.py", "checkpoint.py", "training.py", "train_config.py"]),
-    ("scripts", ["sample.py", "eval.py", "train.py", "plan.py", "bench.py", "quantize.py", "data/zoom/demo.py",
-                 "data/zoom/ablations.py", "data/zoom/onset.py", "data/llava/prepare.py", "data/benchmarks/convert.py"]),
+    ("uses", ["lib/conversation.py", "lib/looked.py", "lib/checkpoint.py", "lib/training.py", "lib/train_config.py"]),
+    ("scripts", ["sample.py", "train.py", "tools/__init__.py", "tools/eval.py", "tools/plan.py", "tools/bench.py",
+                 "tools/quantize.py", "tools/convert_weights.py", "tools/presets.py", "tools/looked.py",
+                 "tools/draw_crops.py", "data/zoom/demo.py", "data/zoom/ablations.py", "data/zoom/onset.py",
+                 "data/llava/prepare.py", "data/benchmarks/convert.py"]),
 ]
+ARCHITECTURE = ["vit.py", "llama.py", "crops.py", "pool.py", "model.py"]
 LAYER = {file: (rank, name) for rank, (name, files) in enumerate(LAYERS) for file in files}
 
 
 def project_files() -> list:
-    """Every .py file of the project: the top folder and data/ (tests/ may import anything)."""
+    """Every .py file of the project: the top folder, lib/, tools/ and data/ (tests/ may import anything)."""
     found = [p.name for p in ROOT.glob("*.py")]
-    for folder, subfolders, files in os.walk(ROOT / "data"):
+    for folder, subfolders, files in [w for top in ("lib", "tools", "data") for w in os.walk(ROOT / top)]:
         subfolders[:] = sorted(d for d in subfolders if not d.startswith((".", "__")))
         found += [str((Path(folder) / f).relative_to(ROOT)) for f in files if f.endswith(".py")]
     return sorted(found)
@@ -89,11 +95,39 @@ def test_scripts_never_import_scripts():
 
 def test_the_check_sees_imports_inside_functions_and_from_packages():
     # the shapes the cycles used to hide in (model.py's loaders, looked.py's main, ablations.py)
-    hidden = "def from_pretrained(path):\n    import pretrained\n    return pretrained.load(path)\n"
-    assert upward_imports("model.py", hidden) == ["model.py:2 imports pretrained.py (loading, presets, data), not below model"]
+    hidden = "def from_pretrained(path):\n    from lib import pretrained\n    return pretrained.load(path)\n"
+    assert upward_imports("model.py", hidden) == ["model.py:2 imports lib/pretrained.py (loading, presets, data), not below model"]
     assert [f for _, f in imported_files("def main():\n    from data.zoom import prepare\n")] == \
         ["data/__init__.py", "data/zoom/prepare.py"]
     assert upward_imports("data/zoom/ablations.py", "import train\n") != []
+
+
+def outside_imports(source: str) -> set:
+    """The top-level names of every module `source` imports that is not a project file."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names if module_file(a.name) is None}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and module_file(node.module) is None:
+            names.add(node.module)
+    return {name.split(".")[0] for name in names}
+
+
+@pytest.mark.parametrize("file", ARCHITECTURE)
+def test_the_architecture_imports_only_itself_torch_numpy_and_pil(file):
+    source = (ROOT / file).read_text()
+    assert {other for _, other in imported_files(source)} <= set(ARCHITECTURE)
+    assert outside_imports(source) - set(sys.stdlib_module_names) <= {"torch", "numpy", "PIL"}
+
+
+def test_the_architecture_check_sees_a_loader_or_a_package():
+    assert {f for _, f in imported_files("from lib.images import load_image\n")} - set(ARCHITECTURE)
+    assert outside_imports("import safetensors.torch\nimport numpy as np\n") == {"safetensors", "numpy"}
+
+
+def test_only_the_card_is_at_the_top():
+    top = sorted(p.name for p in ROOT.glob("*.py"))
+    assert top == sorted(["model.py", "vit.py", "llama.py", "crops.py", "pool.py", "train.py", "sample.py"])
 
 
 def imports_inside_functions(source: str) -> list:

@@ -10,17 +10,18 @@ import pytest
 import torch
 from PIL import Image
 
-import looked
+from lib import looked
 import model as M
-import pretrained
+from lib import pretrained
 from conftest import ROOT
+from lib.images import crop_image
 
 ZOOM = ROOT / "checkpoints" / "zoom-tiny"
 
 
 @pytest.fixture(scope="module")
 def zoom():
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     return pretrained.load(ZOOM), Tokenizer.from_file(ZOOM)
 
 
@@ -84,7 +85,7 @@ def test_recomputed_attention_rows_reproduce_sdpa_output(tiny_v2):
 
 def test_each_answer_tokens_attention_sums_to_one_over_crops_and_text(zoom):
     m, tok = zoom
-    crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")
+    crops = crop_image(ROOT / "data" / "zoom" / "example.png", m.cfg.crops)
     prompt, answer = tok.encode_prompt("What digit is this page printed in?"), tok.encode("7 or 1")
     with torch.no_grad():
         block = m.image_block(torch.as_tensor(crops.pixels)[None])[0]
@@ -104,7 +105,7 @@ def test_zoom_answers_look_more_at_high_crops_than_at_the_low_crop_per_position(
     # the demo's claim, on 50 held-out pages: the answer draws on the zoomed-in crops
     m, tok = zoom
     root, records = pages
-    crops = [m.crop_image(root / r["image"]) for r in records]
+    crops = [crop_image(root / r["image"], m.cfg.crops) for r in records]
     with torch.no_grad():
         blocks = m.image_block(torch.stack([torch.as_tensor(c.pixels) for c in crops]))   # (50, 258, dim)
     more, ratios = 0, []
@@ -124,15 +125,15 @@ def test_zoom_answers_look_more_at_high_crops_than_at_the_low_crop_per_position(
 
 def test_looking_leaves_no_hooks_behind(zoom):
     m, tok = zoom
-    crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")
+    crops = crop_image(ROOT / "data" / "zoom" / "example.png", m.cfg.crops)
     looked.look(m, tok.encode_prompt("Which digit?"), tok.encode("7"), crops)
     assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
 
 
 def test_v1_kept_high_crops_are_the_ones_in_the_image_block(v1_dir):
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     m, tok = pretrained.load(v1_dir), Tokenizer.from_file(v1_dir)
-    crops = m.crop_image(v1_dir / "image.png")
+    crops = crop_image(v1_dir / "image.png", m.cfg.crops)
     result = looked.look(m, tok.encode_prompt("What is this?"), tok.encode("a"), crops)
     assert len(result.kept) == 12 and result.kept == sorted(result.kept) and max(result.kept) < 24
     pixels = torch.as_tensor(crops.pixels)[None]
@@ -162,7 +163,7 @@ def test_sample_show_without_image_is_one_line_error(tmp_path):
 
 
 def test_eval_show_dir_draws_the_first_records(pages, tmp_path):
-    import eval as ev
+    from tools import eval as ev
     root, _ = pages
     ev.main(["--checkpoint", str(ZOOM), "--task", "zoom", "--data", str(root / "test.jsonl"), "--limit", "3",
              "--out", str(tmp_path / "out"), "--device", "cpu", "--show-dir", str(tmp_path / "show"), "--show-n", "2"])

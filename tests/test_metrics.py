@@ -14,8 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-import metrics  # noqa: E402
-from metrics import (bleu, caption_tokens, choice_accuracy, cider_d, closed_accuracy,  # noqa: E402
+from lib import metrics  # noqa: E402
+from lib.metrics import (bleu, caption_tokens, choice_accuracy, cider_d, closed_accuracy,  # noqa: E402
                      extract_choice, meteor, normalize_vqa_answer, pope_metrics,
                      relaxed_accuracy, rouge_l, token_f1, vqa_accuracy)
 

@@ -9,15 +9,16 @@ import torch
 from PIL import Image
 
 import model
-import presets
-import pretrained
-import weights
+from lib import presets
+from lib import pretrained
+from lib import weights
+from lib.images import crop_image
 
 
 @pytest.fixture(scope="module")
 def crops(tiny_v2):
     rng = np.random.default_rng(0)
-    return tiny_v2.crop_image(Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)))
+    return crop_image(Image.fromarray(rng.integers(0, 256, (300, 500, 3), dtype=np.uint8)), tiny_v2.cfg.crops)
 
 
 def test_release_image_block_is_2098_positions():

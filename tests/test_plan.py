@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 
 import model as M
-import plan
-import presets
-import training
-import train_config
-from conftest import ROOT
+from tools import plan
+from lib import presets
+from lib import training
+from lib import train_config
+from conftest import ROOT, script
 from plan_measure import TEXT, small_config
 
 V2 = presets.PRESETS["dragonfly-v2"]
@@ -137,8 +137,8 @@ def test_train_builds_freezes_shards_and_optimizes_the_8b_on_8_ranks(stage, fake
 
 
 def test_plan_prints_both_checkpointing_settings_as_json():
-    out = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--stage", "pretrain", "--gpus", "8", "--json"],
-                         capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    out = subprocess.run([sys.executable, *script("tools/plan.py"), "--stage", "pretrain", "--gpus", "8", "--json"],
+                         capture_output=True, text=True, timeout=300, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"))
     p = json.loads(out.stdout)
     assert [r["grad_checkpoint"] for r in p["runs"]] == [False, True]
     on = p["runs"][1]
@@ -147,7 +147,7 @@ def test_plan_prints_both_checkpointing_settings_as_json():
 
 
 def test_plan_refuses_a_sequence_shorter_than_the_image_block():
-    out = subprocess.run([sys.executable, str(ROOT / "plan.py"), "--max-seq", "1000"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, *script("tools/plan.py"), "--max-seq", "1000"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 1 and out.stderr.strip().splitlines() == [
         "error: --max-seq 1000: the image block alone takes 2098 positions"]
 
@@ -156,6 +156,6 @@ def test_gpu_script_dry_run_takes_the_training_steps_on_cpu():
     out = subprocess.run(["bash", str(ROOT / "tests" / "gpu.sh"), "--dry"], capture_output=True, text=True, timeout=240,
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, MASTER_PORT=str(29100 + os.getpid() % 400)))
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "bench.py --config full --device cuda --dtype bfloat16 --quantize int8" in out.stdout
+    assert "-m tools.bench --config full --device cuda --dtype bfloat16 --quantize int8" in out.stdout
     steps = [x for x in out.stdout.splitlines() if x.startswith("checkpointing")]
     assert len(steps) == 2 and all("samples/s (plan " in x and "GiB (plan " in x for x in steps)

@@ -7,9 +7,10 @@ from PIL import Image
 
 import crops as crops_lib
 import model
-import pretrained
-import presets
-from presets import PRESETS
+from lib import pretrained
+from lib import presets
+from lib.presets import PRESETS
+from tools import presets as presets_cli
 
 
 def test_paper_token_totals():
@@ -130,13 +131,13 @@ def test_ablation_models_round_trip_through_save_pretrained(tmp_path, name):
 
 
 def test_cli_describes_a_preset_and_tabulates_all(capsys):
-    assert presets.main(["--describe", "dragonfly-star"]) == 0
+    assert presets_cli.main(["--describe", "dragonfly-star"]) == 0
     out = capsys.readouterr().out
     assert "784" in out and "866" in out and "25.27" in out
-    assert presets.main(["--table"]) == 0
+    assert presets_cli.main(["--table"]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 2 + len(PRESETS) + 1  # header, rows, UHD
-    assert presets.main(["--describe", "llava-uhd"]) == 0 and "not built" in capsys.readouterr().out
-    assert presets.main(["--describe", "no-such"]) == 1
+    assert presets_cli.main(["--describe", "llava-uhd"]) == 0 and "not built" in capsys.readouterr().out
+    assert presets_cli.main(["--describe", "no-such"]) == 1
 
 
 def test_describe_says_what_as_built_means_beside_the_paper_figure():

@@ -9,15 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import devices
+from lib import devices
 import llama
 import model
-import pretrained
-import quantize
-import stored
-import weights
-from conftest import ROOT
+from lib import pretrained
+from tools import quantize
+from lib import stored
+from lib import weights
+from conftest import ROOT, script
 from tiny_checkpoints import LLM_HEAD128, load_tensors, make_test_image, write_tiny_dragonfly
+from lib.images import crop_image
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +132,8 @@ def logits(m, tokens=(128000, 882, 11, 1268, 30)):
 
 def test_int8_checkpoint_round_trip_gives_the_logits_of_load_time_quantization(tiny_release, tmp_path):
     dst = tmp_path / "int8"
-    subprocess.run([sys.executable, str(ROOT / "quantize.py"), str(tiny_release), str(dst)], check=True,
-                   capture_output=True, timeout=300)
+    subprocess.run([sys.executable, *script("tools/quantize.py"), str(tiny_release), str(dst)], check=True,
+                   capture_output=True, timeout=300, cwd=ROOT)
     written = load_tensors(dst)
     assert written["language_model.model.layers.0.mlp.down_proj.weight"].dtype == torch.int8
     assert written["language_model.lm_head.weight"].dtype == torch.int8
@@ -147,8 +148,8 @@ def test_int8_checkpoint_round_trip_gives_the_logits_of_load_time_quantization(t
 
 def test_quantize_refuses_a_destination_that_is_not_empty(tiny_release, tmp_path):
     (tmp_path / "keep.txt").write_text("mine")
-    r = subprocess.run([sys.executable, str(ROOT / "quantize.py"), str(tiny_release), str(tmp_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, *script("tools/quantize.py"), str(tiny_release), str(tmp_path)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert r.stderr.strip().startswith("error:") and r.stderr.strip().count("\n") == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
@@ -168,7 +169,7 @@ def test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release(tmp_path, monk
     write_tiny_dragonfly(tmp_path, "v2", fmt="safetensors", llm=LLM_HEAD128)  # 64 frequencies, sharp attention
     bf16_weights = pretrained.load(tmp_path, dtype=torch.bfloat16, compute=torch.float32)
     fp32 = pretrained.load(tmp_path)  # the same bf16 values, in float32
-    pixels = torch.from_numpy(fp32.crop_image(make_test_image(300, 200)).pixels)[None]
+    pixels = torch.from_numpy(crop_image(make_test_image(300, 200), fp32.cfg.crops).pixels)[None]
     tokens = torch.tensor([[128000, 882, 11, 1268, 30]])  # text at positions 2098.., after the image block
     got, plain = bf16_weights(tokens, pixels)[0], fp32(tokens, pixels)[0]
     exact = llama.rope_frequencies
@@ -181,13 +182,13 @@ def test_bf16_storage_attends_in_float32(tiny_release, monkeypatch):
     m = pretrained.load(tiny_release, dtype=torch.bfloat16, compute=torch.float32)
     seen, sdpa = [], F.scaled_dot_product_attention
     monkeypatch.setattr(F, "scaled_dot_product_attention", lambda q, k, v, **kw: seen.append((q.dtype, k.dtype)) or sdpa(q, k, v, **kw))
-    steps = list(m.generate([[128000, 882, 11]], [m.crop_image(make_test_image(200, 150))], max_new_tokens=3))
+    steps = list(m.generate([[128000, 882, 11]], [crop_image(make_test_image(200, 150), m.cfg.crops)], max_new_tokens=3))
     assert len(steps) == 3 and seen and set(seen) == {(torch.float32, torch.float32)}
 
 
 def test_generate_reports_the_slow_parts_of_prefill(tiny_v2):
     said = []
-    crops = tiny_v2.crop_image(make_test_image(300, 200))
+    crops = crop_image(make_test_image(300, 200), tiny_v2.cfg.crops)
     next(tiny_v2.generate([[128000, 882]], [crops], max_new_tokens=1, progress=said.append))
     assert said == ["ViT over 41 crops", f"LLM over {model.image_positions(tiny_v2.cfg) + 2} positions"]
 
@@ -211,7 +212,7 @@ BRANCHES = {"no bf16 instructions": ({"avx2", "fma"}, torch.float32),
 @pytest.mark.parametrize("quantized", [None, "int8"])
 @pytest.mark.parametrize("branch", list(BRANCHES))
 def test_each_cpu_branch_builds_its_layers_and_answers_the_zoom_page(branch, quantized, monkeypatch):
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     flags, want = BRANCHES[branch]
     monkeypatch.setattr(devices, "cpu_flags", lambda: flags)
     compute = devices.compute_dtype(torch.bfloat16, "cpu")
@@ -225,7 +226,7 @@ def test_each_cpu_branch_builds_its_layers_and_answers_the_zoom_page(branch, qua
         assert type(fc1) is stored.StoredLinear and fc1.weight.dtype == kept and fc1.bias.dtype == compute
     assert m.llm.norm.weight.dtype == compute
     tok = Tokenizer.from_file(ZOOM)
-    crops = m.crop_image(ROOT / "data" / "zoom" / "example.png")
+    crops = crop_image(ROOT / "data" / "zoom" / "example.png", m.cfg.crops)
     ids = model.greedy_ids(m, [tok.encode_prompt("What digit is this page printed in?")], [crops], 4, tok.stop_ids)
     assert tok.decode(ids[0]) == "7"  # data/zoom/example.png is printed in 7s
 

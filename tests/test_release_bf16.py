@@ -12,9 +12,10 @@ import torch
 
 import llama
 import model
-import pretrained
+from lib import pretrained
 from conftest import GOLDEN
 import tiny_checkpoints as tiny
+from lib.images import crop_image
 
 TEXT_POSITIONS = torch.arange(2098, 2120)[None]  # where a v2 prompt's text sits
 
@@ -77,7 +78,7 @@ def test_single_process_bf16_training_rotates_in_bf16(tiny_v2, monkeypatch):
 
 def test_fsdp_bf16_training_rotates_in_bf16(monkeypatch):
     import torch.distributed as dist
-    import training
+    from lib import training
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     monkeypatch.setenv("MASTER_PORT", str(29650 + os.getpid() % 300))
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -108,7 +109,7 @@ def load_release(version, tmp):
     path = tiny.write_tiny_dragonfly(tmp / version, version, "bin", seed=int(g["checkpoint_seed"]), llm=tiny.LLM_HEAD128)
     assert tiny.fingerprint(path) == pytest.approx(float(g["weights_fingerprint"]), rel=1e-9)
     m = pretrained.load(path, dtype=torch.bfloat16)
-    crops = m.crop_image(GOLDEN / str(g["image_file"]))
+    crops = crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops)
     np.testing.assert_allclose(crops.pixels.mean(axis=(2, 3)), g["crop_pixel_mean"], atol=1e-5)
     assert model.image_positions(m.cfg) == int(g["image_positions"])
     return m, g, crops

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import pretrained
+from lib import pretrained
 from conftest import ROOT
+from lib.images import crop_image
 
 
 @pytest.fixture(scope="module")
@@ -35,10 +36,10 @@ def test_json_output_matches_model_generate(checkpoint):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert set(out) == {"text", "token_ids", "logprobs"} and len(out["logprobs"]) == len(out["token_ids"])
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     tok = Tokenizer.from_file(checkpoint)
     m = pretrained.load(checkpoint)
-    steps = list(m.generate([tok.encode_prompt("What is this?")], [m.crop_image(checkpoint / "image.png")],
+    steps = list(m.generate([tok.encode_prompt("What is this?")], [crop_image(checkpoint / "image.png", m.cfg.crops)],
                             max_new_tokens=4, stop_ids=tok.stop_ids))
     ids = [int(t[0]) for t, _ in steps if int(t[0]) not in tok.stop_ids]
     assert out["token_ids"] == ids and out["text"] == tok.decode(ids)
@@ -68,7 +69,7 @@ def test_bad_input_is_one_line_error_without_traceback(checkpoint, case, tmp_pat
 
 def test_several_prompts_are_turns_of_one_conversation_one_json_object_each(checkpoint):
     from test_conversation import from_scratch
-    from tokenizer import Tokenizer
+    from lib.tokenizer import Tokenizer
     questions = ["Hello", "And then?", "Why?"]
     r = run("--checkpoint", str(checkpoint), *[a for q in questions for a in ("--prompt", q)],
             "--max-new-tokens", "3", "--json", "--device", "cpu")

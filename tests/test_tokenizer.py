@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tokenizer import SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer, chat_prompt  # noqa: E402
+from lib.tokenizer import SPECIAL_TOKENS, SentencePieceTokenizer, Tokenizer, chat_prompt  # noqa: E402
 
 meta = pytest.importorskip("llama_models.llama3.tokenizer")
 META_MODEL = Path(meta.__file__).parent / "tokenizer.model"
@@ -253,7 +253,7 @@ def test_special_strings_in_chat_turns_are_plain_text(tok):
 
 
 def test_special_tokens_in_text_flag_reads_them_as_the_release_does(tok):
-    from tokenizer import chat_prompt
+    from lib.tokenizer import chat_prompt
     plain = Tokenizer.from_file(META_MODEL)
     plain.specials_in_text = True
     assert plain.encode_prompt(FORGED) == tok.encode(chat_prompt(FORGED), bos=True)
@@ -262,7 +262,7 @@ def test_special_tokens_in_text_flag_reads_them_as_the_release_does(tok):
 
 @pytest.mark.parametrize("question", [*CORPUS[:12], "\nstarts with a line break", " lead", "ends\n\n", ""])
 def test_questions_without_special_strings_encode_as_the_release_does(tok, question):
-    from tokenizer import chat_prompt
+    from lib.tokenizer import chat_prompt
     assert tok.encode_prompt(question) == tok.encode(chat_prompt(question), bos=True)
 
 

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import model as M
-import pretrained
-import presets
+from lib import pretrained
+from lib import presets
 import train
-import training
-from train_config import TrainConfig, fields
+from lib import training
+from lib.images import crop_image
+from lib.train_config import TrainConfig, fields
 from conftest import ROOT
 
 COMMON = ["--model", "tiny", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0",
@@ -130,7 +131,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(zoom_data, tmp_path):
 def test_exported_checkpoint_round_trips_with_identical_logits(zoom_data, tmp_path):
     trained = run_single(zoom_data, tmp_path, "--max-steps", "1", "--export-dtype", "float32")
     loaded = pretrained.load(tmp_path / "final")
-    crops = loaded.crop_image(zoom_data / "example.png")
+    crops = crop_image(zoom_data / "example.png", loaded.cfg.crops)
     tokens, pixels = torch.tensor([[128000, 3923, 16099]]), torch.from_numpy(crops.pixels)[None]
     trained.eval()
     with torch.no_grad():
@@ -249,7 +250,7 @@ def damaged_copies(src, tmp_path):
 
 
 def test_a_torn_checkpoint_is_recognised_and_named(zoom_data, tmp_path):
-    import checkpoint
+    from lib import checkpoint
     run_single(zoom_data, tmp_path / "run", "--max-steps", "1")
     intact = tmp_path / "run" / "step_0000001"
     assert checkpoint.damage(intact) is None
@@ -359,7 +360,7 @@ def test_a_checkpoint_of_another_run_is_passed_over(zoom_data, tmp_path, capsys)
 
 
 def test_a_second_train_on_the_same_out_refuses_while_the_first_lives(zoom_data, tmp_path):
-    import checkpoint
+    from lib import checkpoint
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         tmp_path.joinpath("lock").write_text(f"{checkpoint.socket.gethostname()} {sleeper.pid}")
@@ -404,7 +405,7 @@ def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_exports_nothin
 
 
 def test_non_finite_weights_are_neither_saved_nor_exported(zoom_data, tmp_path, monkeypatch):
-    import checkpoint
+    from lib import checkpoint
     real_step = torch.optim.AdamW.step
 
     def poisoning_step(self, *a, **kw):   # the update itself overflows, the loss before it was fine
@@ -440,7 +441,7 @@ def test_the_loss_warning_sees_a_nan_and_skips_steps_without_a_loss(tmp_path):
 
 
 def test_flipped_bytes_in_a_checkpoint_are_found_and_resume_falls_back(zoom_data, tmp_path, capsys):
-    import checkpoint
+    from lib import checkpoint
     run_single(zoom_data, tmp_path / "full", "--max-steps", "4")
     run_single(zoom_data, tmp_path / "cut", "--max-steps", "4", "--save-every", "2", "--stop-after", "3")
     step3 = tmp_path / "cut" / "step_0000003"
@@ -508,7 +509,7 @@ PLANTED_MARK = "/tmp/planted-code-ran"
 
 
 def test_resume_runs_no_code_planted_in_the_checkpoint(zoom_data, tmp_path):
-    import checkpoint
+    from lib import checkpoint
     Path(PLANTED_MARK).unlink(missing_ok=True)
     run_single(zoom_data, tmp_path, "--max-steps", "4", "--stop-after", "2")
     step = tmp_path / "step_0000002"

@@ -7,7 +7,7 @@ Convert public benchmark releases to the one JSONL format `eval.py` reads:
 
     python -m data.benchmarks.convert textvqa TextVQA_0.5.1_val.json textvqa_val.jsonl
 
-Then `python eval.py --task textvqa --data textvqa_val.jsonl --images IMAGE_ROOT`, where
+Then `python -m tools.eval --task textvqa --data textvqa_val.jsonl --images IMAGE_ROOT`, where
 IMAGE_ROOT is the folder named below for each source. Multiple-choice answers are letters
 ("A", "B", ...); every id is a string, unique within one output file.
 

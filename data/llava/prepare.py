@@ -16,9 +16,9 @@ README ("Visual Instruction Tuning") documents, under one folder:
 images, Visual Genome parts 1 and 2). Its ~40K ShareGPT records have no image: they are
 kept as text-only records (image_url null).
 
-    python data/llava/prepare.py --json LLaVA-Pretrain/blip_laion_cc_sbu_558k.json \\
+    python -m data.llava.prepare --json LLaVA-Pretrain/blip_laion_cc_sbu_558k.json \\
         --images LLaVA-Pretrain/images --out data/llava/pretrain.jsonl
-    python data/llava/prepare.py --json LLaVA-Instruct/llava_v1_5_mix665k.json \\
+    python -m data.llava.prepare --json LLaVA-Instruct/llava_v1_5_mix665k.json \\
         --images playground/data --out data/llava/sft.jsonl
 
 Each output line is {"image_url": path relative to --images, "conversations": Llama-3
@@ -32,12 +32,11 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
-from data.formats import format_chat, read_records, to_turns  # noqa: E402
+from data.formats import format_chat, read_records, to_turns
 
 
 MIX_PARTS = ("coco", "gqa", "ocr_vqa", "textvqa", "vg")   # the 665K mix's image folders

@@ -1,8 +1,8 @@
 """The v2 paper's ablations at laptop scale: which resolutions (Table 2) and how much pooling of
 the high crops (Table 8), trained and scored on the zoom demo's data with the demo's recipe.
 
-    python data/zoom/ablations.py --steps 150 --test 200        # the committed study (see README)
-    python data/zoom/ablations.py --steps 2 --train 32 --test 4 --seeds 0 --runs L "L+H 3x3" \\
+    python -m data.zoom.ablations --steps 150 --test 200        # the committed study (see README)
+    python -m data.zoom.ablations --steps 2 --train 32 --test 4 --seeds 0 --runs L "L+H 3x3" \\
         --results /tmp/abl                                      # a smoke run (what the test runs)
 
 Every run is `train.py --model tiny`, in its own process, with the demo's flags (recipe.py: batch 16,
@@ -29,19 +29,17 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # first_run.py
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 from PIL import Image, ImageDraw, ImageFont
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
-import devices  # noqa: E402
-import model as M  # noqa: E402
-import presets  # noqa: E402
-from data.zoom import prepare  # noqa: E402
-from data.zoom.recipe import ROOT, RUNS, TRAIN, run, run_dir  # noqa: E402
+from lib import devices
+import model as M
+from lib import presets
+from data.zoom import prepare
+from data.zoom.recipe import ROOT, RUNS, TRAIN, run, run_dir
 
 # The paper's own numbers (v2 paper, Table 2 columns L ... L + M + H; Table 8 columns 9, 16, 36,
 # 64 tokens): (TextVQA, ChartQA). Table 8's "36 tokens" is the Table 2 "L + H" run, though it
@@ -82,7 +80,7 @@ def run_one(name, seed, args, data, out) -> dict:
          "--data", str(data / "train.jsonl"), "--out", str(folder)])
     train_s, train_cpu_s = time.time() - t, cpu_seconds() - cpu
     t = time.time()
-    run(["eval.py", "--checkpoint", str(folder / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
+    run(["-m", "tools.eval", "--checkpoint", str(folder / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
          "--out", str(folder / "eval"), "--batch-size", "16", "--device", "cpu"])
     eval_s = time.time() - t
     log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
@@ -198,7 +196,7 @@ def main(argv=None):
             f"seeds {' '.join(map(str, args.seeds))}")
     for r in runs:  # runs.jsonl lines written before step_s was recorded
         r.setdefault("step_s", step_seconds(run_dir(out, r["name"], r["seed"])))
-    command = " ".join(["python data/zoom/ablations.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m data.zoom.ablations", *(sys.argv[1:] if argv is None else argv)])
 
     def write_results():
         done = [r for r in runs if r["steps"] == args.steps]

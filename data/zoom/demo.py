@@ -1,7 +1,7 @@
 """The zoom-in demo: does Dragonfly's high-resolution crop matter? A laptop-scale answer.
 
-    python data/zoom/demo.py                      # 6.8 min on 2 CPU cores in the run of results.json
-    python data/zoom/demo.py --steps 20 --train 320 --test 50    # a smoke test: too short to learn
+    python -m data.zoom.demo                      # 6.8 min on 2 CPU cores in the run of results.json
+    python -m data.zoom.demo --steps 20 --train 320 --test 50    # a smoke test: too short to learn
 
 1. generates the synthetic Zoom dataset (prepare.py: a 336 px page printed in one 5x6 px digit);
 2. trains the `tiny` model twice with the same budget (same data, steps, batch, lr, seed):
@@ -22,14 +22,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 from PIL import Image, ImageDraw
 
-from data.zoom.recipe import ROOT, TRAIN, run  # noqa: E402
+from data.zoom.recipe import ROOT, TRAIN, run
 
 HERE = Path(__file__).resolve().parent
 FULL = {"train": 4000, "test": 500}   # the recorded run's pages
@@ -86,7 +85,7 @@ def main(argv=None):
         p.error("--ship writes the tracked results and checkpoint: only for the full run (no --steps, --train, --test)")
     out, t0 = Path(args.out), time.time()
     data, results_dir = out / "data", HERE if args.ship else out
-    run(["data/zoom/prepare.py", "--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
+    run(["-m", "data.zoom.prepare", "--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
     budget = ["--max-steps", str(args.steps)] if args.steps else []
     results = {}
     for name, flags in VARIANTS.items():
@@ -94,7 +93,7 @@ def main(argv=None):
         t = time.time()
         run(["train.py", *TRAIN, *budget, *flags, "--data", str(data / "train.jsonl"), "--out", str(run_dir), "--force"])
         train_s = time.time() - t
-        run(["eval.py", "--checkpoint", str(run_dir / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
+        run(["-m", "tools.eval", "--checkpoint", str(run_dir / "final"), "--task", "zoom", "--data", str(data / "test.jsonl"),
              "--out", str(run_dir / "eval"), "--batch-size", "16", "--device", "cpu"])
         metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
         losses = [json.loads(line)["loss"] for line in (run_dir / "log.jsonl").read_text().splitlines()]

@@ -1,9 +1,9 @@
 """When does a run start to read its crops? The evidence for why L+M sits at chance in the
 150-step ablation (README, "The paper's ablations at laptop scale"; issue 20).
 
-    python data/zoom/onset.py --run L+M --seed 0 --steps 150 --every 30    # one run, ~1 min here
-    python data/zoom/onset.py --run L+M --seed 1 --steps 150 --blank-low   # the control (see blank_low_crops)
-    python data/zoom/onset.py --table          # every run so far: the tables of data/zoom/ablations.md
+    python -m data.zoom.onset --run L+M --seed 0 --steps 150 --every 30    # one run, ~1 min here
+    python -m data.zoom.onset --run L+M --seed 1 --steps 150 --blank-low   # the control (see blank_low_crops)
+    python -m data.zoom.onset --table          # every run so far: the tables of data/zoom/ablations.md
 
 Trains one row of ablations.py exactly as the study does (`train.py --model tiny`, the demo's
 flags, the row's preset, same data) but keeps a checkpoint every --every steps, and follows each
@@ -30,26 +30,25 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parents[1]))
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
-import torch  # noqa: E402
-import torch.distributed.checkpoint as dcp  # noqa: E402
-import looked  # noqa: E402
-import metrics  # noqa: E402
-import model as M  # noqa: E402
-import presets  # noqa: E402
-from data.dataset import VLDataset, collate  # noqa: E402
-from data.zoom import prepare  # noqa: E402
-from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run_dir  # noqa: E402
-from tokenizer import Tokenizer  # noqa: E402
+import torch
+import torch.distributed.checkpoint as dcp
+from lib import looked
+from lib import metrics
+import model as M
+from lib import presets
+from data.dataset import VLDataset, collate
+from data.zoom import prepare
+from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run_dir
+from lib.tokenizer import Tokenizer
+from lib.images import crop_image
 
 # train.py run as a script (scripts never import scripts), with the control's low crops blanked
 # first when asked: the DataLoader's workers fork from it and inherit the patch.
 TRAIN_SCRIPT = """import runpy, sys
-sys.path.insert(0, {root!r})
 if {blank}:
     from data.zoom.recipe import blank_low_crops
     blank_low_crops()
@@ -62,7 +61,7 @@ def train_with_checkpoints(name, seed, steps, lr, every, data, folder, blank_low
     shutil.rmtree(folder, ignore_errors=True)
     flags = [*TRAIN, *RUNS[name][1], "--seed", str(seed), "--max-steps", str(steps), "--lr", lr, "--force",
              "--save-every", str(every), "--data", str(data / "train.jsonl"), "--out", str(folder)]
-    code = TRAIN_SCRIPT.format(root=str(ROOT), blank=blank_low, train=str(ROOT / "train.py"))
+    code = TRAIN_SCRIPT.format(blank=blank_low, train=str(ROOT / "train.py"))
     r = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, capture_output=True, text=True)
     if r.returncode:
         sys.exit(f"error: train.py stopped with exit code {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
@@ -105,7 +104,7 @@ def follow(model, tok, records, data, batch) -> dict:
     for i in range(0, len(records), 16):  # eval.py --task zoom's way: the question as asked, 4 tokens
         batch_records = records[i:i + 16]
         ids = M.greedy_ids(model, [tok.encode_prompt(r["question"]) for r in batch_records],
-                           [model.crop_image(data / r["image"]) for r in batch_records], 4, tok.stop_ids)
+                           [crop_image(data / r["image"], model.cfg.crops) for r in batch_records], 4, tok.stop_ids)
         predictions.update({r["id"]: tok.decode(x).strip() for r, x in zip(batch_records, ids)})
     right = [metrics.normalize_vqa_answer(predictions[r["id"]]) in {metrics.normalize_vqa_answer(a) for a in r["answers"]}
              for r in records]
@@ -114,7 +113,7 @@ def follow(model, tok, records, data, batch) -> dict:
     attention = collections.Counter()
     for r in records:
         digit = tok.encode(r["answers"][0])
-        look = looked.look(model, tok.encode_prompt(r["question"]), digit[:1], model.crop_image(data / r["image"]))
+        look = looked.look(model, tok.encode_prompt(r["question"]), digit[:1], crop_image(data / r["image"], model.cfg.crops))
         attention.update({level: share / len(records) for level, (share, _) in look.levels.items()})
     return {"accuracy": accuracy, "top_answer": top, "top_share": 100 * count / len(records),
             "attention": {k: round(100 * v, 1) for k, v in attention.items()},

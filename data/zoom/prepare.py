@@ -13,7 +13,7 @@ Why a page and not one digit somewhere: the tiny model trains from scratch in mi
 CPU. One glyph among ~250 image positions is a needle its attention has to learn to find
 first; a page puts the answer in every high-crop token, which mean pooling keeps.
 
-    python data/zoom/prepare.py --out data/zoom --train 4000 --test 500 --seed 0
+    python -m data.zoom.prepare --out data/zoom --train 4000 --test 500 --seed 0
 
 writes images/, example.png (one fixed sample, digit 7), train.jsonl (the release's record
 format, docs/release-facts.md#training-records, image_url relative to --out) and test.jsonl in
@@ -28,15 +28,14 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))   # run as a script from anywhere
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 import numpy as np
 from PIL import Image
 
-from data.formats import format_chat  # noqa: E402
+from data.formats import format_chat
 
 SIZE = 336    # the tiny model's high resolution: 6 x 56 px crops
 CELL = 7      # glyph pitch = the ViT patch: one glyph per patch in a high crop

@@ -35,17 +35,19 @@ def run_dir(out, name, seed) -> Path:
 
 
 def run(args):
-    """`python ARGS...` from the repository root; a script that fails has said why: stop there."""
-    print("$", " ".join(args), flush=True)
+    """`python ARGS...` from the repository root (`train.py ...`, `-m tools.eval ...`); a script that
+    fails has said why: stop there."""
+    print("$", "python", " ".join(args), flush=True)
     code = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
     if code:
-        sys.exit(f"error: {args[0]} stopped with exit code {code} (its message is above)")
+        script = args[1] if args[0] == "-m" else args[0]
+        sys.exit(f"error: {script} stopped with exit code {code} (its message is above)")
 
 
 def blank_low_crops():
     """The control run: every low crop becomes a flat page at the CLIP mean (0 after normalising),
     so L+M keeps its 18 low positions but they carry nothing that varies from page to page.
-    For onset.py's control run (issue 20). Patched where the dataset and model.crop_image call it
+    For onset.py's control run (issue 20). Patched where the dataset and lib/images.py's crop_image call it
     (DataLoader workers fork: they inherit it)."""
     make = crops_lib.make_crops
 

@@ -3,11 +3,11 @@ How fast Dragonfly runs here: cropping, prefill of one image + prompt, and decod
 spirit of nanoGPT's bench.py (speed is measured, not guessed). Weights are random: speed does
 not depend on their values. Times are medians over --repeats runs after --warmup runs.
 
-    python bench.py                                                  # small model, CPU
-    python bench.py --config full --device cuda --dtype bfloat16     # the released 8B shape
-    python bench.py --json out/bench.json
-    python bench.py --config full --write-checkpoint /tmp/df8b && python bench.py --load-memory /tmp/df8b
-    python bench.py --config full --checkpoint /tmp/df8b --dtype bfloat16 [--quantize int8]   # the 8B on a CPU
+    python -m tools.bench                                                  # small model, CPU
+    python -m tools.bench --config full --device cuda --dtype bfloat16     # the released 8B shape
+    python -m tools.bench --json out/bench.json
+    python -m tools.bench --config full --write-checkpoint /tmp/df8b && python -m tools.bench --load-memory /tmp/df8b
+    python -m tools.bench --config full --checkpoint /tmp/df8b --dtype bfloat16 [--quantize int8]   # the 8B on a CPU
 
 What each timer holds (one 800x600 numpy-RNG image, the 22-token prompt below):
   crops    crops.make_crops on the PIL image: best-fit grids, bicubic resizes, 41 tiles, CLIP
@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 import numpy as np
@@ -48,19 +48,19 @@ import torch.nn as nn
 from PIL import Image
 
 import crops as crops_lib
-import devices
+from lib import devices
 import llama
-import presets
-import pretrained
-import stored
+from lib import presets
+from lib import pretrained
+from lib import stored
 import vit
-import weights
-from conversation import Conversation
-from devices import DTYPES
+from lib import weights
+from lib.conversation import Conversation
+from lib.devices import DTYPES
 from model import Dragonfly, image_positions, v2_config
-from pretrained import allocate, checkpoint_names, release_config
-from timing import count_calls, machine_limits, quiet, sync, timed
-from tokenizer import Tokenizer
+from lib.pretrained import allocate, checkpoint_names, release_config
+from lib.timing import count_calls, machine_limits, quiet, sync, timed
+from lib.tokenizer import Tokenizer
 
 CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-336 + Llama-3.1-8B
     "small": lambda: v2_config(vit.ViTConfig(336, 14, 384, 6, 6, 1536),
@@ -73,7 +73,7 @@ CONFIGS = {  # "small" fits a laptop CPU; "full" is the release: CLIP ViT-L/14-3
 PROMPT = [128000, 128006, 882, 128007, 271, 3923, 6211, 374, 304, 279, 1948, 2163, 9309, 315, 420, 2217,
           30, 128009, 128006, 78191, 128007, 271]
 TURNS = ["What shape is in the top left corner of this image?", "And what colour is it?"]
-TOKENIZER = Path(__file__).parent / "checkpoints" / "zoom-tiny"  # Meta's Llama-3 tokenizer.model
+TOKENIZER = Path(__file__).resolve().parents[1] / "checkpoints" / "zoom-tiny"  # Meta's Llama-3 tokenizer.model
 
 
 def random_model(cfg, device="cpu", dtype=torch.float32, seed=0, compute=None, quantize=None) -> Dragonfly:

@@ -17,16 +17,10 @@ FLOPs follow v2 appendix F (Chinchilla-style forward FLOPs: the ViT over every c
 projection over the image tokens, the LLM over the image tokens); `flops(cfg)` reproduces
 Table 11 (see its docstring for where the paper disagrees with itself).
 
-    python presets.py --describe dragonfly-v2     # one preset: crops, tokens, positions, TFLOPs
-    python presets.py --table                     # every preset, as a markdown table
+    python -m tools.presets --describe dragonfly-v2     # one preset: crops, tokens, positions, TFLOPs
+    python -m tools.presets --table                     # every preset, as a markdown table
 """
-import argparse
-import sys
 from dataclasses import replace
-
-if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
-    first_run.one_line_for_missing_packages()
 
 import crops as crops_lib
 import model
@@ -329,22 +323,3 @@ def table() -> str:
     uhd = paper_flops(UHD["crops"], UHD["tokens"]) / 1e12
     rows.append(f"| llava-uhd (not built) | v2 Tables 1, 11, 12 'LLaVA-UHD' | <= 6 | 64 | {UHD['tokens']} | – | {uhd:.2f} |")
     return "\n".join(rows)
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="The Dragonfly papers' experiment presets.")
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--describe", metavar="PRESET", help="crops, tokens, positions and TFLOPs of one preset")
-    g.add_argument("--table", action="store_true", help="all presets as a markdown table")
-    g.add_argument("--list", action="store_true", help="the preset names")
-    args = p.parse_args(argv)
-    try:
-        print(table() if args.table else "\n".join(PRESETS) if args.list else describe(args.describe))
-    except KeyError as e:
-        print(e.args[0], file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

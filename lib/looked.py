@@ -4,8 +4,8 @@ image block, drawn over the crops (low, medium tiles, high tiles, each in its pl
 v1 checkpoints which high crops the zoom-in selection kept (v1 paper §3.2).
 
     python sample.py --image data/zoom/example.png --show looked.png
-    python eval.py ... --show-dir DIR --show-n 5
-    python looked.py --pages 50      # the zoom model: high crops vs low crop over held-out pages
+    python -m tools.eval ... --show-dir DIR --show-n 5
+    python -m tools.looked --pages 50      # the zoom model: high crops vs low crop over held-out pages
 
 SDPA returns the attention output, not its weights, so they are recomputed for the answer's
 rows only: one more pass of the LLM over [image block][prompt][answer] with a forward hook on
@@ -18,17 +18,9 @@ every answer token but the last), averaged over heads and layers. A crop's share
 of its positions: CLS, its pooled cells and its separator; "text" is <|begin_of_text|> +
 prompt + answer. Per answer token the crops and the text share 1.
 """
-import argparse
-import json
 import math
-import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
-    first_run.one_line_for_missing_packages()
 
 import numpy as np
 import torch
@@ -37,10 +29,10 @@ from PIL import Image, ImageDraw, ImageFont
 import crops as crops_lib
 import model as M
 import pool
-import pretrained
-from data.zoom import prepare
+from lib import pretrained
 from llama import apply_rope
-from tokenizer import Tokenizer
+from lib.tokenizer import Tokenizer
+from lib.images import crop_image
 
 REGION_COLOURS = [(31, 119, 180), (44, 160, 44), (148, 103, 189), (255, 127, 14)]  # one per medium crop
 HEAT = np.array([220, 30, 20], np.float32)
@@ -129,7 +121,7 @@ def shares(cfg, per_token, kept=None) -> Look:
 
 @torch.no_grad()
 def look(model, prompt_ids, answer_ids, crops) -> Look:
-    """The answer's attention over one image's crops (crops: `model.crop_image(...)`)."""
+    """The answer's attention over one image's crops (crops: `crop_image(..., model.cfg.crops)`)."""
     if not answer_ids:
         raise ValueError("looked.py: the answer is empty, there is no attention to show")
     cfg, device = model.cfg, model.llm.lm_head.weight.device
@@ -253,42 +245,3 @@ def show(model, tok, prompt_ids, answer_ids, crops, path, question="") -> Look:
 
 def summary(result: Look) -> str:
     return ", ".join(f"{lv} {100 * s:.1f}%" for lv, (s, _) in result.levels.items()) + f", text {100 * result.text:.1f}%"
-
-
-# ---- the zoom demo's claim, over held-out pages --------------------------------------------
-def high_over_low(model, tok, records, image_root) -> list:
-    """Per page: (answer, high crops' attention per position / low crop's attention per position)."""
-    out = []
-    for r in records:
-        crops = model.crop_image(image_root / r["image"])
-        prompt = tok.encode_prompt(r["question"])
-        answer = M.greedy_ids(model, [prompt], [crops], 4, tok.stop_ids)[0]
-        levels = look(model, prompt, answer, crops).levels
-        (high, n_high), (low, n_low) = levels["high"], levels["low"]
-        out.append((tok.decode(answer), (high / n_high) / (low / n_low)))
-    return out
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(description="The zoom model's attention: high crops vs the low crop, per position.")
-    p.add_argument("--checkpoint", default=str(Path(__file__).parent / "checkpoints" / "zoom-tiny"))
-    p.add_argument("--pages", type=int, default=50, help="held-out pages of data/zoom/prepare.py (seed 0)")
-    args = p.parse_args(argv)
-    model, tok = pretrained.load(args.checkpoint), Tokenizer.from_file(args.checkpoint)
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "images").mkdir()
-        prepare.make_split(Path(tmp), "test", args.pages, seed=0)
-        records = [json.loads(line) for line in (Path(tmp) / "test.jsonl").read_text().splitlines()]
-        ratios = high_over_low(model, tok, records, Path(tmp))
-    right = sum(a == r["answers"][0] for (a, _), r in zip(ratios, records))
-    more = sum(x > 1 for _, x in ratios)
-    print(f"{args.pages} held-out pages: answered right {right}; high crops get more attention per position than "
-          f"the low crop on {more}; ratio median {np.median([x for _, x in ratios]):.2f}, "
-          f"min {min(x for _, x in ratios):.2f}, max {max(x for _, x in ratios):.2f}")
-
-
-if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, OSError) as e:
-        sys.exit(f"error: {e}")

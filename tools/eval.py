@@ -1,7 +1,7 @@
 """
 Evaluate a Dragonfly checkpoint on a benchmark: batched greedy answers, then the paper's metric.
 
-    python eval.py --checkpoint path/to/Llama-3.1-8B-Dragonfly-v2 --task textvqa \
+    python -m tools.eval --checkpoint path/to/Llama-3.1-8B-Dragonfly-v2 --task textvqa \
         --data textvqa_val.jsonl --images path/to/textvqa --out results/textvqa
 
 --data is JSONL, one question a line: {"id", "image", "question", "answers": [...]} plus
@@ -29,19 +29,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 from tqdm import tqdm
 
-import looked
-import metrics as M
-import results
-import pretrained
-import weights
-from devices import DTYPES, compute_dtype, pick_device, pick_dtype
+from lib import looked
+from lib import metrics as M
+from lib import results
+from lib import pretrained
+from lib import weights
+from lib.devices import DTYPES, compute_dtype, pick_device, pick_dtype
 from model import greedy_ids, image_positions
-from tokenizer import Tokenizer
+from lib.tokenizer import Tokenizer
+from lib.images import crop_image
 
 SHORT = "{question}\nAnswer the question using a single word or phrase."
 CHOICE = "{question}\n{options}\nAnswer with the option's letter from the given choices directly."
@@ -186,7 +187,7 @@ def answer_batch(model, tok, task, batch, image_root, max_new_tokens) -> list:
     entries, ready = [], []
     for r in batch:
         try:
-            crops = model.crop_image(image_root / r["image"]) if r.get("image") else None
+            crops = crop_image(image_root / r["image"], model.cfg.crops) if r.get("image") else None
             ready.append((r, tok.encode_prompt(build_prompt(task, r)), crops))
         except ValueError as e:
             entries.append({"id": r["id"], "error": str(e)})
@@ -212,7 +213,7 @@ def show_records(model, tok, task, records, image_root, max_new_tokens, out: Pat
     greedily again one by one."""
     out.mkdir(parents=True, exist_ok=True)
     for r in records:
-        crops, question = model.crop_image(image_root / r["image"]), build_prompt(task, r)
+        crops, question = crop_image(image_root / r["image"], model.cfg.crops), build_prompt(task, r)
         prompt = tok.encode_prompt(question)
         answer = greedy_ids(model, [prompt], [crops], max_new_tokens, tok.stop_ids)[0]
         path = out / (re.sub(r"[^\w.-]", "_", r["id"]) + ".png")

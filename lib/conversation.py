@@ -31,6 +31,7 @@ import sys
 
 import torch
 
+from lib.images import crop_image
 from model import decode_one_token, new_caches, next_token, prefill
 
 
@@ -54,7 +55,7 @@ class NotFinite(ValueError):
 class Conversation:
     def __init__(self, model, tokenizer, image=None):
         """model: a Dragonfly (one conversation at a time uses its LLM); image: `crops.Crops`
-        from `model.crop_image`, or None for a text-only chat."""
+        from `lib.images.crop_image`, or None for a text-only chat."""
         self.model, self.tok = model, tokenizer
         self.caches = []  # one llama.KVCache per layer, kept across turns
         self.set_image(image)
@@ -203,8 +204,8 @@ def answer(conv, question, as_json=False, out=sys.stdout, **sampling) -> dict:
 HELP = "/image FILE: another image (starts over)   /reset: start over   /quit or Ctrl-D: quit   Ctrl-C: stop an answer"
 
 
-def chat(conv, crop_image, as_json=False, on_first_answer=None, **sampling):
-    """The interactive loop on a terminal. crop_image: path -> crops.Crops (model.crop_image);
+def chat(conv, as_json=False, on_first_answer=None, **sampling):
+    """The interactive loop on a terminal (`/image FILE` crops FILE for the model);
     on_first_answer(question, result): called after the first answer about each image."""
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history)
@@ -229,7 +230,7 @@ def chat(conv, crop_image, as_json=False, on_first_answer=None, **sampling):
             continue
         if command == "/image" and arg:
             try:
-                conv.set_image(crop_image(arg))
+                conv.set_image(crop_image(arg, conv.model.cfg.crops))
             except (ValueError, OSError) as e:  # the conversation goes on about the old image
                 print(f"error: {e}", file=sys.stderr)
                 continue

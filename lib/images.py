@@ -1,7 +1,7 @@
 """Opening an image file safely, as the release opens it: `Image.open(path).convert("RGB")`.
 
-Everything here is hardening around that one line, kept out of crops.py so that file starts with
-the any-resolution idea: a missing file, a folder or FIFO given as the image, a truncated or
+Everything here is hardening around that one line, kept out of crops.py so that file is
+the any-resolution idea alone: a missing file, a folder or FIFO given as the image, a truncated or
 unreadable file become one ValueError naming it; 16-bit and float images are rescaled to 8 bits
 instead of clipped (the one deliberate departure from the release); a huge JPEG is decoded at a
 reduced size and other huge images are refused, so one photo cannot take gigabytes of memory
@@ -13,6 +13,9 @@ import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+import crops
+from crops import FULL_SIZE
 
 
 def to_8bit(img):
@@ -38,7 +41,6 @@ def to_8bit(img):
 # 13000 PNG took 10 s and 1.5 GB to become crops (2.4 GB in sample.py).
 DRAFT_FLOOR = 4032
 MAX_PIXELS = 8192 * 8192
-FULL_SIZE = "dragonfly_full_size"
 
 
 def load_image(src, background=None, exif_transpose=False) -> Image.Image:
@@ -107,3 +109,8 @@ def to_rgb(img, name, background):
             return img if img.mode == "RGB" else img.convert("RGB")  # no copy of an image already RGB
         except ValueError as e:
             raise ValueError(f"cannot convert image {name} (mode {img.mode}) to RGB: {e}") from None
+
+
+def crop_image(image, cfg: crops.CropConfig) -> crops.Crops:
+    """A path (or PIL image) -> its crops (`crops.make_crops`), opened as `load_image` opens it."""
+    return crops.make_crops(load_image(image), cfg)

@@ -12,7 +12,7 @@ full float32 copy: `.bin` shards are memory-mapped and each tensor's file pages 
 to the kernel once it has been copied (see `drop_pages`). Every error names the tensor and the
 file it came from.
 
-`python weights.py SRC DST` converts a `.bin` directory to safetensors, shard by shard, into a new
+`python -m tools.convert_weights SRC DST` converts a `.bin` directory to safetensors, shard by shard, into a new
 folder DST (`--force` replaces a non-empty one).
 """
 import ctypes
@@ -25,10 +25,6 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-
-if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
-    first_run.one_line_for_missing_packages()
 
 import torch
 from safetensors import safe_open
@@ -341,19 +337,3 @@ def copy_side_files(src, dst, skip=()):
     for other in os.listdir(src):
         if other.endswith((".json", ".model", ".txt")) and other not in (*INDEX_FILES, *skip):
             shutil.copy2(Path(src) / other, Path(dst) / other)
-
-
-if __name__ == "__main__":
-    import argparse
-    p = argparse.ArgumentParser(description="Convert a checkpoint directory (.bin or safetensors shards) to "
-                                            "safetensors shards, copying config and tokenizer files.")
-    p.add_argument("src", help="checkpoint directory to read")
-    p.add_argument("dst", help="new directory to write (must not exist or be empty)")
-    p.add_argument("--force", action="store_true", help="replace a non-empty DST")
-    args = p.parse_args()
-    try:
-        convert_to_safetensors(args.src, args.dst, force=args.force)
-    except (CheckpointError, OSError) as e:
-        sys.exit(f"error: {e}")
-    except KeyboardInterrupt:  # staged() has removed its temporary folder: DST is as it was
-        sys.exit(130)

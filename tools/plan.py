@@ -3,8 +3,8 @@ Plan a training run before renting GPUs: memory per GPU and time per stage of th
 H100s, with the same flags as train.py, from the real model built on the meta device (no memory,
 a few seconds).
 
-    python plan.py --stage sft                          # v2 stage 2 on 8/16/24 H100s
-    python plan.py --stage pretrain --micro-batch 2 --gpus 8 --json
+    python -m tools.plan --stage sft                          # v2 stage 2 on 8/16/24 H100s
+    python -m tools.plan --stage pretrain --micro-batch 2 --gpus 8 --json
 
 What is measured and what is modelled:
 - Parameters, gradients and AdamW state per GPU: FSDP2 as training.shard builds it (every
@@ -36,16 +36,16 @@ from functools import lru_cache
 from unittest import mock
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 import torch
 import torch.nn.functional as F
 
 import model as M
-import presets
-import training
-from train_config import parse_config
+from lib import presets
+from lib import training
+from lib.train_config import parse_config
 
 GiB = 2 ** 30
 H100 = dict(name="H100 SXM 80 GB", memory=81559 * 2 ** 20, bf16=989e12, fp32=67e12)  # nvidia-smi's 81559 MiB; dense peak

@@ -40,8 +40,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-import pretrained
-from tokenizer import Tokenizer
+from lib import pretrained
+from lib.tokenizer import Tokenizer
 
 MARKER = "complete.json"
 RUN, LOCK = "run.json", "lock"

@@ -2,8 +2,8 @@
 Writing an int8 checkpoint, and measuring what compact storage costs in quality: the command
 line around stored.py (which holds the int8 and bf16 layers themselves and explains them).
 
-    python quantize.py SRC DST         # write an int8 checkpoint that pretrained.load reads
-    python quantize.py --compare SRC   # int8 and bf16 against float32: greedy ids, log-probabilities
+    python -m tools.quantize SRC DST         # write an int8 checkpoint that pretrained.load reads
+    python -m tools.quantize --compare SRC   # int8 and bf16 against float32: greedy ids, log-probabilities
 
 int8 is per-output-channel symmetric (stored.py): every linear layer of the ViT, the projection
 and the Llama, the vocabulary projection included, and the token embedding per row. DST holds
@@ -16,14 +16,14 @@ import sys
 from pathlib import Path
 
 if __name__ == "__main__":  # as a script: a missing package is one line naming `bash run.sh`
-    import first_run
+    from lib import first_run
     first_run.one_line_for_missing_packages()
 
 import torch
 
-import pretrained
-import weights
-from images import load_image
+from lib import pretrained
+from lib import weights
+from lib.images import crop_image, load_image
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def compare(path, image, prompt, n=32) -> dict:
     Both CPU branches run whatever this CPU is: compute is forced (float32 over bf16 weights, as
     without bf16 instructions; bf16 throughout, as with them), only the kernels are this CPU's."""
     ref = pretrained.load(path)
-    crops = ref.crop_image(image)
+    crops = crop_image(image, ref.cfg.crops)
     ids = [int(t[0]) for t, _ in ref.generate([prompt], [crops], max_new_tokens=n)]
     tokens, pixels = torch.tensor([prompt + ids]), torch.as_tensor(crops.pixels)[None]
     ways = {"float32": {}, "bf16 weights, float32 compute": dict(dtype=torch.bfloat16, compute=torch.float32),
@@ -55,7 +55,7 @@ def compare(path, image, prompt, n=32) -> dict:
             for a, b in pairs}
 
 
-# ---- python quantize.py SRC DST ----------------------------------------------------------------
+# ---- python -m tools.quantize SRC DST ----------------------------------------------------------------
 def write_int8(src, dst):
     """Quantize checkpoint `src` into a new directory `dst`: int8 weights and bf16 scales, every
     other tensor in the checkpoint's own dtype, src's config.json + "quantization": "int8", its
@@ -86,7 +86,7 @@ if __name__ == "__main__":
     p.add_argument("src", help="checkpoint directory to quantize (or, with --compare, to measure)")
     p.add_argument("dst", nargs="?", help="new directory for the int8 checkpoint")
     p.add_argument("--compare", action="store_true", help="print int8's and bf16's agreement with float32 on src")
-    p.add_argument("--image", default=str(Path(__file__).parent / "data" / "zoom" / "example.png"))
+    p.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "data" / "zoom" / "example.png"))
     args = p.parse_args()
     try:
         if args.compare:

@@ -9,7 +9,7 @@ import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-import presets
+from lib import presets
 
 STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (med-vision)
     "pretrain":   dict(trainable=("projection",), batch_size=64, lr=2e-5, grad_checkpoint=False),
@@ -98,7 +98,7 @@ def parse_config(argv=None, description=None) -> TrainConfig:
     if "trainable" in args:
         args["trainable"] = tuple(args["trainable"])
     if args.get("preset") and (args["preset"] not in presets.PRESETS or args.get("init")):
-        p.error("--preset: a name from `python presets.py --list`, with --model tiny or --clip/--llama, not --init")
+        p.error("--preset: a name from `python -m tools.presets --list`, with --model tiny or --clip/--llama, not --init")
     cfg = replace(TrainConfig(), **{**STAGES[args.get("stage", TrainConfig.stage)], **args})
     for f in fields(cfg):
         if f.metadata["valid"] and not f.metadata["valid"][0](getattr(cfg, f.name)):

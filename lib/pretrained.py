@@ -20,10 +20,10 @@ import torch
 
 import crops as crops_lib
 import model as M
-import stored
+from lib import stored
 import llama
 import vit as vit_lib
-import weights
+from lib import weights
 from llama import Llama, LlamaConfig
 from vit import ViTConfig, VisionTransformer
 

@@ -14,8 +14,14 @@ import sys
 REQUIRED = {"torch", "numpy", "PIL", "sentencepiece", "tiktoken", "safetensors", "tqdm"}
 
 
+def command() -> str:
+    """How this script was started, as run.sh takes it: `sample.py` or `-m tools.eval`."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return f"-m {spec.name}" if spec is not None and spec.name else sys.argv[0]
+
+
 def missing_package_line(name: str) -> str:
-    return (f"error: {name} is not installed: run `bash run.sh {sys.argv[0]} ...` "
+    return (f"error: {name} is not installed: run `bash run.sh {command()} ...` "
             "(installs requirements.txt into .venv once) or pip install -r requirements.txt")
 
 

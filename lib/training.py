@@ -12,9 +12,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 import model as M
-import presets
-import pretrained
-import weights
+from lib import presets
+from lib import pretrained
+from lib import weights
 
 # Training switches (v2 Table 10: projection / vision encoder / LLM) -> the modules each covers,
 # the ablation modules included (presets.py counts their FLOPs the same way).
