@@ -33,14 +33,6 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
-# transformers' LlamaConfig() defaults (Llama-1/2 values, not Llama-3's): a config that leaves a
-# field out gets these, as the release's `LlamaConfig(**text_config)` does.
-HF_LLAMA_DEFAULTS = {"hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
-                     "num_attention_heads": 32, "num_key_value_heads": None, "vocab_size": 32000,
-                     "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "rope_scaling": None,
-                     "max_position_embeddings": 2048, "tie_word_embeddings": False}
-
-
 @dataclass
 class LlamaConfig:
     dim: int = 4096
@@ -59,30 +51,6 @@ class LlamaConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    @classmethod
-    def from_hf(cls, hf: dict, defaults: dict = None) -> "LlamaConfig":
-        """From a Hugging Face config dict. Absent fields take `defaults` (Hugging Face field
-        names; default: transformers' LlamaConfig class defaults, what `LlamaConfig(**d)` gives).
-        transformers >= 5 writes `rope_parameters` (theta and scaling together) instead of
-        `rope_theta` + `rope_scaling`; both spellings are read."""
-        d = HF_LLAMA_DEFAULTS if defaults is None else defaults
-        get = lambda key: hf[key] if key in hf else d[key]
-        rope = hf.get("rope_parameters") or {}
-        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
-        return cls(dim=get("hidden_size"), n_layers=get("num_hidden_layers"), n_heads=get("num_attention_heads"),
-                   n_kv_heads=get("num_key_value_heads") or get("num_attention_heads"),
-                   vocab_size=get("vocab_size"), ffn_dim=get("intermediate_size"), norm_eps=get("rms_norm_eps"),
-                   rope_theta=hf.get("rope_theta") or rope.get("rope_theta") or d["rope_theta"],
-                   rope_scaling=scaling, max_seq_len=get("max_position_embeddings"),
-                   tie_embeddings=get("tie_word_embeddings"))
-
-    def to_hf(self) -> dict:
-        """The Hugging Face LlamaConfig fields (the inverse of `from_hf`)."""
-        return {"model_type": "llama", "hidden_size": self.dim, "intermediate_size": self.ffn_dim,
-                "num_hidden_layers": self.n_layers, "num_attention_heads": self.n_heads,
-                "num_key_value_heads": self.n_kv_heads, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
-                "rope_scaling": self.rope_scaling, "max_position_embeddings": self.max_seq_len,
-                "vocab_size": self.vocab_size, "tie_word_embeddings": self.tie_embeddings}
 
 
 def rope_frequencies(cfg: LlamaConfig, device=None) -> torch.Tensor:
@@ -318,18 +286,3 @@ class Llama(nn.Module):
     def clear_cache(self):
         for layer in self.layers:
             layer.attn.cache = None
-
-
-# Our parameter names -> Hugging Face Llama names (after the optional `language_model.` prefix).
-# Our parameter names -> a Hugging Face Llama checkpoint's (without a prefix), first match wins;
-# pretrained.checkpoint_key applies them.
-CHECKPOINT_NAMES = [
-    (r"^embed_tokens\.", "model.embed_tokens."),
-    (r"^norm\.", "model.norm."),
-    (r"^lm_head\.", "lm_head."),
-    (r"^layers\.(\d+)\.attn_norm\.", r"model.layers.\1.input_layernorm."),
-    (r"^layers\.(\d+)\.ffn_norm\.", r"model.layers.\1.post_attention_layernorm."),
-    (r"^layers\.(\d+)\.attn\.", r"model.layers.\1.self_attn."),
-    (r"^layers\.(\d+)\.ffn\.", r"model.layers.\1.mlp."),
-]
-

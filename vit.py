@@ -11,7 +11,7 @@ Data flow, in the order of the classes below:
     pixels (N, 3, S, S) -> conv patch embedding (no bias) -> [CLS] + patches + positions
     -> pre-LayerNorm ("pre_layrnorm", sic) -> pre-LN blocks (attention, quick_gelu MLP)
 Weights load by name from `vision_model.*` (OpenAI's CLIP repo) or
-`image_encoder.vision_model.*` (the Dragonfly release): see `CHECKPOINT_NAMES`.
+`image_encoder.vision_model.*` (the Dragonfly release): lib/release_format.py maps the names.
 """
 import math
 import re
@@ -139,34 +139,3 @@ class VisionTransformer(nn.Module):
     def pooled(self, pixels):
         """CLIP's image feature before its projection: post-LayerNorm of the final CLS token."""
         return self.ln_post(self.forward(pixels)[:, 0])
-
-
-# Our parameter names -> the names in the released checkpoints (after `vision_model.`).
-# Our parameter names -> a Hugging Face CLIP checkpoint's (without a prefix), first match wins;
-# pretrained.checkpoint_key applies them.
-CHECKPOINT_NAMES = [
-    (r"^patch_embed\.", "embeddings.patch_embedding."),
-    (r"^cls$", "embeddings.class_embedding"),
-    (r"^pos$", "embeddings.position_embedding.weight"),
-    (r"^ln_pre\.", "pre_layrnorm."),  # sic, the released spelling
-    (r"^ln_post\.", "post_layernorm."),
-    (r"^blocks\.(\d+)\.attn\.", r"encoder.layers.\1.self_attn."),
-    (r"^blocks\.(\d+)\.ln(\d)\.", r"encoder.layers.\1.layer_norm\2."),
-    (r"^blocks\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-]
-
-
-
-def config_from_weights(shapes: dict, prefix: str) -> ViTConfig:
-    """Infer the tower's shape from tensor shapes (the Dragonfly config does not record it):
-    width from the patch embedding, layers from the keys, heads = width / 64, patches per
-    side from the position table. `shapes` maps checkpoint key -> shape."""
-    patch = shapes[prefix + "embeddings.patch_embedding.weight"]  # (width, 3, p, p)
-    n_pos = shapes[prefix + "embeddings.position_embedding.weight"][0]
-    layer_ids = {int(m.group(1)) for k in shapes if (m := re.match(re.escape(prefix) + r"encoder\.layers\.(\d+)\.", k))}
-    side = math.isqrt(n_pos - 1)
-    if side * side != n_pos - 1:
-        raise ValueError(f"position table of {n_pos} rows is not 1 + a square number of patches")
-    width = patch[0]
-    return ViTConfig(image_size=side * patch[-1], patch_size=patch[-1], width=width, layers=len(layer_ids),
-                     heads=width // 64, mlp_dim=shapes[prefix + "encoder.layers.0.mlp.fc1.weight"][0])

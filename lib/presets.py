@@ -246,7 +246,7 @@ def train_flops_per_sample(cfg, text_tokens: int, trainable=TRAINABLE, image=Tru
 def tiny(cfg, vit_width=64, llm_dim=16, layers=2) -> model.DragonflyConfig:
     """The same geometry (crops per level, token grids, pooling, zoom, positions) at toy widths:
     patch size 1, so a crop is grid x grid pixels (24 for L/14, 7 for B/32), and heads =
-    width / 64 as `vit.config_from_weights` infers them. For tests and CPU smoke runs."""
+    width / 64 as `release_format.vit_from_weights` infers them. For tests and CPU smoke runs."""
     def shrink(v):
         return v and ViTConfig(v.patches_per_side, 1, vit_width, layers, max(1, vit_width // 64), 2 * vit_width)
     vit, vit_low = shrink(cfg.vit), shrink(cfg.vit_low)

@@ -168,10 +168,15 @@ class StoredEmbedding(nn.Module):
 
 
 @torch.no_grad()
-def store_weights(model: nn.Module, storage, dtype=torch.float32) -> nn.Module:
-    """The handler: swap every nn.Linear and nn.Embedding of `model` (computing in `dtype`) for a
-    Stored one keeping its weight in `storage` (bf16, fp16 or int8). On the meta device only the
-    shapes move (pretrained.load then fills them); real weights are converted."""
+def store_weights(model: nn.Module, weights_dtype, compute_dtype, quantize=None) -> nn.Module:
+    """The handler: when the matrices are kept in another dtype than the layers compute in
+    (`storage_dtype`: bf16 weights computed in float32, or int8), swap every nn.Linear and
+    nn.Embedding of `model` for a Stored one keeping its weight so; otherwise `model` as it is.
+    On the meta device only the shapes move (pretrained.load then fills them); real weights are
+    converted."""
+    storage, dtype = storage_dtype(weights_dtype, compute_dtype, quantize), compute_dtype
+    if storage is None:
+        return model
     for parent in list(model.modules()):
         for name, m in list(parent.named_children()):
             if type(m) is nn.Linear:

@@ -169,6 +169,25 @@ def all_finite(t: torch.Tensor) -> bool:
     return bool(t.sum().isfinite()) or bool(torch.isfinite(t).all())
 
 
+def materialize(model, device):
+    """A model built on the meta device -> its memory on `device`, uninitialised (load_into fills
+    it), after checking on a CPU that it fits (`ensure_memory`). Parameters the model shares (a
+    tied embedding and output matrix, and an int8 table's scales) stay shared: `to_empty` alone
+    would give each name its own tensor."""
+    if torch.device(device).type == "cpu":
+        ensure_memory(sum(p.numel() * p.element_size() for p in model.parameters()))
+    shared = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared.setdefault(id(p), []).append(name)
+    model = model.to_empty(device=device)
+    for first, *others in (names for names in shared.values() if len(names) > 1):
+        owner = model.get_parameter(first)
+        for name in others:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, owner)
+    return model
+
+
 def ensure_memory(nbytes: int, headroom: float = 1.1):
     """Raise CheckpointError, one line, when `nbytes` of weights (+10% for activations and the KV
     cache) exceed the memory Linux says is available: better than swapping or the OOM killer."""

@@ -31,7 +31,7 @@ from transformers.utils import logging as hf_logging
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools import bench  # noqa: E402
 import llama  # noqa: E402
-from lib import pretrained  # noqa: E402
+from lib import pretrained, release_format  # noqa: E402
 import vit  # noqa: E402
 from model import Dragonfly  # noqa: E402
 from lib.images import crop_image
@@ -61,13 +61,13 @@ def hugging_face_models(model: Dragonfly):
         attn_implementation="sdpa", dtype=torch.float32).eval()
     # transformers 5's CLIPVisionModel has no "vision_model." level; older ones do
     prefix = "vision_model." if any(k.startswith("vision_model.") for k in clip.state_dict()) else ""
-    copy_weights(model.vision, clip, lambda n: prefix + pretrained.checkpoint_key(vit.CHECKPOINT_NAMES, n))
+    copy_weights(model.vision, clip, lambda n: prefix + release_format.checkpoint_key(release_format.VIT_NAMES, n))
     lm = LlamaForCausalLM._from_config(LlamaConfig(
         hidden_size=c.dim, intermediate_size=c.ffn_dim, num_hidden_layers=c.n_layers, num_attention_heads=c.n_heads,
         num_key_value_heads=c.n_kv_heads, vocab_size=c.vocab_size, rms_norm_eps=c.norm_eps, rope_theta=c.rope_theta,
         max_position_embeddings=c.max_seq_len, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128001),
         attn_implementation="sdpa", dtype=torch.float32).eval()
-    copy_weights(model.llm, lm, lambda n: pretrained.checkpoint_key(llama.CHECKPOINT_NAMES, n))
+    copy_weights(model.llm, lm, lambda n: release_format.checkpoint_key(release_format.LLAMA_NAMES, n))
     assert torch.allclose(lm.model.rotary_emb.inv_freq, llama.rope_frequencies(c)), "RoPE frequencies differ"
     return clip, lm
 

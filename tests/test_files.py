@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lib import pretrained
+import model as M
+from lib import pretrained, release_format
 from lib import weights
 from conftest import ROOT
 
@@ -25,7 +26,7 @@ def text_config(**changed):
                                          ("vocab_size", 2**40), ("max_position_embeddings", 10**12)])
 def test_absurd_sizes_are_refused_before_any_module_is_built(field, value):
     with pytest.raises(weights.CheckpointError, match=rf"config\.json: text_config: {field}: expected an integer from 1 to"):
-        pretrained.llm_config(text_config(**{field: value}), "config.json")
+        release_format.llm_config(text_config(**{field: value}), "config.json")
 
 
 @pytest.mark.parametrize("field,value,want", [("hidden_size", "32", "an integer"), ("hidden_size", 32.0, "an integer"),
@@ -35,23 +36,23 @@ def test_absurd_sizes_are_refused_before_any_module_is_built(field, value):
                                               ("rope_theta", True, "a number above 0")])
 def test_config_fields_of_the_wrong_type_or_range_name_the_field(field, value, want):
     with pytest.raises(weights.CheckpointError, match=rf"^config\.json: text_config: {field}: expected {want}.*, found "):
-        pretrained.llm_config(text_config(**{field: value}), "config.json")
+        release_format.llm_config(text_config(**{field: value}), "config.json")
 
 
 def test_heads_that_do_not_divide_the_width_are_refused():
     with pytest.raises(weights.CheckpointError, match="the heads must divide the width"):
-        pretrained.llm_config(text_config(num_attention_heads=3, num_key_value_heads=3), "config.json")
+        release_format.llm_config(text_config(num_attention_heads=3, num_key_value_heads=3), "config.json")
 
 
 def test_an_unknown_dragonfly_nano_field_is_refused_with_the_known_ones():
     with pytest.raises(weights.CheckpointError, match=r"^c: dragonfly_nano\.crops: unknown field 'levels' \(known: size, "):
-        pretrained.check_fields({"crops": {"levels": 3}}, pretrained.M.DragonflyConfig, "c: dragonfly_nano")
+        release_format.check_fields({"crops": {"levels": 3}}, M.DragonflyConfig, "c: dragonfly_nano")
 
 
 def test_the_shipped_configs_pass_the_checks():
     hf = json.loads((TINY / "config.json").read_text())
-    pretrained.check_fields(hf["dragonfly_nano"], pretrained.M.DragonflyConfig, "dragonfly_nano")
-    assert pretrained.llm_config(hf).n_layers == hf["text_config"]["num_hidden_layers"]
+    release_format.check_fields(hf["dragonfly_nano"], M.DragonflyConfig, "dragonfly_nano")
+    assert release_format.llm_config(hf).n_layers == hf["text_config"]["num_hidden_layers"]
 
 
 # ---- weights ----------------------------------------------------------------------------------

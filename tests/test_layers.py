@@ -19,6 +19,7 @@ LAYERS = [
     ("basics", ["lib/weights.py", "lib/images.py", "lib/devices.py", "lib/stored.py", "lib/timing.py",
                 "lib/results.py", "lib/tokenizer.py", "lib/metrics.py", "data/__init__.py", "data/formats.py",
                 "data/benchmarks/__init__.py"]),
+    ("the release's format", ["lib/release_format.py"]),
     ("loading, presets, data", ["lib/pretrained.py", "lib/presets.py", "data/dataset.py", "data/zoom/prepare.py",
                                 "data/zoom/recipe.py"]),
     ("uses", ["lib/conversation.py", "lib/looked.py", "lib/checkpoint.py", "lib/training.py", "lib/train_config.py"]),
@@ -144,3 +145,20 @@ def imports_inside_functions(source: str) -> list:
 def test_project_imports_sit_at_the_top_of_the_file(file):
     # an import placed inside a function to dodge a cycle hides the file's real layer
     assert imports_inside_functions((ROOT / file).read_text()) == []
+
+
+# ---- one way in for a checkpoint (tests/data_path.py says what is counted) -----------------------
+def test_loading_a_checkpoint_for_sample_py_reads_as_a_straight_line(checkpoint_dir):
+    import argparse
+    import torch
+    import sample
+    from data_path import calls_down
+    args = argparse.Namespace(checkpoint=str(checkpoint_dir), special_tokens_in_text=False, image=None, quantize=None)
+    layer_of = {file: rank for file, (rank, _) in LAYER.items()}
+    found, _ = calls_down(lambda: sample.load(args, "cpu", torch.float32), layer_of, "sample.py", depth=2)
+    bounces = [f"{a} -> {b}" for a, b in found if not a.startswith("sample.py:")]
+    # before issue 23: 12, config checking ping-ponging between pretrained.py, llama.py and vit.py
+    assert len(bounces) <= 6, bounces
+    assert sum(b.endswith("lib/release_format.py:read_config") for b in bounces) == 1   # config.json read once
+    assert not any(b.split(" -> ")[1].startswith(("llama.py", "vit.py")) for b in bounces)
+

@@ -10,7 +10,7 @@ from PIL import Image
 
 import model
 from lib import presets
-from lib import pretrained
+from lib import pretrained, release_format
 from lib import weights
 from lib.images import crop_image
 
@@ -204,13 +204,13 @@ def test_llm_config_comes_from_text_config_alone_as_released():
            "rope_theta": 500000.0, "max_position_embeddings": 8192, "vocab_size": 128256}
     text = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
             "vocab_size": 128256}
-    llm = pretrained.llm_config({**top, "text_config": text})
+    llm = release_format.llm_config({**top, "text_config": text})
     assert (llm.dim, llm.n_layers, llm.n_heads, llm.n_kv_heads) == (32, 1, 2, 2)
     assert (llm.norm_eps, llm.rope_theta, llm.max_seq_len, llm.ffn_dim) == (1e-6, 10000.0, 2048, 11008)
 
 
 def test_llm_config_falls_back_to_top_level_fields_with_dragonfly_defaults():
-    llm = pretrained.llm_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 16})
+    llm = release_format.llm_config({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 16})
     assert (llm.dim, llm.n_layers, llm.n_heads) == (64, 2, 16)
     # the release's DragonflyConfig defaults are Llama-3-8B's
     assert (llm.n_kv_heads, llm.norm_eps, llm.rope_theta, llm.max_seq_len, llm.vocab_size) == (8, 1e-5, 500000.0, 8192, 128256)

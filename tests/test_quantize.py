@@ -59,7 +59,7 @@ def stored_int8(n, k, bias=True, dtype=torch.float32):
         if bias:
             lin.bias.copy_(torch.randn(n, generator=g))
     holder = torch.nn.Sequential(lin).to(dtype)
-    stored.store_weights(holder, torch.int8, dtype)
+    stored.store_weights(holder, dtype, dtype, "int8")
     return holder[0]
 
 

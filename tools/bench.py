@@ -58,7 +58,8 @@ from lib import weights
 from lib.conversation import Conversation
 from lib.devices import DTYPES
 from model import Dragonfly, image_positions, v2_config
-from lib.pretrained import allocate, checkpoint_names, release_config
+from lib.pretrained import allocate
+from lib.release_format import checkpoint_names, release_config
 from lib.timing import count_calls, machine_limits, quiet, sync, timed
 from lib.tokenizer import Tokenizer
 

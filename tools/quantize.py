@@ -21,7 +21,7 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
 
 import torch
 
-from lib import pretrained
+from lib import pretrained, release_format
 from lib import weights
 from lib.images import crop_image, load_image
 
@@ -71,7 +71,7 @@ def write_int8(src, dst):
         raise ValueError(f"{src / 'config.json'}: torch_dtype: expected float32, bfloat16 or float16, found {stored!r}")
     dtype = getattr(torch, stored)
     model = pretrained.load(src, dtype=torch.float32, quantize="int8")
-    names = pretrained.checkpoint_names(model)
+    names = release_format.checkpoint_names(model)
     state = {names[n]: p if p.dtype == torch.int8 or n.endswith(".scales") else p.to(dtype)
              for n, p in model.named_parameters()}
     with weights.staged(dst) as tmp:
