@@ -109,3 +109,104 @@ def test_concept_map_covers_the_papers_ideas():
     for idea in ("low, medium and high crops", "grid choice", "mean pooling", "separator", "projection",
                  "zoom-in", "two training stages"):
         assert idea in concepts, idea
+
+
+# ---- the front page and the manuals --------------------------------------------------------------
+MAX_README_LINES = 250  # a front page, as nanoGPT's, gpt-fast's and nanoVLM's are; manuals go to docs/
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")                 # [text](path#anchor), ![alt](path)
+CODE_SPAN = re.compile(r"`[^`\n]*`")
+COMMAND = re.compile(r"\bpython3?\s+-m\s+([\w.]+)|\bpython3?\s+([\w./-]+\.py)\b"
+                     r"|\bbash\s+run\.sh\s+(?:-m\s+([\w.]+)|([\w./-]+\.py)\b)")
+
+
+def documents() -> list:
+    return [ROOT / "README.md"] + sorted((ROOT / "docs").glob("*.md"))
+
+
+def prose(path: Path) -> str:
+    """The text of a markdown file outside its fenced code blocks."""
+    kept, fenced = [], False
+    for line in path.read_text().splitlines():
+        if line.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def headings(path: Path) -> set:
+    return {anchor(line.lstrip("#")) for line in prose(path).splitlines() if re.match(r"#{1,6} ", line)}
+
+
+def links(path: Path):
+    """(target file, anchor or None) of every relative link of a markdown file; web and mail links
+    are left out, and so is what only looks like a link inside `code`."""
+    for target in LINK.findall(CODE_SPAN.sub("", prose(path))):
+        if re.match(r"(https?|mailto):", target):
+            continue
+        file, _, name = target.partition("#")
+        yield (path.parent / file).resolve() if file else path, name or None
+
+
+def broken_links(paths) -> list:
+    broken = []
+    for path in paths:
+        for target, name in links(path):
+            where = f"{os.path.relpath(path, ROOT)} -> {os.path.relpath(target, ROOT)}"
+            if not target.is_file():
+                broken.append(f"{where}: no such file")
+            elif name is not None and target.suffix == ".md" and name not in headings(target):
+                broken.append(f"{where}#{name}: no such heading")
+    return broken
+
+
+def commands(text: str):
+    """The file each `python -m X`, `python FILE.py` and `bash run.sh ...` in `text` runs, relative to
+    the repository root. A module written in capitals (`python -m tools.NAME`) is a placeholder."""
+    for module, file, run_module, run_file in COMMAND.findall(text):
+        module = module or run_module
+        if module and not any(part.isupper() for part in module.split(".")):
+            yield module.rstrip(".").replace(".", "/") + ".py"
+        elif file or run_file:
+            yield file or run_file
+
+
+def missing_commands(paths) -> list:
+    return [f"{path.relative_to(ROOT)}: {file}" for path in paths for file in commands(path.read_text())
+            if not (ROOT / file).is_file()]
+
+
+def test_readme_and_docs_link_only_to_files_and_headings_that_exist():
+    assert sum(1 for path in documents() for _ in links(path)) > 30  # the front page links every page
+    assert broken_links(documents()) == []
+
+
+def test_a_broken_link_or_anchor_is_caught(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n[ok](#title) [gone](#no-such) [missing](nowhere.md) `[code](x.md)`\n"
+                    "[web](https://example.com) ![picture](page.md#title)\n```\n[fenced](also-nowhere.md)\n```\n")
+    assert [(t.name, n) for t, n in links(page)] == [("page.md", "title"), ("page.md", "no-such"),
+                                                     ("nowhere.md", None), ("page.md", "title")]
+    assert [Path(b.split(" -> ")[1]).name for b in broken_links([page])] == ["page.md#no-such: no such heading",
+                                                                             "nowhere.md: no such file"]
+
+
+def test_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= MAX_README_LINES, f"README.md has {len(lines)} lines: move a manual to docs/"
+
+
+def test_every_page_of_docs_is_linked_from_the_front_page():
+    linked = {target for target, _ in links(ROOT / "README.md")}
+    assert [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.resolve() not in linked] == []
+
+
+def test_every_command_in_the_readme_and_docs_names_a_file_that_exists():
+    found = [file for path in documents() for file in commands(path.read_text())]
+    assert len(found) > 40 and "tools/eval.py" in found and "sample.py" in found
+    assert missing_commands(documents()) == []
+
+
+def test_a_command_naming_a_missing_module_is_caught():
+    text = "python -m tools.evaluate --task zoom; bash run.sh -m tools.eval; python sampler.py; python -m tools.NAME"
+    assert list(commands(text)) == ["tools/evaluate.py", "tools/eval.py", "sampler.py"]
