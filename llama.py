@@ -19,11 +19,10 @@ Not part of Llama-3 as Meta describes it, and marked where it sits (skip on a fi
 - "Release fidelity": RoPE frequencies rounded to bf16 and the rotation rounded in bf16
   (`rope_cos_sin`, `apply_rope`, `Llama.rope_dtype`), because the release ran and trained so
   (docs/release-facts.md#bf16-numerics);
-- "Speed only": the one-token attention path in `Attention.forward` and the output matrix's
-  re-layout in `Llama.setup_cache`. Neither changes a value.
+- "Speed only": the one-token attention path in `Attention.forward`; it changes no value.
+  (How the output matrix is laid out in memory for fast decoding on a CPU is lib/stored.py's.)
 """
 import math
-import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -95,7 +94,7 @@ def apply_rope(x, cos, sin):
 def compute_dtype(x):
     """The dtype the layers compute in: autocast's when it is on (train.py on one process casts
     there), else the activations' (a bf16 model, or FSDP2's bf16 parameters). The meta device
-    (plan.py) has no autocast to ask about."""
+    (tools/plan.py) has no autocast to ask about."""
     if torch.amp.is_autocast_available(x.device.type) and torch.is_autocast_enabled(x.device.type):
         return torch.get_autocast_dtype(x.device.type)
     return x.dtype
@@ -132,7 +131,7 @@ class KVCache(nn.Module):
 
     def grow(self, max_len: int):
         """Reallocate to hold `max_len` positions, keeping every one written so far: a chat
-        that outgrows its cache continues without recomputing its prefix (conversation.py)."""
+        that outgrows its cache continues without recomputing its prefix (lib/conversation.py)."""
         B, H, old, D = self.k.shape
         if max_len <= old:
             return
@@ -150,16 +149,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
-        self.cache: Optional[KVCache] = None
 
-    def forward(self, x, cos, sin, start: int = 0, mask=None):
+    def forward(self, x, cos, sin, start: int = 0, mask=None, cache: Optional[KVCache] = None):
+        """x (B, T, dim) at positions start..start+T-1 -> (B, T, dim). With a cache, the new keys and
+        values are written at those slots and the queries see every slot before them too."""
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)     # (B, h, T, d)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, kv, T, d)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if self.cache is not None:
-            k, v = self.cache.update(start, k, v)  # (B, kv, start+T, d)
+        if cache is not None:
+            k, v = cache.update(start, k, v)  # (B, kv, start+T, d)
         if T == 1:
             # Speed only, not part of Llama-3: one new token's query heads that share a kv head
             # become rows of one product against that head's cache, (B, kv, heads/kv, d), instead
@@ -194,26 +194,14 @@ class Block(nn.Module):
         self.ffn = FeedForward(cfg)
         self.grad_checkpoint = False  # train.py: recompute this block's activations in backward
 
-    def forward(self, x, cos, sin, start=0, mask=None):
+    def forward(self, x, cos, sin, start=0, mask=None, cache=None):
         if self.grad_checkpoint and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, cos, sin, start, mask, use_reentrant=False)
-        return self._forward(x, cos, sin, start, mask)
+            return checkpoint(self._forward, x, cos, sin, start, mask, cache, use_reentrant=False)
+        return self._forward(x, cos, sin, start, mask, cache)
 
-    def _forward(self, x, cos, sin, start=0, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+    def _forward(self, x, cos, sin, start=0, mask=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
-
-
-def faster_layout(w):
-    """w, or its column-major copy, whichever a one-row product reads faster (best of 2 each).
-    Speed only: see Llama.setup_cache."""
-    x, column = torch.randn(1, w.shape[1], dtype=w.dtype), w.t().contiguous().t()
-    best = {}
-    for name, m in [("row", w), ("column", column)] * 2:
-        t0 = time.perf_counter()
-        F.linear(x, m)
-        best[name] = min(best.get(name, math.inf), time.perf_counter() - t0)
-    return column if best["column"] < best["row"] else w
 
 
 class Llama(nn.Module):
@@ -227,16 +215,15 @@ class Llama(nn.Module):
         self.tie_weights()
         # Release fidelity, not part of Llama-3: the dtype RoPE's frequencies are rounded to;
         # None: the compute dtype's (rope_cos_sin). Set by the loader when bf16-stored weights
-        # compute in float32 (quantize.py): the checkpoint was trained with bf16-rounded
+        # compute in float32 (tools/quantize.py): the checkpoint was trained with bf16-rounded
         # frequencies, whatever the compute dtype (docs/release-facts.md#bf16-numerics;
         # tests/test_quantize.py::test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release).
         self.rope_dtype: Optional[torch.dtype] = None
-        self.head_layout_chosen = False  # setup_cache: the output matrix's memory order, timed once
 
     def tie_weights(self):
         """Share the input embedding with the output projection when the config says so
         (moving a module to a new device or dtype unties them; call again after). Every
-        parameter is shared: the table, and an int8 table's scales (quantize.py)."""
+        parameter is shared: the table, and an int8 table's scales (tools/quantize.py)."""
         if self.cfg.tie_embeddings:
             for name, p in self.embed_tokens.named_parameters():
                 setattr(self.lm_head, name, p)
@@ -244,16 +231,18 @@ class Llama(nn.Module):
     def embed(self, tokens):
         return self.embed_tokens(tokens)
 
-    def forward(self, x, positions=None, start: int = 0, mask=None, logits_from: int = 0):
-        """x: embeddings (B, T, dim) written at cache slots start..start+T-1; positions (B, T):
-        RoPE position ids (default start..start+T-1; they differ from slots under left padding);
-        mask: None for plain causal attention, else bool (B, 1, T, start+T), True = may attend.
-        Returns logits (B, T - logits_from, vocab): only positions logits_from.. (e.g. -1 for the
-        last one) go through the vocabulary projection, the largest matmul at long prompts."""
-        return self.lm_head(self.hidden(x, positions, start, mask)[:, logits_from:])
+    def forward(self, x, positions=None, start: int = 0, mask=None, logits_from: int = 0, caches=None):
+        """`hidden`, then logits (B, T - logits_from, vocab): only positions logits_from.. (e.g. -1
+        for the last one) go through the vocabulary projection, the largest matmul at long prompts."""
+        return self.lm_head(self.hidden(x, positions, start, mask, caches)[:, logits_from:])
 
-    def hidden(self, x, positions=None, start: int = 0, mask=None):
-        """The final (normalised) hidden states (B, T, dim), before the vocabulary projection."""
+    def hidden(self, x, positions=None, start: int = 0, mask=None, caches=None):
+        """Embeddings x (B, T, dim) through every block -> the final normalised hidden states
+        (B, T, dim), before the vocabulary projection. positions (B, T): RoPE position ids
+        (default start..start+T-1; they differ from cache slots under left padding); mask: None
+        for plain causal attention, else bool (B, 1, T, start+T), True = may attend; caches: one
+        KVCache per block (model.py's prefill and decode_one_token), the new keys and values
+        written at slots start..start+T-1."""
         B, T, _ = x.shape
         if positions is None:
             positions = torch.arange(start, start + T, device=x.device).expand(B, T)
@@ -261,28 +250,6 @@ class Llama(nn.Module):
         if self.rope_dtype is not None:
             inv_freq = inv_freq.to(self.rope_dtype).float()
         cos, sin = rope_cos_sin(inv_freq, positions, compute_dtype(x))
-        for layer in self.layers:
-            x = layer(x, cos, sin, start, mask)
+        for layer, cache in zip(self.layers, caches or [None] * len(self.layers)):
+            x = layer(x, cos, sin, start, mask, cache)
         return self.norm(x)
-
-    def setup_cache(self, batch: int, max_len: int, dtype=None, device=None):
-        p = self.lm_head.weight
-        plain = type(self.lm_head) is nn.Linear  # quantize.py's stored weights are read by rows
-        if p.device.type == "cpu" and p.is_contiguous() and not self.cfg.tie_embeddings and plain \
-                and not self.head_layout_chosen:
-            # Speed only, not part of Llama-3: each decoded token is one product with the
-            # (vocab, dim) output matrix, the largest read of the step, and which memory order
-            # the CPU's BLAS reads fastest depends on the CPU: column-major ran the float32 product
-            # ~1.4x faster on an AVX2-only CPU, and 1.4x (float32) to 1.5x (bf16) slower on one
-            # with avx512f avx512_bf16 amx_bf16. So one product is timed in each order, once per
-            # model, and the faster is kept: same values, same shape. No test needs it; the tests
-            # that compare cached generation with recomputation check that it changes nothing.
-            self.head_layout_chosen = True
-            p.data = faster_layout(p.data)
-        for layer in self.layers:
-            layer.attn.cache = KVCache(batch, max_len, self.cfg.n_kv_heads, self.cfg.head_dim,
-                                       dtype or self.norm.weight.dtype, device or p.device)  # the activations' dtype
-
-    def clear_cache(self):
-        for layer in self.layers:
-            layer.attn.cache = None

@@ -26,10 +26,9 @@ import torch.nn.functional as F
 import crops as crops_lib
 import pool
 import vit as vit_lib
-from llama import Llama, LlamaConfig
+from llama import KVCache, Llama, LlamaConfig
 from vit import ViTConfig, VisionTransformer
 
-IMAGE_ID = 128002      # <|reserved_special_token_0|>: placeholder at image positions
 SEPARATOR_ID = 128003  # <|reserved_special_token_1|>: after every crop
 
 
@@ -47,7 +46,7 @@ class DragonflyConfig:
     separators: bool = True           # one separator embedding after each crop
     zoom_select: Optional[str] = None  # v1: "release" | "spatial" | "global" selection of high crops
     zoom_k: int = 3                    # high crops kept per medium crop (v1)
-    # Ablations of the v2 paper, Table 1 (presets.py); the defaults are the release.
+    # Ablations of the v2 paper, Table 1 (lib/presets.py); the defaults are the release.
     vit_low: Optional[ViTConfig] = None  # dual encoder: the low crop gets its own ViT + projection
     resampler: bool = False              # Perceiver Resampler instead of mean pooling (medium/high)
     resampler_depth: int = 3
@@ -89,15 +88,6 @@ def kept_levels(cfg: DragonflyConfig) -> list:
     return levels
 
 
-def image_token_ids(cfg: DragonflyConfig) -> list:
-    """The image block as `input_ids`: the placeholder at every image position, the separator
-    after every crop (the release's processor builds this list; the model replaces placeholders)."""
-    ids = []
-    for _, count, side in kept_levels(cfg):
-        ids += count * ([IMAGE_ID] * crop_tokens(cfg, side) + [SEPARATOR_ID] * cfg.separators)
-    return ids
-
-
 def image_positions(cfg: DragonflyConfig) -> int:
     """Length of the image block: 2098 for the released v2, 867 for v1
     (docs/release-facts.md#image-block)."""
@@ -119,28 +109,36 @@ class Dragonfly(nn.Module):
     # ---- the image block -------------------------------------------------------------------
     def encode(self, pixels):
         """pixels (B, N, 3, S, S) -> projected tokens of each level present [(B, n, T, dim)], in
-        crops.py order. The shared ViT sees all its crops in one batched call."""
+        crops.py order. The shared ViT sees every crop in one batched call (Figure 1, steps 2-3)."""
         cfg, B = self.cfg, pixels.shape[0]
-        levels = crop_levels(cfg)
-        counts = [n for _, n, _ in levels]
+        counts = [n for _, n, _ in crop_levels(cfg)]
         if sum(counts) != pixels.shape[1]:
             raise ValueError(f"this config expects {sum(counts)} crops per image, got {pixels.shape[1]}")
+        if self.vision_low is not None or self.resampler is not None:
+            return self.encode_ablation(pixels)
+        tokens = self.vision(pixels.flatten(0, 1), layer=cfg.vision_layer)  # (B*N, 577, 1024), penultimate block
+        return list(self.projection(tokens).unflatten(0, (B, -1)).split(counts, dim=1))  # [(B, n, 577, 4096)]
+
+    def encode_ablation(self, pixels):
+        """`encode` for the v2 paper's Table 1 baselines (not the release): a dual encoder (the low
+        crop through its own ViT and projection, the medium and high crops through a smaller ViT at
+        its own resolution), or a Perceiver Resampler reducing each medium/high crop's patches."""
+        cfg, B = self.cfg, pixels.shape[0]
+        levels = crop_levels(cfg)
         out = []
-        if self.vision_low is not None and levels[0][0] == "low":  # dual encoder: own ViT + projection
+        if self.vision_low is not None and levels[0][0] == "low":
             out.append(self.projection_low(self.vision_low(pixels[:, 0], layer=cfg.vision_layer))[:, None])
-            pixels, levels, counts = pixels[:, 1:], levels[1:], counts[1:]  # (B, 1, 577, dim) done
-        if not counts:
+            pixels, levels = pixels[:, 1:], levels[1:]                      # (B, 1, 577, dim) done
+        if not levels:
             return out
         x = pixels.flatten(0, 1)
-        if x.shape[-1] != cfg.vit.image_size:  # dual encoder: B/32 sees the sub-images at 224 (v2 §4.2)
+        if x.shape[-1] != cfg.vit.image_size:  # B/32 sees the sub-images at 224 (v2 §4.2)
             x = F.interpolate(x, size=cfg.vit.image_size, mode="bicubic", antialias=True, align_corners=False)
-        tokens = self.vision(x, layer=cfg.vision_layer)                      # (B*N, 577, 1024)
-        if self.resampler is None:
-            return out + list(self.projection(tokens).unflatten(0, (B, -1)).split(counts, dim=1))  # (B, n, 577, 4096)
-        for (name, _, _), part in zip(levels, tokens.unflatten(0, (B, -1)).split(counts, dim=1)):
-            if name != "low":  # the resampler reads a crop's patch tokens; CLS is kept as with pooling
+        tokens = self.vision(x, layer=cfg.vision_layer).unflatten(0, (B, -1))  # (B, N', T, width)
+        for (name, _, _), part in zip(levels, tokens.split([n for _, n, _ in levels], dim=1)):
+            if self.resampler is not None and name != "low":  # reads the patch tokens; CLS kept as with pooling
                 latents = self.resampler(part[:, :, 1:].flatten(0, 1)).unflatten(0, part.shape[:2])
-                part = torch.cat([part[:, :, :1], latents], dim=2)           # (B, n, 1 + 36, 1024)
+                part = torch.cat([part[:, :, :1], latents], dim=2)           # (B, n, 1 + 36, width)
             out.append(self.projection(part))
         return out
 
@@ -151,7 +149,7 @@ class Dragonfly(nn.Module):
         # side: the grid side each level keeps (pooled, else the encoder's); the medium_grid and
         # high_grid arguments are the tile grids (cols, rows) crops.py chose for each image
         levels = [(tokens, side) for tokens, (_, _, side) in zip(self.encode(pixels), crop_levels(cfg))]
-        if cfg.zoom_select and c.high and c.medium:
+        if cfg.zoom_select and c.high and c.medium:  # v1: keep k high crops per medium crop (v1 §3.2)
             (medium, _), (high, side) = levels[-2], levels[-1]
             idx = self.select_high(medium, high, medium_grid, high_grid)                # (B, 4k)
             levels[-1] = (high[torch.arange(B, device=idx.device)[:, None], idx], side)  # (B, 4k, T, dim)
@@ -159,10 +157,12 @@ class Dragonfly(nn.Module):
         block = []
         for level, side in levels:                               # (B, n, T, dim)
             b, n, T, D = level.shape
-            x = level.flatten(0, 1)
-            encoded_side = math.isqrt(T - 1)  # T = CLS + side^2 as the ViT (or the resampler) gave it
-            if side != encoded_side or not cfg.keep_cls:  # pooled to a smaller grid, or CLS dropped
-                x = pool.mean_pool(x, side, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)
+            x = level.flatten(0, 1)                              # (B*n, 1 + side_in^2, dim)
+            side_in = math.isqrt(T - 1)  # the grid the ViT (or the resampler) gave: 24 for L/14@336
+            # the pooling rule (v2 §3.2): a level kept at a smaller side than it was encoded is
+            # mean-pooled to side x side (low: 24 = 24, kept; medium and high: 24 -> 6)
+            if side < side_in or not cfg.keep_cls:
+                x = pool.mean_pool(x, side, keep_cls=cfg.keep_cls, adaptive=cfg.adaptive_pool)  # (B*n, 1 + 36, dim)
             if cfg.separators:
                 x = torch.cat([x, sep.to(x.dtype).expand(x.shape[0], 1, D)], dim=1)
             block.append(x.reshape(b, -1, D))
@@ -196,25 +196,26 @@ class Dragonfly(nn.Module):
         With labels (B, T; -100 = ignored): (None, next-token cross-entropy, position t predicting
         labels[t + 1], "mean" or "sum" over the supervised positions). Only those positions go
         through the vocabulary projection: (B, T, 128256) float32 logits would dominate memory."""
+        h = self.text_hidden(tokens, pixels, grids)                     # (B, T, dim)
+        if labels is None:
+            return self.llm.lm_head(h), None
+        rows, targets = h[:, :-1], labels[:, 1:]
+        supervised = targets != -100
+        logits = self.llm.lm_head(rows[supervised])                     # (n supervised, vocab)
+        return None, F.cross_entropy(logits.float(), targets[supervised], reduction=reduction)
+
+    def text_hidden(self, tokens, pixels=None, grids=(None, None)):
+        """[image block][text] through the LLM -> the final hidden states of the text positions
+        (B, T, dim). grids: per-image (cols, rows) lists, for v1's "spatial" selection only."""
         x = self.llm.embed(tokens)
         P = 0
         if pixels is not None:
-            image = self.image_block(pixels, *grids).to(x.dtype)  # grids: per-image lists, for v1 "spatial"
+            image = self.image_block(pixels, *grids).to(x.dtype)        # (B, P, dim)
             P = image.shape[1]
             x = torch.cat([image, x], dim=1)  # the image block comes first (docs/release-facts.md#image-block)
         if P + tokens.shape[1] > self.cfg.llm.max_seq_len:
             raise ValueError(f"sequence of {P + tokens.shape[1]} positions exceeds the context of {self.cfg.llm.max_seq_len}")
-        h = self.llm.hidden(x)[:, P:]                      # (B, T, dim)
-        if labels is None:
-            return self.llm.lm_head(h), None
-        rows, targets = h[:, :-1], labels[:, 1:]
-        if h.is_meta:  # plan.py: meta tensors hold no labels to select by; every row (the worst case), copied as selecting does
-            rows, targets = rows.flatten(0, 1).clone(), targets.flatten()
-        else:
-            supervised = targets != -100
-            rows, targets = rows[supervised], targets[supervised]      # (n supervised, dim)
-        logits = self.llm.lm_head(rows)                                 # (n supervised, vocab)
-        return None, F.cross_entropy(logits.float(), targets, reduction=reduction)
+        return self.llm.hidden(x)[:, P:]
 
     @torch.no_grad()
     def generate(self, prompts, images=None, max_new_tokens=128, temperature=0.0, top_p=1.0,
@@ -268,14 +269,13 @@ def new_resampler(cfg: DragonflyConfig) -> pool.PerceiverResampler:
 
 
 # ---- generation: one prefill, then one token at a time (gpt-fast's generate.py) ----------------
-# Dragonfly.generate (a batch of prompts), conversation.py (turns after a cached prefix), eval.py's
-# and looked.py's greedy answers (`greedy_ids`) all generate with these functions.
+# Dragonfly.generate (a batch of prompts), lib/conversation.py (turns after a cached prefix), tools/eval.py's
+# and lib/looked.py's greedy answers (`greedy_ids`) all generate with these functions.
 def new_caches(llm: Llama, batch: int, size: int) -> list:
-    """Empty KV caches (one llama.KVCache per layer) for `batch` rows of `size` positions."""
-    llm.setup_cache(batch, size)  # also lays the output matrix out for fast decoding
-    caches = [layer.attn.cache for layer in llm.layers]
-    llm.clear_cache()
-    return caches
+    """Empty KV caches (one llama.KVCache per layer) for `batch` rows of `size` positions, in the
+    activations' dtype."""
+    cfg, norm = llm.cfg, llm.norm.weight
+    return [KVCache(batch, size, cfg.n_kv_heads, cfg.head_dim, norm.dtype, norm.device) for _ in llm.layers]
 
 
 def prefill(llm: Llama, caches: list, x, start: int = 0, pad=None):
@@ -314,14 +314,10 @@ def decode_one_token(llm: Llama, caches: list, token, slot: int, pad=None):
 
 
 def cached_forward(llm: Llama, caches: list, x, positions, start: int, mask):
-    """The LLM's last logits (B, vocab) with `caches` in its attention layers for this call
-    only: between calls the model serves other work (another conversation, training, looked.py)."""
-    for layer, cache in zip(llm.layers, caches):
-        layer.attn.cache = cache
-    try:
-        return llm(x, positions, start=start, mask=mask, logits_from=-1)[:, -1]
-    finally:
-        llm.clear_cache()
+    """The LLM's last logits (B, vocab), reading and writing `caches`. The caches belong to the
+    caller (a conversation, a batch of prompts), not to the model, which meanwhile serves other
+    work (another conversation, training, lib/looked.py)."""
+    return llm(x, positions, start=start, mask=mask, logits_from=-1, caches=caches)[:, -1]
 
 
 def next_token(logits, temperature: float, top_p: float, generator=None):

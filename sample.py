@@ -8,7 +8,7 @@ Ask Dragonfly about an image (or just chat, without --image), streaming the answ
 
 Greedy with --temperature 0 (the default), so the answer is the released model's own.
 --json prints one object {"text", "token_ids", "logprobs"} per turn instead of streaming.
-The image is encoded once per conversation (conversation.py).
+The image is encoded once per conversation (lib/conversation.py).
 """
 import argparse
 import sys
@@ -43,15 +43,15 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda if available)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 on cuda, float32 on cpu; bfloat16 on a CPU without bf16 instructions keeps "
-                        "the weights in bf16 and computes in float32 (stored.py)")
-    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (stored.py)")
+                        "the weights in bf16 and computes in float32 (lib/stored.py)")
+    p.add_argument("--quantize", choices=["int8"], help="int8 weight-only, quantized while loading (lib/stored.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object per turn instead of streaming text")
     p.add_argument("--special-tokens-in-text", action="store_true",
                    help="read special-token strings typed in a question (<|eot_id|>, ...) as control tokens, as the "
-                        "release's tokenizer does; by default they are plain text (tokenizer.py)")
+                        "release's tokenizer does; by default they are plain text (lib/tokenizer.py)")
     p.add_argument("--show", metavar="PNG", help="after the first answer about the image, draw where it looked "
-                   "(looked.py; in the chat, after the first answer about each /image)")
+                   "(lib/looked.py; in the chat, after the first answer about each /image)")
     return p.parse_args(argv)
 
 

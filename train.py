@@ -8,8 +8,8 @@ process or many GPUs.
     python train.py --model tiny --data data/zoom/train.jsonl --images data/zoom --out out/zoom
 
 Plain torch.distributed: FSDP2 (`fully_shard`) per ViT block and per Llama block, bf16 compute
-with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. The flags: train_config.py.
-Checkpoints (checkpoint.py) every --save-every steps and on SIGTERM or Ctrl-C; --resume
+with fp32 gradient reduction on CUDA; NCCL on GPUs, gloo on CPU. The flags: lib/train_config.py.
+Checkpoints (lib/checkpoint.py) every --save-every steps and on SIGTERM or Ctrl-C; --resume
 continues the run in --out from its newest intact one. Data that cannot train (missing, empty,
 mostly skipped) and a loss or weight that is no longer a finite number stop the run with one
 line. The end exports a safetensors directory that `pretrained.load` and `sample.py` load.

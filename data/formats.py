@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lib.tokenizer import chat_turn
+
 IGNORE = -100   # label of a position that is not trained on (F.cross_entropy's ignore_index)
 
 # Stage-1 wrapping for caption-only samples; one is drawn per sample
@@ -150,7 +152,7 @@ def parse_chat(text: str) -> list:
 
 def format_chat(turns) -> str:
     """[(role, text), ...] -> the release's conversation string (inverse of parse_chat)."""
-    return "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{text}<|eot_id|>" for role, text in turns)
+    return "".join(chat_turn(role, text) for role, text in turns)
 
 
 def to_turns(record: dict, rng=None):
@@ -210,18 +212,13 @@ def encode_turns(tok, turns, loss_on: str = "assistant"):
     as the release trains. Only the headers inserted here are special tokens: special-token
     strings inside the data are encoded as plain text.
 
-    The text is encoded apart from the "\\n\\n" that ends its header; as turn texts are
-    stripped, this gives the same ids as encoding the whole string at once (sample.py's
-    prompt), because the tokenizer's pattern never joins "\\n\\n" with a following
-    non-space character."""
+    Each turn's ids are `Tokenizer.encode_turn`'s, the ones sample.py's prompt is made of: the
+    header (with the blank line after it) and the text with its <|eot_id|>."""
     if loss_on not in ("assistant", "all"):
         raise ValueError(f"loss_on must be 'assistant' or 'all', not {loss_on!r}")
-    sp = tok.special_tokens
     tokens, labels = [tok.bos_id], [IGNORE]
     for role, text in turns:
-        header = ([sp["<|start_header_id|>"]] + tok.encode(role, allowed_special=())
-                  + [sp["<|end_header_id|>"]] + tok.encode("\n\n", allowed_special=()))
-        body = tok.encode(text, allowed_special=()) + [tok.eot_id]
+        header, body = tok.encode_turn(role, text)
         tokens += header + body
         train = loss_on == "all" or role == "assistant"
         labels += (header if loss_on == "all" else [IGNORE] * len(header)) + (body if train else [IGNORE] * len(body))

@@ -40,6 +40,7 @@ def load(path, dtype=torch.float32, device="cpu", compute=None, quantize=None) -
     names = checkpoint_names(model)
     convert = stored.int8_converter(model, names) if quantize == "int8" else None
     weights.load_into(model, Path(path), names, ignore=saved_buffer, convert=convert)
+    stored.lay_out_for_decoding(model.llm)  # speed only, on a CPU
     return model.eval()
 
 
@@ -88,11 +89,10 @@ def build(cfg, compute_dtype, device, cls=None, weights_dtype=None, quantize=Non
     the layers compute in. Weights stored in another dtype (`weights_dtype`, the checkpoint's) or
     int8 keep their matrices so (stored.py); RoPE's frequencies are then rounded to the
     checkpoint's dtype, the ones it was trained with. A model larger than the memory available
-    stops with one line, before allocating (weights.materialize)."""
+    stops with one line, before allocating (stored.allocate)."""
     with torch.device("meta"):
-        model = stored.store_weights((cls or M.Dragonfly)(cfg).to(compute_dtype), weights_dtype or compute_dtype,
-                                     compute_dtype, quantize)
-    model = weights.materialize(model, device)
+        model = (cls or M.Dragonfly)(cfg).to(compute_dtype)
+    model = stored.allocate(model, device, weights_dtype or compute_dtype, compute_dtype, quantize)
     if weights_dtype not in (None, compute_dtype):
         model.llm.rope_dtype = weights_dtype
     return model

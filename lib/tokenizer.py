@@ -61,12 +61,22 @@ MAX_RUN_CHARS = 25_000
 _LONG_RUN = re.compile(r"(?<!\s)\s{%d,}|(?<!\S)\S{%d,}" % (MAX_RUN_CHARS + 1, MAX_RUN_CHARS + 1))
 
 
+# ---- the chat template: written here once, used by training (data/formats.py) and answering ----
+def chat_header(role: str) -> str:
+    """A turn's header: `<|start_header_id|>role<|end_header_id|>` and the blank line after it."""
+    return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
+
+
+def chat_turn(role: str, text: str) -> str:
+    """One turn of the Llama-3 chat format: its header, its text, `<|eot_id|>`."""
+    return chat_header(role) + text + "<|eot_id|>"
+
+
 def chat_prompt(question: str | list[tuple[str, str]]) -> str:
     """The Llama-3 chat text for one user question, or for turns [(role, text), ...],
     ending with the assistant header the model completes."""
     turns = [("user", question)] if isinstance(question, str) else question
-    text = "".join(f"<|start_header_id|>{role}<|end_header_id|>\n\n{body}<|eot_id|>" for role, body in turns)
-    return text + "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    return "".join(chat_turn(role, body) for role, body in turns) + chat_header("assistant")
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -192,10 +202,22 @@ class Tokenizer:
             return [self.bos_id] + self.encode_with_specials(chat_prompt(question))
         turns = [("user", question)] if isinstance(question, str) else question
         ids = [self.bos_id]
-        for role, body in turns:  # a special token ends each piece, so pieces encode as the whole would
-            ids += self.encode_with_specials(f"<|start_header_id|>{role}<|end_header_id|>")
-            ids += self.encode_text("\n\n" + body) + [self.eot_id]
-        return ids + self.encode_with_specials("<|start_header_id|>assistant<|end_header_id|>\n\n")
+        for role, body in turns:
+            header, text = self.encode_turn(role, body)
+            ids += header + text
+        return ids + self.encode_with_specials(chat_header("assistant"))
+
+    def encode_turn(self, role: str, text: str) -> tuple[list[int], list[int]]:
+        """`chat_turn(role, text)` as ids, split into (header, text + <|eot_id|>); the text's
+        special-token strings are plain text. The header ends with the ids of the blank line after
+        it, unless the text starts with white space that the tokenizer joins to that line (then
+        the joined ids open the text): the ids are always those of the whole string, which
+        encodes as its pieces would, a special token ending each piece."""
+        header = self.encode_with_specials(chat_header(role).removesuffix("\n\n"))
+        blank, joined = self.encode_text("\n\n"), self.encode_text("\n\n" + text)
+        if joined[:len(blank)] == blank:
+            header, joined = header + blank, joined[len(blank):]
+        return header, joined + [self.eot_id]
 
 
 def _parse_tiktoken(data: bytes) -> dict[bytes, int] | None:

@@ -7,6 +7,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
+import model  # noqa: E402
 GOLDEN = ROOT / "tests" / "golden"
 
 
@@ -47,3 +48,17 @@ def checkpoint_dir(tiny_v2, tmp_path_factory):
     pretrained.save(small, path, dtype=torch.float32)
     shutil.copy(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", path / "tokenizer.model")
     return path
+
+
+IMAGE_ID = 128002  # <|reserved_special_token_0|>: the release's placeholder at image positions
+
+
+def image_token_ids(cfg) -> list:
+    """The image block as the release's processor writes it into `input_ids`: the placeholder at
+    every image position, the separator after every crop. The release's model then overwrites the
+    placeholders' embeddings with the image features; ours builds the block from the features
+    directly (model.Dragonfly.image_block), so only the tests compare with this list."""
+    ids = []
+    for _, count, side in model.kept_levels(cfg):
+        ids += count * ([IMAGE_ID] * model.crop_tokens(cfg, side) + [model.SEPARATOR_ID] * cfg.separators)
+    return ids

@@ -82,18 +82,10 @@ def resolve(file: str, dotted: str):
 
 
 def named_functions():
-    """(where, file, name) for every function the reading path names: `file.py:name` anywhere;
+    """(where, files, name) for every function the reading path names: `file.py:name` anywhere;
     a bare `name` in a numbered step belongs to one of the files that step names."""
-    steps = re.split(r"\n(?=\d+\. )", reading_section())
-    for step in steps:
-        tokens = NAMED.findall(step)
-        files = [t for t in tokens if t.endswith(".py")]
-        for token in tokens:
-            if ":" in token:
-                file, name = token.split(":", 1)
-                yield token, [file], name
-            elif not token.endswith(".py") and files and re.fullmatch(r"[A-Za-z_][\w.]*", token):
-                yield f"{token} (step naming {', '.join(files)})", files, token
+    for step in re.split(r"\n(?=\d+\. )", reading_section()):
+        yield from named_functions_of(step)
 
 
 def test_reading_path_names_only_functions_that_exist():
@@ -210,3 +202,68 @@ def test_every_command_in_the_readme_and_docs_names_a_file_that_exists():
 def test_a_command_naming_a_missing_module_is_caught():
     text = "python -m tools.evaluate --task zoom; bash run.sh -m tools.eval; python sampler.py; python -m tools.NAME"
     assert list(commands(text)) == ["tools/evaluate.py", "tools/eval.py", "sampler.py"]
+
+
+# ---- the Figure 1 class: one 90-minute path through code that runs ------------------------------
+STEP_TIME = re.compile(r"^(\d+)\. \*\*[^*]*?, (\d+) min\.\*\*", re.M)
+
+
+def figure_1_steps() -> list:
+    """The numbered steps before the optional path, as (number, minutes, step text)."""
+    first = reading_section().split("second, optional path", 1)[0]
+    steps = re.split(r"\n(?=\d+\. )", first)[1:]
+    return [(int(m.group(1)), int(m.group(2)), step) for step in steps if (m := STEP_TIME.match(step))]
+
+
+def test_the_figure_1_path_fits_one_90_minute_class():
+    steps = figure_1_steps()
+    assert [n for n, _, _ in steps] == list(range(1, len(steps) + 1)) and len(steps) >= 6
+    assert sum(minutes for _, minutes, _ in steps) <= 90
+
+
+def test_a_tiny_model_answering_about_an_image_runs_every_function_of_the_figure_1_path(tiny_v2):
+    import dataclasses
+    import sys
+    import torch
+    from PIL import Image
+    import crops
+    from lib.tokenizer import Tokenizer
+    tok = Tokenizer.from_file(ROOT / "checkpoints" / "zoom-tiny")
+    named = [(files, name) for n, _, step in figure_1_steps() for where, files, name in named_functions_of(step)]
+    assert len(named) > 25
+    ran = set()
+
+    def profile(frame, event, arg):
+        if event == "call":
+            ran.add(frame.f_code)
+    image = Image.effect_noise((500, 300), 60).convert("RGB")
+    sys.setprofile(profile)
+    try:
+        c = crops.make_crops(image, tiny_v2.cfg.crops)
+        pixels = torch.from_numpy(c.pixels)[None]
+        prompt = tok.encode_prompt("What is this?")
+        tiny_v2(torch.tensor([prompt]), pixels, torch.tensor([prompt]))                # training's loss
+        list(tiny_v2.generate([prompt], [c], max_new_tokens=2))                          # an answer
+    finally:
+        sys.setprofile(None)
+    configs = {type(v) for v in (tiny_v2.cfg, tiny_v2.cfg.vit, tiny_v2.cfg.llm, tiny_v2.cfg.crops)}
+
+    def runs(obj) -> bool:
+        if isinstance(obj, type):
+            methods = [f for f in vars(obj).values() if hasattr(f, "__code__")]
+            return (dataclasses.is_dataclass(obj) and obj in configs) or any(f.__code__ in ran for f in methods)
+        return getattr(obj, "__code__", None) in ran
+
+    idle = [f"{files[0]}:{name}" for files, name in named
+            if not any(runs(resolve(f, name)) for f in files if resolve(f, name) is not None)]
+    assert idle == [], f"the Figure 1 path names code that answering does not run: {idle}"
+
+
+def named_functions_of(step: str):
+    files = [t for t in NAMED.findall(step) if t.endswith(".py")]
+    for token in NAMED.findall(step):
+        if ":" in token:
+            file, name = token.split(":", 1)
+            yield token, [file], name
+        elif not token.endswith(".py") and files and re.fullmatch(r"[A-Za-z_][\w.]*", token):
+            yield f"{token} (step naming {', '.join(files)})", files, token

@@ -13,7 +13,7 @@ import model
 import pool
 from lib import pretrained
 from lib import weights
-from conftest import GOLDEN
+from conftest import image_token_ids, GOLDEN
 import tiny_checkpoints as tiny
 from lib.images import crop_image
 
@@ -74,7 +74,7 @@ def v2(request, tmp_path_factory):
 
 def test_v2_image_token_layout_matches_the_release_processor(v2):
     m, g = v2
-    block = model.image_token_ids(m.cfg)
+    block = image_token_ids(m.cfg)
     assert len(block) == 2098
     assert g["input_ids"].tolist() == block + g["text_ids"].tolist()
 
@@ -152,7 +152,7 @@ def test_v1_spatial_regions_match_the_reference(v1):
 
 def test_v1_logits_and_greedy_ids_match(v1):
     m, g, crops = v1
-    assert g["input_ids"].tolist() == model.image_token_ids(m.cfg) + g["text_ids"].tolist()
+    assert g["input_ids"].tolist() == image_token_ids(m.cfg) + g["text_ids"].tolist()
     text = torch.from_numpy(g["text_ids"])[None]
     with torch.no_grad():
         logits, _ = m(text, torch.from_numpy(crops.pixels)[None])

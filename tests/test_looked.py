@@ -13,7 +13,8 @@ from PIL import Image
 from lib import looked
 import model as M
 from lib import pretrained
-from conftest import ROOT
+import tiny_checkpoints as tiny
+from conftest import image_token_ids, ROOT
 from lib.images import crop_image
 
 ZOOM = ROOT / "checkpoints" / "zoom-tiny"
@@ -48,7 +49,7 @@ def v1_dir(tmp_path_factory):
 @pytest.mark.parametrize("cfg", [M.v2_config(), M.v1_config()], ids=["v2", "v1"])
 def test_crop_spans_end_at_the_separators_of_the_image_block(cfg):
     # the release's input_ids hold a separator after every crop: each span's last position
-    ids = M.image_token_ids(cfg)
+    ids = image_token_ids(cfg)
     kept = list(range(0, 24, 2)) if cfg.zoom_select else None
     spans = looked.crop_spans(cfg, kept)
     assert [end - 1 for _, _, _, end, _ in spans] == [i for i, t in enumerate(ids) if t == M.SEPARATOR_ID]

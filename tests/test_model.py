@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import model
+from conftest import image_token_ids
 from lib import presets
 from lib import pretrained, release_format
 from lib import weights
@@ -100,7 +101,7 @@ def test_save_and_load_round_trip_gives_identical_logits(tiny_v2, crops, tmp_pat
     loaded = pretrained.load(tmp_path)
     tokens, pixels = torch.tensor([[128000, 40, 1097]]), torch.from_numpy(crops.pixels)[None]
     assert all(torch.equal(p, q) for p, q in zip(tiny_v2.parameters(), loaded.parameters()))
-    # generate() may have stored tiny_v2's output matrix column-major (llama.setup_cache): equal
+    # load may store the output matrix column-major (stored.lay_out_for_decoding): equal
     # values, but BLAS may sum in another order, so logits agree to float32 rounding, not bitwise
     torch.testing.assert_close(tiny_v2(tokens, pixels)[0], loaded(tokens, pixels)[0], atol=1e-5, rtol=0)
 
@@ -220,4 +221,4 @@ def test_llm_config_falls_back_to_top_level_fields_with_dragonfly_defaults():
 def test_image_positions_counts_the_image_token_ids(name):
     # image_positions is arithmetic; image_token_ids is the list the release's processor builds
     for cfg in (presets.PRESETS[name], replace(presets.PRESETS[name], keep_cls=False, separators=False)):
-        assert model.image_positions(cfg) == len(model.image_token_ids(cfg))
+        assert model.image_positions(cfg) == len(image_token_ids(cfg))

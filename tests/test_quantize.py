@@ -167,6 +167,8 @@ def test_bf16_storage_rounds_rope_frequencies_as_the_bf16_release(tmp_path, monk
     # bf16 weights computed in float32 must rotate by the frequencies the checkpoint was trained
     # with (bf16-rounded): the same as a float32 model given those frequencies by hand
     write_tiny_dragonfly(tmp_path, "v2", fmt="safetensors", llm=LLM_HEAD128)  # 64 frequencies, sharp attention
+    # bit for bit: both output matrices in one memory order (load may store a plain one column-major)
+    monkeypatch.setattr(stored, "lay_out_for_decoding", lambda llm: None)
     bf16_weights = pretrained.load(tmp_path, dtype=torch.bfloat16, compute=torch.float32)
     fp32 = pretrained.load(tmp_path)  # the same bf16 values, in float32
     pixels = torch.from_numpy(crop_image(make_test_image(300, 200), fp32.cfg.crops).pixels)[None]

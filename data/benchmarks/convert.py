@@ -1,5 +1,5 @@
 """
-Convert public benchmark releases to the one JSONL format `eval.py` reads:
+Convert public benchmark releases to the one JSONL format `tools/eval.py` reads:
 
     {"id": str, "image": path relative to the image root, "question": str,
      "answers": [str, ...], "choices": [str, ...] (multiple choice only),

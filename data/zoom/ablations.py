@@ -6,8 +6,8 @@ the high crops (Table 8), trained and scored on the zoom demo's data with the de
         --results /tmp/abl                                      # a smoke run (what the test runs)
 
 Every run is `train.py --model tiny`, in its own process, with the demo's flags (recipe.py: batch 16,
-lr 2e-3, ...) plus the preset whose resolution levels it takes (presets.py: v2-L ... dragonfly-v2) and, for Table 8,
-`--high-pool N`; then `eval.py --task zoom` on the held-out pages. Two seeds each (model
+lr 2e-3, ...) plus the preset whose resolution levels it takes (lib/presets.py: v2-L ... dragonfly-v2) and, for Table 8,
+`--high-pool N`; then `tools/eval.py --task zoom` on the held-out pages. Two seeds each (model
 initialisation and data order). The tiny model's crops are 56 px with 7 px patches, an 8x8
 grid: the paper's 3x3 and 6x6 do not divide it, so those pool adaptively (pool.mean_pool:
 overlapping windows of 2-4 patches), and 8x8 is no pooling at all, where the paper's 8x8 still

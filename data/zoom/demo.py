@@ -7,7 +7,7 @@
 2. trains the `tiny` model twice with the same budget (same data, steps, batch, lr, seed):
    low resolution only (the paper's "L": one 56 px view of the whole page), and
    low + medium + high (the paper's "L+M+H": + 4 crops of 112 px and 36 crops of 336 px);
-3. scores both on the held-out split with `eval.py --task zoom`;
+3. scores both on the held-out split with `tools/eval.py --task zoom`;
 4. writes results.json and results.png (accuracy bars + loss curves).
 
 Everything goes under --out (default out/zoom): data/, the runs low/ and zoom/ (a rerun replaces them), the results.

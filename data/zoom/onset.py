@@ -8,12 +8,12 @@
 Trains one row of ablations.py exactly as the study does (`train.py --model tiny`, the demo's
 flags, the row's preset, same data) but keeps a checkpoint every --every steps, and follows each
 checkpoint on the study's held-out pages:
-  accuracy    greedy answers scored as `eval.py --task zoom` scores them (fp32 weights; the
+  accuracy    greedy answers scored as `tools/eval.py --task zoom` scores them (fp32 weights; the
               study scores the bf16 export);
   answer      the most common answer and its share: a model that reads nothing answers one
               digit, and scores that digit's share of the test pages;
   attention   the share of the digit's attention (the query that predicts it: the prompt's
-              last position, mean over layers and heads, looked.py) that goes to each level;
+              last position, mean over layers and heads, lib/looked.py) that goes to each level;
   gradient    the loss's gradient at each image position of the block (a fixed batch of 32
               training pages, norm per position, mean over pages and the level's positions):
               how much each level's tokens are pushed to change.
@@ -101,7 +101,7 @@ def gradient_per_level(model, batch) -> dict:
 def follow(model, tok, records, data, batch) -> dict:
     """One checkpoint on the held-out pages: accuracy, commonest answer, attention and gradient per level."""
     predictions = {}
-    for i in range(0, len(records), 16):  # eval.py --task zoom's way: the question as asked, 4 tokens
+    for i in range(0, len(records), 16):  # tools/eval.py --task zoom's way: the question as asked, 4 tokens
         batch_records = records[i:i + 16]
         ids = M.greedy_ids(model, [tok.encode_prompt(r["question"]) for r in batch_records],
                            [crop_image(data / r["image"], model.cfg.crops) for r in batch_records], 4, tok.stop_ids)

@@ -1,6 +1,6 @@
 """The zoom demo's training recipe, shared by demo.py, ablations.py and onset.py: the flags
 `train.py --model tiny` trains the synthetic pages with, the ablation study's rows, and how the
-scripts run train.py and eval.py (each as its own process: the command-line scripts never
+scripts run train.py and tools/eval.py (each as its own process: the command-line scripts never
 import one another).
 """
 import subprocess
