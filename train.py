@@ -35,8 +35,11 @@ from tqdm import tqdm
 from lib import checkpoint
 import model as M
 from lib import presets
+from lib import release_recipe
 from lib import weights
+from data import release_recipe as release_data
 from data.dataset import ShardedSampler, SkipCount, VLDataset, collate
+from data.show import show
 from data.formats import RecordFile
 from lib.tokenizer import Tokenizer
 from lib.train_config import TrainConfig, inputs, parse_config, run_identity
@@ -58,7 +61,8 @@ def open_records(cfg: TrainConfig) -> RecordFile:
         raise SystemExit("error: no --data: give a records file (LLaVA JSON or release JSONL) or a folder holding train.jsonl")
     data = Path(cfg.data) / "train.jsonl" if Path(cfg.data).is_dir() else Path(cfg.data)
     opened = {}
-    for path, flag in ((data, "--data"), (cfg.text_data and Path(cfg.text_data), "--text-data")):
+    for path, flag in ((data, "--data"), (cfg.text_data and Path(cfg.text_data), "--text-data"),
+                       (cfg.math_data and Path(cfg.math_data), "--math-data")):
         if path and not path.is_file():
             raise SystemExit(f"error: {flag} {path}: no such file")
         try:
@@ -110,6 +114,8 @@ def main(argv=None):
     cfg = parse_config(argv, __doc__)
     records = open_records(cfg)
     tok_path = find_tokenizer(cfg)
+    if cfg.show_examples:       # what the loss sees, then exit without training (data/show.py)
+        return show(cfg, records, Tokenizer.from_file(tok_path), cfg.show_examples, cfg.json)
     out = Path(cfg.out)
     checkpoint.check_out(out, inputs(cfg, records.path, tok_path))   # before anything is written
     rank, world, device = setup_distributed()
@@ -139,22 +145,27 @@ def prepare_model(cfg: TrainConfig, device, world):
     over several processes; its AdamW; and the compute dtype (bf16 on CUDA unless --dtype)."""
     model = build_model(cfg, device)
     dtype = torch.bfloat16 if (cfg.dtype == "auto" and device.type == "cuda") or cfg.dtype == "bfloat16" else torch.float32
-    freeze(model, cfg.trainable)
+    release = cfg.recipe == "release"
+    (release_recipe.freeze if release else freeze)(model, cfg.trainable)
     for block in [*model.vision.blocks, *model.llm.layers]:
         block.grad_checkpoint = cfg.grad_checkpoint
     if world > 1:
         model = shard(model, dtype)
     model.train()
-    optim = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999),
-                              fused=device.type == "cuda")
+    groups = (release_recipe.param_groups if release else param_groups)(model, cfg.weight_decay)
+    optim = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), fused=device.type == "cuda")
     return model, optim, dtype
 
 
 def prepare_data(cfg: TrainConfig, records: RecordFile, tok, mcfg, rank, world):
     """The dataset, this process's sampler, the micro-batches per global step and the steps in all."""
-    dataset = VLDataset(records, cfg.images or str(records.path.parent), tok, mcfg.crops, M.image_positions(mcfg),
-                        max_seq=cfg.max_seq, loss_on=cfg.loss_on, text_path=cfg.text_data or None,
-                        text_prob=cfg.text_prob, seed=cfg.seed, images_anywhere=cfg.images_anywhere)
+    if cfg.recipe == "release":   # text and math batches are added per step: release_streams
+        dataset = release_data.ReleaseDataset(records, cfg.images or str(records.path.parent), mcfg.crops, cfg.seed,
+                                              cfg.images_anywhere)
+    else:
+        dataset = VLDataset(records, cfg.images or str(records.path.parent), tok, mcfg.crops, M.image_positions(mcfg),
+                            max_seq=cfg.max_seq, loss_on=cfg.loss_on, text_path=cfg.text_data or None,
+                            text_prob=cfg.text_prob, seed=cfg.seed, images_anywhere=cfg.images_anywhere)
     per_step = cfg.micro_batch * world
     if cfg.batch_size % per_step:
         raise SystemExit(f"error: --batch-size {cfg.batch_size} is not a multiple of micro batch x processes = {per_step}")
@@ -163,6 +174,21 @@ def prepare_data(cfg: TrainConfig, records: RecordFile, tok, mcfg, rank, world):
     steps_per_epoch = len(sampler) // (cfg.micro_batch * accum)
     total = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     return dataset, sampler, accum, total
+
+
+def release_streams(cfg: TrainConfig, tok, mcfg, rank, world) -> dict:
+    """--recipe release: the text and math batches it adds every 10th and 50th iteration, each an
+    endless stream of --micro-batch rows (the release cycles its streaming datasets, T:303-307)."""
+    streams = {}
+    for kind, path in (("text", cfg.text_data), ("math", cfg.math_data)):
+        if path:
+            data = release_data.ReleaseDataset(RecordFile(path), None, mcfg.crops, cfg.seed, load_images=False)
+            sampler = ShardedSampler(len(data), rank, world, cfg.seed)
+            loader = torch.utils.data.DataLoader(data, batch_size=cfg.micro_batch, sampler=sampler,
+                                                 collate_fn=partial(release_data.collate, tok=tok, max_length=cfg.max_seq))
+            batches = (b["text"] or b["image"] for b in micro_batches(loader, sampler, {"n": 0}) if b["text"] or b["image"])
+            streams[kind] = partial(next, batches)
+    return streams
 
 
 def micro_batches(loader, sampler, consumed: dict):
@@ -228,7 +254,8 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     mcfg = model.cfg
     tok = Tokenizer.from_file(tok_path)
     dataset, sampler, accum, total = prepare_data(cfg, records, tok, mcfg, rank, world)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, lambda s: lr_at(s, total, cfg))
+    schedule = release_recipe.lr_lambda(total, cfg.warmup) if cfg.recipe == "release" else (lambda s: lr_at(s, total, cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optim, schedule)
     step, sampler_state = checkpoint.resume(out, model, optim, scheduler, rank, run_id, world) if cfg.resume else (0, None)
     if sampler_state:
         sampler.load_state(sampler_state)
@@ -237,7 +264,10 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
 
     stop = checkpoint.Stop()
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.workers,
-                                         collate_fn=partial(collate, pad_id=tok.eos_id), persistent_workers=False)
+                                         collate_fn=partial(release_data.collate, tok=tok, max_length=cfg.max_seq)
+                                         if cfg.recipe == "release" else partial(collate, pad_id=tok.eos_id),
+                                         persistent_workers=False)
+    extras = release_streams(cfg, tok, mcfg, rank, world) if cfg.recipe == "release" else {}
     consumed = {"n": sampler.position}
     batches = micro_batches(loader, sampler, consumed)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
@@ -263,7 +293,12 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             health.add(n_samples, skipped, truncated)
             if health.problem():
                 raise SystemExit(f"error: --data {data}: {health.problem()}")
-            loss_sum, positions = forward_backward(model, parts, n_tokens, world, device, autocast)
+            if cfg.recipe == "release":    # the release's passes and logged loss; step_record divides by n_tokens
+                passes = release_recipe.step_passes(step, parts, extras)
+                logged, positions = release_recipe.forward_backward(model, passes, len(parts), device, autocast)
+                loss_sum = logged * n_tokens / world
+            else:
+                loss_sum, positions = forward_backward(model, parts, n_tokens, world, device, autocast)
             grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if world > 1:

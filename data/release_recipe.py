@@ -22,9 +22,16 @@ docs/release-facts.md#training-recipe:
 The image block (2098 positions for the release's crops) is not part of these ids: as in our
 default it goes in front of them, and its labels are -100.
 """
+import os
 import random
+from collections import Counter
+from pathlib import Path
 
-from data.formats import IGNORE
+import torch
+
+from data.dataset import Skipped, _inside, _rng
+from data.formats import IGNORE, RecordFile
+from lib.images import crop_image
 
 # D:37-60, verbatim, the stray quote of "about'?" included (D:47)
 CAPTION_INSTRUCTIONS = (
@@ -76,20 +83,16 @@ def image_of(record: dict) -> str | None:
     return url if isinstance(url, str) and url.strip() else None
 
 
-def image_row_ids(tok, text: str, max_length: int) -> list[int]:
-    """An image row's text ids (P:360-383): <|begin_of_text|> and the prompt, cut to
-    int(max_length / 2) - 1 ids with the BOS counted, then <|end_of_text|>."""
-    ids = [tok.bos_id] + tok.encode_with_specials(text)
+def cut(ids: list[int], path: str, max_length: int, eos_id: int) -> list[int]:
+    """A row's ids (<|begin_of_text|> first) cut as the processor cuts them. An image row (P:360-383):
+    to int(max_length / 2) - 1 ids, the BOS counted, then <|end_of_text|> appended. A text-only
+    row (P:728-753), whose prompt already ends in "<|end_of_text|>": at max_length, losing the EOS."""
+    if path == "text_only":
+        return ids[:max_length]
     ids = ids[:int(max_length / 2) - 1]
     if not ids:       # max_length <= 3 cuts the BOS too; the release then fails in get_labels
         raise ValueError(f"max_length {max_length} leaves no room for <|begin_of_text|> (the release raises IndexError)")
-    return ids + [tok.eos_id]
-
-
-def text_row_ids(tok, text: str, max_length: int) -> list[int]:
-    """A text-only row's ids (P:728-753): the prompt with "<|end_of_text|>" appended, tokenized
-    with its BOS, then cut at max_length (not half of it), which loses the EOS."""
-    return ([tok.bos_id] + tok.encode_with_specials(text + "<|end_of_text|>"))[:max_length]
+    return ids + [eos_id]
 
 
 def labels_of(ids: list[int], bos_id: int) -> list[int]:
@@ -108,24 +111,95 @@ def last_bos_to_eos(ids: list[int], bos_id: int, eos_id: int) -> int | None:
     return where[-1]
 
 
-def collate_rows(tok, records: list[dict], max_length: int, rng: random.Random) -> dict:
-    """A batch of rows as the release's collate makes it (D:72-99): {"path": "image" | "text_only",
-    "images": [path per row] | None, "tokens", "labels" ([B][L] lists, the positions after the
-    image block, right-padded with <|end_of_text|>), "attention_len" [B], "prompts",
-    "instructions" [B]}. Raises ValueError where the release raises."""
-    drawn = [prompt(r, rng) for r in records]
-    prompts, instructions = [p for p, _ in drawn], [k for _, k in drawn]
-    images = [image_of(r) for r in records]
-    if None in images:                                  # D:89-91: one text row drops every image
-        path, rows = "text_only", [text_row_ids(tok, p, max_length) for p in prompts]
-        images = None
-    else:
-        path, rows = "image", [image_row_ids(tok, p, max_length) for p in prompts]
-    width = max(len(r) for r in rows)
-    attention_len = [len(r) for r in rows]
-    tokens = [r + [tok.eos_id] * (width - len(r)) for r in rows]   # pad = eos (P:464, P:514-526)
+def rows(tok, prompts: list[str], with_image: list[bool], max_length: int) -> dict:
+    """Prompts -> the batch's ids as the release's collate makes them (D:89-99): {"path": "image" |
+    "text_only", "tokens", "labels" ([B][L] lists: the positions after the image block, right-padded
+    with <|end_of_text|>), "attention_len" [B], "truncated" [B]}. One row without an image sends
+    every row down the text-only path (D:89-91), its image dropped."""
+    path = "image" if all(with_image) else "text_only"
+    full = [[tok.bos_id] + tok.encode_with_specials(p + ("" if path == "image" else "<|end_of_text|>")) for p in prompts]
+    kept = [cut(ids, path, max_length, tok.eos_id) for ids in full]
+    truncated = [len(k) - (path == "image") < len(f) for k, f in zip(kept, full)]
+    width = max(len(r) for r in kept)
+    tokens = [r + [tok.eos_id] * (width - len(r)) for r in kept]   # pad = eos (P:464, P:514-526)
     for row in tokens:                                  # D:96, after get_labels: the same ids
         last_bos_to_eos(row, tok.bos_id, tok.eos_id)
-    labels = [labels_of(row, tok.bos_id) for row in tokens]
-    return {"path": path, "images": images, "tokens": tokens, "labels": labels,
-            "attention_len": attention_len, "prompts": prompts, "instructions": instructions}
+    return {"path": path, "tokens": tokens, "labels": [labels_of(row, tok.bos_id) for row in tokens],
+            "attention_len": [len(r) for r in kept], "truncated": truncated}
+
+
+def collate_rows(tok, records: list[dict], max_length: int, rng: random.Random) -> dict:
+    """A batch of parquet rows as the release's collate makes it (D:72-99): `rows`' dict plus
+    "images" (a path per row, or None on the text-only path), "prompts" and "instructions".
+    Raises ValueError where the release raises."""
+    drawn = [prompt(r, rng) for r in records]
+    images = [image_of(r) for r in records]
+    batch = rows(tok, [p for p, _ in drawn], [i is not None for i in images], max_length)
+    return {**batch, "images": images if batch["path"] == "image" else None,
+            "prompts": [p for p, _ in drawn], "instructions": [k for _, k in drawn]}
+
+
+class ReleaseDataset(torch.utils.data.Dataset):
+    """Item i of a release-format records file: {"prompt", "instruction", "image" (path | None),
+    "pixels", "grids", "index"}, or Skipped. The ids are made in `collate`, because whether a row
+    takes the image path depends on the rest of its batch (D:89-91). Where the release would stop
+    the run (a list of turns, a missing image file) the row is skipped and counted instead, as our
+    default does. A caption's instruction is drawn from (seed, i): the release's draw from the
+    global `random` depends on its DataLoader workers and cannot be repeated."""
+
+    def __init__(self, records, images_dir, crop_cfg, seed: int = 0, images_anywhere: bool = False, load_images=True):
+        self.records = records if isinstance(records, RecordFile) else RecordFile(records)
+        self.images_dir, self.crop_cfg = Path(images_dir) if images_dir is not None else None, crop_cfg
+        self.seed, self.images_anywhere, self.load_images = seed, images_anywhere, load_images
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        record = self.records[i]
+        try:
+            if "_error" in record:
+                raise ValueError(record["_error"])
+            text, instruction = prompt(record, _rng(self.seed, i, "caption"))
+        except ValueError as e:
+            return Skipped("malformed record", i, str(e))
+        image, pixels, grids = image_of(record), None, None
+        if image is not None and self.load_images:
+            path = Path(os.path.normpath(self.images_dir / image if self.images_dir is not None else image))
+            if self.images_dir is not None and not self.images_anywhere and not _inside(image):
+                return Skipped("image outside the images folder", i, str(path))
+            if not path.is_file():
+                return Skipped("missing image", i, str(path))
+            try:
+                crops = crop_image(path, self.crop_cfg)
+            except Exception as e:              # PIL raises many types on hostile files
+                return Skipped("bad image", i, f"{path}: {e}")
+            pixels, grids = torch.from_numpy(crops.pixels), (crops.medium_grid, crops.high_grid)
+        return {"prompt": text, "instruction": instruction, "image": image, "pixels": pixels, "grids": grids,
+                "index": i}
+
+
+def collate(batch, tok, max_length: int):
+    """Samples -> the batch dict train.py's loop takes (data/dataset.py's `collate`): one sub-batch,
+    "image" or "text" as the release's path goes, with tokens and labels (B, T) from `rows`."""
+    skipped = Counter(s.reason for s in batch if isinstance(s, Skipped))
+    kept = [s for s in batch if not isinstance(s, Skipped)]
+    out = {"image": None, "text": None, "skipped": skipped, "truncated": 0}
+    try:
+        made = kept and rows(tok, [s["prompt"] for s in kept], [s["image"] is not None for s in kept], max_length)
+    except ValueError:                          # max_length <= 3: nothing can train
+        out["skipped"] += Counter({"too long": len(kept)})
+        return out
+    if not kept:
+        return out
+    labels = torch.tensor(made["labels"], dtype=torch.long)
+    sub = {"tokens": torch.tensor(made["tokens"], dtype=torch.long), "labels": labels,
+           "n_labels": int((labels[:, 1:] != IGNORE).sum()), "index": [s["index"] for s in kept]}
+    out["truncated"] = sum(made["truncated"])
+    if made["path"] == "image":
+        out["image"] = {**sub, "pixels": torch.stack([s["pixels"] for s in kept]) if kept[0]["pixels"] is not None else None,
+                        "grids": ([s["grids"][0] for s in kept], [s["grids"][1] for s in kept])
+                        if kept[0]["grids"] is not None else None}
+    else:
+        out["text"] = sub
+    return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from lib import presets
+from lib import release_recipe
 
 STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (med-vision)
     "pretrain":   dict(trainable=("projection",), batch_size=64, lr=2e-5, grad_checkpoint=False),
@@ -32,6 +33,9 @@ def opt(default, help, choices=None, valid=None):
 
 @dataclass
 class TrainConfig:
+    recipe: str = opt("ours", "ours: this project's recipe; release: every example, target and optimizer step as the release "
+                              "trains them, its scripts' numbers as the stage defaults (docs/training.md#the-release-recipe)",
+                      ("ours", "release"))
     stage: str = opt("sft", "what trains, with the stage's batch, lr and checkpointing (v2 Table 10, Med Table 16)", tuple(STAGES))
     model: str = opt("", "tiny: the zoom demo's small random model; omit to start from --init, or --clip + --llama", ("tiny",))
     init: str = opt("", "a Dragonfly checkpoint directory to start from (e.g. stage 1's OUT/final)")
@@ -42,8 +46,10 @@ class TrainConfig:
     data: str = opt("", "training records (LLaVA JSON or release JSONL), or a folder holding train.jsonl; required")
     images: str = opt("", "folder the records' image paths are relative to; empty: the records file's folder")
     images_anywhere: bool = opt(False, "let records name images outside --images (absolute paths, ../); off: such records are skipped")
-    text_data: str = opt("", "text-only conversations to mix in at --text-prob")
+    text_data: str = opt("", "text-only conversations: mixed in at --text-prob; --recipe release: one batch added every "
+                             "10th iteration")
     text_prob: float = opt(0.0, "chance that a sample comes from --text-data (the release: 0.1 in stage 2)", valid=FRACTION)
+    math_data: str = opt("", "--recipe release: math conversations, one batch added every 50th iteration (none: no math batches)")
     loss_on: str = opt("assistant", "the text that gets a loss; all = every token after <|begin_of_text|>, as the release",
                        ("assistant", "all"))
     max_seq: int = opt(4096, "positions per sample, image block included; longer text is cut from the end", valid=POSITIVE)
@@ -73,6 +79,9 @@ class TrainConfig:
     max_skip: float = opt(0.5, "stop once more than this fraction of the records read is skipped (malformed, missing image, ...)",
                           valid=FRACTION)
     grad_checkpoint: bool = opt(True, "recompute each block in the backward: less memory, ~1/3 more compute")
+    show_examples: int = opt(0, "print the first N examples as the loss sees them (trained spans marked) and exit; 0: train",
+                             valid=COUNT)
+    json: bool = opt(False, "with --show-examples: one JSON object per example, {tokens, labels} after the image block")
 
 
 def show(value) -> str:
@@ -99,7 +108,17 @@ def parse_config(argv=None, description=None) -> TrainConfig:
         args["trainable"] = tuple(args["trainable"])
     if args.get("preset") and (args["preset"] not in presets.PRESETS or args.get("init")):
         p.error("--preset: a name from `python -m tools.presets --list`, with --model tiny or --clip/--llama, not --init")
-    cfg = replace(TrainConfig(), **{**STAGES[args.get("stage", TrainConfig.stage)], **args})
+    stage = args.get("stage", TrainConfig.stage)
+    if args.get("recipe") == "release":
+        if stage not in release_recipe.SCRIPTS:
+            raise SystemExit(f"error: --recipe release: the release has stages {' and '.join(release_recipe.SCRIPTS)} "
+                             f"(its two scripts), not {stage}")
+        if args.get("text_prob"):
+            raise SystemExit("error: --recipe release adds --text-data batches every 10th iteration; --text-prob is ours")
+        defaults = release_recipe.stage_defaults(stage)
+    else:
+        defaults = STAGES[stage]
+    cfg = replace(TrainConfig(), **{**defaults, **args})
     for f in fields(cfg):
         if f.metadata["valid"] and not f.metadata["valid"][0](getattr(cfg, f.name)):
             raise SystemExit(f"error: --{f.name.replace('_', '-')} {getattr(cfg, f.name)}: must be {f.metadata['valid'][1]}")
@@ -112,7 +131,7 @@ def run_identity(cfg: TrainConfig, data: Path, world: int) -> dict:
     names = [f.name for f in fields(cfg)]
     kept = {k: getattr(cfg, k) for k in names[:names.index("out")]}
     paths = {k: str(Path(v).resolve()) for k, v in kept.items()
-             if k in ("init", "clip", "llama", "tokenizer", "images", "text_data") and v}
+             if k in ("init", "clip", "llama", "tokenizer", "images", "text_data", "math_data") and v}
     return json.loads(json.dumps({**kept, **paths, "data": str(data.resolve()), "processes": world}))
 
 
@@ -121,5 +140,6 @@ def inputs(cfg: TrainConfig, data: Path, tokenizer: Path) -> dict:
     inside it is refused too, as inside a model folder)."""
     found = {"--init": (cfg.init, True), "--clip": (cfg.clip, True), "--llama": (cfg.llama, True),
              "--tokenizer" if cfg.tokenizer else "the tokenizer": (tokenizer, True),
-             "--data": (data, False), "--images": (cfg.images or data.parent, False), "--text-data": (cfg.text_data, False)}
+             "--data": (data, False), "--images": (cfg.images or data.parent, False), "--text-data": (cfg.text_data, False),
+             "--math-data": (cfg.math_data, False)}
     return {flag: (path, inside) for flag, (path, inside) in found.items() if path}
