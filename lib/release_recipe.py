@@ -64,7 +64,8 @@ def freeze(model, trainable):
 
 
 def param_groups(model, weight_decay):
-    """T:65-80 and T:630: the decayed group first, then the rest, each in the model's order."""
+    """T:65-80 and T:630: the decayed group first, then the rest, each in our model's order (the
+    release's is its module order; AdamW updates each parameter alone, so the order changes nothing)."""
     release = checkpoint_names(model)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{"params": [p for n, p in named if decays(release[n])], "weight_decay": weight_decay},
