@@ -28,9 +28,11 @@ MATH_EVERY = 50              # T:165 --math_alternate_step: a math batch at iter
 # turns them into train.py's flags.
 SCRIPTS = {
     "pretrain": dict(per_gpu_batch=4, iterations=17400, lr=2e-5, warmup_ratio=0.01, weight_decay=0.1,
-                     max_seq=4096, seed=42, grad_checkpoint=False, trainable=("projection",)),
+                     max_seq=4096, seed=42, grad_checkpoint=False, trainable=("projection",),
+                     text_and_math=False),   # S1 passes no --together_text/math_datasets
     "sft": dict(per_gpu_batch=1, iterations=507798, lr=2e-6, warmup_ratio=0.01, weight_decay=0.1,
-                max_seq=4096, seed=42, grad_checkpoint=True, trainable=("projection", "vision", "llm")),
+                max_seq=4096, seed=42, grad_checkpoint=True, trainable=("projection", "vision", "llm"),
+                text_and_math=True),         # S2 passes --together_text_datasets and --together_math_datasets
 }
 
 

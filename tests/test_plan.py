@@ -159,3 +159,14 @@ def test_gpu_script_dry_run_takes_the_training_steps_on_cpu():
     assert "-m tools.bench --config full --device cuda --dtype bfloat16 --quantize int8" in out.stdout
     steps = [x for x in out.stdout.splitlines() if x.startswith("checkpointing")]
     assert len(steps) == 2 and all("samples/s (plan " in x and "GiB (plan " in x for x in steps)
+
+
+def test_plan_with_the_release_recipe_counts_its_iterations_and_its_text_and_math_passes():
+    # train_dragonfly_stage2.sh: 507798 iterations of 1 sample on each of 8 GPUs; a text batch every
+    # 10th and a math batch every 50th iteration (T:160, T:165) add 12% text-only samples
+    ours = plan.plan(train_config.parse_config(["--stage", "sft"]), gpus=(8,))["runs"][0]
+    release = plan.plan(train_config.parse_config(["--stage", "sft", "--recipe", "release"]), gpus=(8,))["runs"][0]
+    assert release["samples"] == 507_798 * 8
+    text_only = presets.train_flops_per_sample(presets.PRESETS["dragonfly-v2"], release["text"], ("projection", "vision", "llm"),
+                                                image=False)
+    assert math.isclose(release["tflops_per_sample"] * 1e12, ours["tflops_per_sample"] * 1e12 + 0.12 * text_only, rel_tol=1e-9)

@@ -44,6 +44,7 @@ import torch.nn.functional as F
 
 import model as M
 from lib import presets
+from lib import release_recipe
 from lib import training
 from lib.train_config import parse_config
 
@@ -195,10 +196,13 @@ def recompute_flops(mcfg, text, trainable) -> float:
     return parts["vision"] * ("vision" in trainable) + llm_blocks * bool(trainable)
 
 
-def timing(mcfg, stage, trainable, grad_checkpoint, utilisation, text=None, samples=None) -> dict:
+def timing(mcfg, stage, trainable, grad_checkpoint, utilisation, text=None, samples=None, extra_text=0.0) -> dict:
+    """Time per stage; extra_text: text-only samples trained per image sample (--recipe release:
+    a text batch every 10th and a math batch every 50th iteration, lib/release_recipe.py)."""
     r = RECIPE[stage]
     text, samples = text or r["text"], samples or r["samples"]
     model_flops = presets.train_flops_per_sample(mcfg, text, trainable)
+    model_flops += extra_text * presets.train_flops_per_sample(mcfg, text, trainable, image=False)
     work = model_flops + (recompute_flops(mcfg, text, trainable) if grad_checkpoint else 0)
     per_gpu = utilisation * H100["bf16"] / work  # samples/s per GPU
     reported = r["samples"] / (r["hours"] * 3600 * r["gpus"])  # the paper's samples/s per GPU
@@ -221,8 +225,17 @@ def plan(cfg, gpus=(8, 16, 24), utilisation=0.4, headroom=0.1, text_time=None, s
                gpu_bytes=H100["memory"], budget_bytes=budget, headroom=headroom, assumed_utilisation=utilisation,
                reported_hours=RECIPE[cfg.stage]["hours"], reported_gpus=RECIPE[cfg.stage]["gpus"],
                source=RECIPE[cfg.stage]["source"], runs=[])
+    if cfg.recipe == "release":  # the release scripts' iterations and batches, and their text/math passes
+        script = release_recipe.SCRIPTS[cfg.stage]
+        extra = (1 / release_recipe.TEXT_EVERY + 1 / release_recipe.MATH_EVERY) if script["text_and_math"] else 0.0
+        samples = samples or cfg.max_steps * cfg.batch_size
+        out.update(source=f"the release script's {cfg.max_steps * release_recipe.ITERATIONS_PER_UPDATE:,} iterations "
+                          f"of {cfg.batch_size // release_recipe.ITERATIONS_PER_UPDATE} samples"
+                          + (f", + {extra:.0%} text-only samples (its text and math batches)" if extra else ""))
+    else:
+        extra = 0.0
     for ckpt in (False, True):
-        t = timing(mcfg, cfg.stage, cfg.trainable, ckpt, utilisation, text_time, samples)
+        t = timing(mcfg, cfg.stage, cfg.trainable, ckpt, utilisation, text_time, samples, extra)
         for world in gpus:
             mem = memory(model, world, cfg.micro_batch, ckpt, text)
             out["runs"].append(dict(grad_checkpoint=ckpt, world=world, memory=mem, fits=mem["total"] <= budget,
