@@ -7,6 +7,7 @@
 #      samples/s, MFU and peak memory, tools/plan.py's prediction beside each (tests/gpu_train.py).
 #   bash tests/gpu.sh          # on a machine with CUDA
 #   bash tests/gpu.sh --dry    # on CPU, toy sizes: that this script still runs (tests/test_plan.py)
+#   RECIPE=release bash tests/gpu.sh   # step 3 with the release's training recipe (lib/release_recipe.py)
 # --dry skips 1 and 2: tools/bench.py waits for a quiet CPU before each timing (minutes on a shared
 # machine), and the tests are the suite's own; it prints their commands and runs 3 at toy size.
 set -euo pipefail
@@ -24,7 +25,7 @@ run "$PY" -m tools.bench --config full --device cuda --dtype bfloat16
 run "$PY" -m tools.bench --config full --device cuda --dtype bfloat16 --quantize int8
 echo "== 3. FSDP2 training steps, measured beside tools/plan.py's prediction"
 if [ "$DRY" = 1 ]; then
-    "$PY" tests/gpu_train.py --dry
+    "$PY" tests/gpu_train.py --dry --recipe "${RECIPE:-ours}"
 else
-    "$PY" tests/gpu_train.py --device cuda
+    "$PY" tests/gpu_train.py --device cuda --recipe "${RECIPE:-ours}"
 fi

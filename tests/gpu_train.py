@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import model as M  # noqa: E402
 from tools import plan  # noqa: E402
 from lib import presets  # noqa: E402
+from lib import release_recipe  # noqa: E402
 from lib import training  # noqa: E402
 from lib import train_config  # noqa: E402
 
@@ -30,25 +31,31 @@ def reduced_config(dry):
     return replace(v2, vit=replace(v2.vit, layers=2), llm=replace(v2.llm, n_layers=2))
 
 
-def run(cfg, device, dtype, grad_checkpoint, steps, text, micro_batch):
+def run(cfg, device, dtype, grad_checkpoint, steps, text, micro_batch, recipe="ours"):
     torch.manual_seed(0)
     model = training.init_weights(M.Dragonfly(cfg)).to(device)
     trainable = train_config.STAGES["sft"]["trainable"]
-    training.freeze(model, trainable)
+    release = recipe == "release"  # lib/release_recipe.py: its freezing, decay groups, clipping, text batches
+    (release_recipe.freeze if release else training.freeze)(model, trainable)
     for b in plan.blocks(model):
         b.grad_checkpoint = grad_checkpoint
     training.shard(model, dtype)
-    optim = torch.optim.AdamW(training.param_groups(model, 0.1), lr=1e-6, fused=device.type == "cuda")
+    groups = (release_recipe.param_groups if release else training.param_groups)(model, 0.1)
+    optim = torch.optim.AdamW(groups, lr=1e-6, fused=device.type == "cuda")
     n = sum(k for _, k, _ in M.crop_levels(cfg))
     tokens = torch.randint(0, 1000, (micro_batch, text), device=device)
     pixels = torch.randn(micro_batch, n, 3, cfg.crops.size, cfg.crops.size, device=device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times = []
-    for _ in range(steps):
+    for step in range(steps):
         t0 = time.perf_counter()
         _, loss = model(tokens, pixels, tokens, reduction="sum")
         loss.backward()
+        for _ in release_recipe.extra_batches(step) if release else ():  # a text-only pass adds its gradients
+            model(tokens, None, tokens, reduction="sum")[1].backward()
+        if release:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optim.step()
         optim.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -71,6 +78,9 @@ def main():
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--text", type=int, default=300)
     p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--recipe", choices=["ours", "release"], default="ours",
+                   help="release: the release's freezing, decay groups, clipping and text batches (lib/release_recipe.py; "
+                        "its first text pass is at step 9: give --steps 10 or more to time one)")
     a = p.parse_args()
     device = torch.device("cpu" if a.dry else a.device)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29561"))
@@ -84,7 +94,7 @@ def main():
           f"{cfg.vit.layers} ViT + {cfg.llm.n_layers} Llama blocks, {M.image_positions(cfg)} + {text} positions, "
           f"micro-batch {a.micro_batch}; predictions: plan.py, its assumed 40% of the H100 bf16 peak")
     for ckpt in (False, True):
-        r = run(cfg, device, dtype, ckpt, 2 if a.dry else a.steps, text, a.micro_batch)
+        r = run(cfg, device, dtype, ckpt, 2 if a.dry else a.steps, text, a.micro_batch, a.recipe)
         print(f"checkpointing {'on ' if ckpt else 'off'}: {r['per_s']:.2f} samples/s (plan {r['predicted_per_s']:.2f}), "
               f"MFU {r['mfu']:.1%} (plan assumes 40% of executed FLOPs), peak {r['peak'] / 2**30:.2f} GiB "
               f"(plan {r['predicted_peak'] / 2**30:.2f} GiB)")
