@@ -237,13 +237,14 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
 
     stop = checkpoint.Stop()
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.workers,
-                                         collate_fn=partial(collate, pad_id=tok.eos_id), persistent_workers=False)
+                                         collate_fn=partial(collate, pad_id=tok.eos_id), persistent_workers=False,
+                                         worker_init_fn=checkpoint.ignore_stop_signals if cfg.workers else None)
     consumed = {"n": sampler.position}
     batches = micro_batches(loader, sampler, consumed)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
     health = SkipCount(len(dataset), cfg.max_skip)
-    saved, interrupted, waiting = step, False, False    # saved: the step of the newest checkpoint
+    saved, interrupted = step, False    # saved: the step of the newest checkpoint
 
     def save():
         if not checkpoint.finite(model):
@@ -256,8 +257,16 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     try:
         while step < total and not interrupted:
             t0 = time.time()
-            with stop.waiting_for_data():
-                group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
+            try:
+                with stop.waiting_for_data():
+                    group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
+            except checkpoint.Interrupted:
+                group = None
+            # Every process agrees before the step's collectives: a signal while one waited for data
+            # (the wait may never end) stops them all here, at the same step, so they save together.
+            if stop_everywhere(group is None or stop.requested, world, device):
+                interrupted = True
+                break
             parts = [p for b in group for p in (b["image"], b["text"]) if p]
             n_tokens, n_samples, skipped, truncated = step_counts(parts, group, world)
             health.add(n_samples, skipped, truncated)
@@ -287,21 +296,21 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             interrupted = stop_everywhere(stop.requested or (cfg.stop_after and step == cfg.stop_after), world, device)
             if not interrupted and (step % cfg.save_every == 0 or step == total):
                 saved = save()
-    except checkpoint.Interrupted:
-        interrupted = waiting = True
     finally:
         stop.close()
         if rank == 0:
             bar.close()
             log.close()
-    if interrupted:
-        # Interrupted while waiting for data, several processes may be at different points: no collective save.
-        if step > saved and not (waiting and world > 1):
-            saved = save()
-        checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
-    else:
+    if not interrupted:
         finish(cfg, data, model, tok_path, health, step, saved, rank)
+        checkpoint.say(rank, health.summary())
+        return model
+    if step > saved:
+        saved = save()
     checkpoint.say(rank, health.summary())
+    checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
+    if stop.signum:     # a scheduler reads a preempted run's exit status: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
+        raise SystemExit(128 + stop.signum)
     return model
 
 
@@ -324,4 +333,5 @@ if __name__ == "__main__":
     except weights.CheckpointError as e:  # a wrong --init, --clip or --llama: one line, not a traceback
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:             # a second Ctrl-C in the loop (the first saves), or one before it
-        sys.exit("aborted by Ctrl-C: nothing saved since the newest checkpoint")
+        print("aborted by Ctrl-C: nothing saved since the newest checkpoint", file=sys.stderr)
+        sys.exit(130)

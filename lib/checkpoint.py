@@ -236,20 +236,17 @@ class Stop:
     `close` puts the previous handlers back."""
 
     def __init__(self):
-        self.requested, self.waiting, self.pid = False, False, os.getpid()
+        self.requested, self.waiting, self.pid, self.signum = False, False, os.getpid(), None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        if os.getpid() != self.pid:     # a forked DataLoader worker: the training process decides
-            if signum == signal.SIGTERM:    # end as SIGTERM normally does; a terminal's Ctrl-C reaches
-                signal.signal(signum, signal.SIG_DFL)   # the workers too, and they keep serving the save
-                os.kill(os.getpid(), signum)
+        if os.getpid() != self.pid:     # a forked DataLoader worker before ignore_stop_signals ran
             return
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             print("Ctrl-C: stopping after this step and saving it; Ctrl-C again aborts without saving",
                   file=sys.stderr, flush=True)
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
         if self.waiting:
             raise Interrupted()
 
@@ -266,6 +263,19 @@ class Stop:
             yield
         finally:
             self.waiting = False
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker's start (worker_init_fn): a scheduler, torchrun and a terminal signal
+    the whole process group, and a worker that died of it would take the trainer down before it
+    saves. A worker ignores Ctrl-C and its first SIGTERM, so the trainer decides; a second
+    SIGTERM (the loader's own shutdown of a worker that is stuck) ends it as usual."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _next_sigterm_ends)
+
+
+def _next_sigterm_ends(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---- the run that owns an output folder ------------------------------------------------------
