@@ -296,6 +296,8 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             interrupted = stop_everywhere(stop.requested or (cfg.stop_after and step == cfg.stop_after), world, device)
             if not interrupted and (step % cfg.save_every == 0 or step == total):
                 saved = save()
+        if interrupted and step > saved:
+            saved = save()      # still under Stop: a second SIGTERM meanwhile is the same stop, not a kill
     finally:
         stop.close()
         if rank == 0:
@@ -305,8 +307,6 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
         finish(cfg, data, model, tok_path, health, step, saved, rank)
         checkpoint.say(rank, health.summary())
         return model
-    if step > saved:
-        saved = save()
     checkpoint.say(rank, health.summary())
     checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
     if stop.signum:     # a scheduler reads a preempted run's exit status: 128 + the signal (130 Ctrl-C, 143 SIGTERM)

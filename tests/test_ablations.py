@@ -1,5 +1,11 @@
 """data/zoom/ablations.py end to end in its short mode, and the tiny configs it trains."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +117,49 @@ def test_onset_refuses_blank_low_for_a_run_without_low_and_medium_crops(tmp_path
         onset.main(["--run", "M", "--blank-low", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "--blank-low" in capsys.readouterr().err
     assert not (tmp_path / "onset.jsonl").exists()
+
+
+def study(tmp_path, *extra):
+    """ablations.py as its own process group (as from a terminal), long enough to be interrupted."""
+    from conftest import ROOT
+    argv = [sys.executable, "-m", "data.zoom.ablations", "--steps", "300", "--train", "32", "--test", "4", "--seeds", "0",
+            "--runs", "L", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res"), *extra]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_training(proc, log):
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+
+
+def test_a_study_whose_training_is_preempted_says_so_in_one_line(tmp_path):
+    proc = study(tmp_path)
+    try:
+        wait_for_training(proc, tmp_path / "out" / "L_seed0" / "log.jsonl")
+        train_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(train_pid, signal.SIGTERM)      # the scheduler stops the training alone
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: the training (train.py) was interrupted (SIGTERM)")
+    assert "Traceback" not in err and "eval" not in err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_a_study_stops_it_in_one_line_and_leaves_no_lock(tmp_path):
+    proc = study(tmp_path)
+    try:
+        wait_for_training(proc, tmp_path / "out" / "L_seed0" / "log.jsonl")
+        os.killpg(proc.pid, signal.SIGINT)      # a terminal's Ctrl-C: the study and its train.py
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: the training (train.py) was interrupted (Ctrl-C)")
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "L_seed0" / "lock").exists()

@@ -24,8 +24,6 @@ import argparse
 import collections
 import json
 import shutil
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -42,7 +40,7 @@ import model as M
 from lib import presets
 from data.dataset import VLDataset, collate
 from data.zoom import prepare
-from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run_dir
+from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run, run_dir
 from lib.tokenizer import Tokenizer
 from lib.images import crop_image
 
@@ -62,9 +60,7 @@ def train_with_checkpoints(name, seed, steps, lr, every, data, folder, blank_low
     flags = [*TRAIN, *RUNS[name][1], "--seed", str(seed), "--max-steps", str(steps), "--lr", lr, "--force",
              "--save-every", str(every), "--data", str(data / "train.jsonl"), "--out", str(folder)]
     code = TRAIN_SCRIPT.format(blank=blank_low, train=str(ROOT / "train.py"))
-    r = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"error: train.py stopped with exit code {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
+    run(["-c", code, *flags], name="train.py", quiet=True)
 
 
 def load_step(model, folder):
