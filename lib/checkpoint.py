@@ -12,7 +12,7 @@ file missing, cut short or changed: `resume` says which checkpoint is damaged an
 newest intact one.
 
 One output folder holds one run (`claim`): OUT/run.json records the run's id and the settings
-that decide what it learns, and OUT/lock the process writing it now. --resume continues only
+that decide what it learns, and OUT/lock (locks.py) the process writing it now. --resume continues only
 that run with those settings; a fresh run refuses a folder holding another (unless --force),
 and a second train.py on the same folder refuses while the first is alive.
 
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import uuid
 import shutil
 import signal
@@ -40,11 +39,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from lib import locks
 from lib import pretrained
 from lib.tokenizer import Tokenizer
 
 MARKER = "complete.json"
-RUN, LOCK = "run.json", "lock"
+RUN = "run.json"
 OUTPUTS = ("run.json", "config.json", "log.jsonl", "latest", "final")   # what a run writes in OUT, with step_N
 
 
@@ -303,7 +303,10 @@ def claim(out: Path, identity: dict, resume: bool, force: bool, rank: int) -> st
     """Lock out for this process and return the id of the run it continues (--resume) or starts.
     identity: the settings that decide what the run learns; a resume must repeat them."""
     if rank == 0:
-        lock(out)
+        try:
+            locks.lock(out, "train.py", "train into another --out")
+        except locks.InUse as e:
+            raise SystemExit(f"error: {e}") from None
         try:
             own(out, identity, resume, force)
         except BaseException:
@@ -346,43 +349,10 @@ def own(out: Path, identity: dict, resume: bool, force: bool):
     os.replace(out / "run.tmp", out / RUN)
 
 
-def lock(out: Path):
-    """OUT/lock, created exclusively, names this process; a lock whose process has died (a kill,
-    a power cut) is stale and taken over."""
-    path, me = out / LOCK, f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                host, _, pid = path.read_text().partition(" ")
-            except OSError:                 # not a file we wrote (a folder named lock): not ours to judge
-                host = pid = ""
-            if host == socket.gethostname() and pid.strip().isdigit() and not alive(int(pid)):
-                path.unlink(missing_ok=True)
-                continue
-            raise SystemExit(f"error: --out {out} is in use by another train.py (pid {pid.strip() or '?'} on {host or '?'}); "
-                             f"wait for it to end or train into another --out (if it is not running, delete {path})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # someone else's process
-        return True
-    return True
-
-
 def release(out: Path, rank: int):
-    """Remove OUT/lock if this process holds it."""
-    path = out / LOCK
-    if rank == 0 and path.exists() and path.read_text() == f"{socket.gethostname()} {os.getpid()}":
-        path.unlink()
+    """Remove OUT/lock if this process holds it (rank 0 takes it)."""
+    if rank == 0:
+        locks.release(out)
 
 
 def finite(model) -> bool:

@@ -221,6 +221,15 @@ ROWS = [
      r"error: .*intimage\.jsonl:1: not a benchmark record \('image' must be a string\); .*"),
     ("tools/draw_crops.py", "--out into a missing folder", [str(IMAGE), "--out", "{tmp}/nodir/grid.png"], 1,
      r"error: --out .*nodir/grid\.png: the folder .*nodir does not exist; create it or choose another path"),
+    # issue 24
+    ("tools/eval.py", "--out in use by another eval", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_locked"], 1,
+     r"error: --out .*eval_locked is in use by another eval\.py \(pid \d+ on .*\); wait for it to end or use another "
+     r"--out \(if it is not running, delete .*eval_locked/lock\)"),
+    ("tools/eval.py", "--out holding the --checkpoint", ["--checkpoint", "{tmp}/evalin/final", *EVAL, "{tmp}/evalin"], 1,
+     r"error: --out .*evalin holds --checkpoint .*evalin/final: eval would write over its input; choose another --out"),
+    ("tools/eval.py", "--out is a training run", ["--checkpoint", str(TINY), *EVAL, "{tmp}/trainrun"], 1,
+     r"error: --out .*trainrun holds a training run \(train\.py's run\.json and log\); eval would overwrite its "
+     r"run\.json and it could no longer be resumed: give another --out, e\.g\. .*trainrun/eval"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -269,6 +278,7 @@ def make_fixtures(tmp: Path):
     (tmp / "resume_seed" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
     write_run_json(tmp, "eval_torn")
     make_fixtures_17(tmp, state)
+    make_fixtures_24(tmp)
     for name in ("dst_full", "dst_force"):
         (tmp / name).mkdir()
         (tmp / name / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # an older checkpoint
@@ -323,6 +333,16 @@ def make_fixtures_17(tmp: Path, state: dict):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def make_fixtures_24(tmp: Path):
+    """The inputs of the issue-24 rows: a folder another live eval holds, a training run."""
+    (tmp / "eval_locked").mkdir()
+    (tmp / "eval_locked" / "lock").write_text(f"{os.uname().nodename} {os.getpid()}")   # this test process: alive
+    shutil.copytree(TINY, tmp / "evalin" / "final")
+    (tmp / "trainrun").mkdir()
+    (tmp / "trainrun" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": {"seed": 0}}))
+    (tmp / "trainrun" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+
+
 # ---- checks on the files a row leaves behind -------------------------------------------------
 def check_files(case, tmp: Path):
     if case == ("tools/eval.py", "predictions file torn by a kill"):
@@ -355,6 +375,11 @@ def check_files(case, tmp: Path):
                   ("tools/quantize.py", "DST inside SRC")]:
         assert sorted(os.listdir(tmp / "src_copy")) == sorted(os.listdir(TINY))
         assert (tmp / "src_copy" / "model.safetensors").read_bytes() == (TINY / "model.safetensors").read_bytes()
+    elif case == ("tools/eval.py", "--out is a training run"):
+        assert sorted(os.listdir(tmp / "trainrun")) == ["log.jsonl", "run.json"]
+        assert "run_id" in json.loads((tmp / "trainrun" / "run.json").read_text())
+    elif case == ("tools/eval.py", "--out in use by another eval"):
+        assert sorted(os.listdir(tmp / "eval_locked")) == ["lock"]
     elif case[0] == "tools/eval.py" and case[1].startswith("--out holding"):
         out = tmp / ("eval_other" if "another" in case[1] else "eval_old")
         assert len((out / "predictions.jsonl").read_text().splitlines()) == 2   # left as it was

@@ -14,6 +14,8 @@ are tried again, and so is a last line torn by a kill, which is dropped on start
 records what produced those answers (the checkpoint's fingerprint, task, prompt, data, dtype,
 quantization, token limit, device type); they are reused only by a run where all of it is the
 same, and any other run in that OUT is refused, naming what differs (`--restart` discards them).
+OUT/lock keeps a second eval.py off the folder while one runs (locks.py), and --out may not be,
+hold or sit inside the checkpoint, nor be the data or image folder, nor hold a training run.
 Image paths must stay inside the image root (`--images-anywhere` allows others).
 OUT/metrics.json holds the scores, in percent, over the answered questions, and the count of
 failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes); metrics are those
@@ -34,6 +36,7 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
 
 from tqdm import tqdm
 
+from lib import locks
 from lib import looked
 from lib import metrics as M
 from lib import results
@@ -335,7 +338,18 @@ def main(argv=None) -> dict:
     out = Path(args.out or Path("results") / args.task)
     if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
         weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
+    results.check_out(out, {"--checkpoint": (args.checkpoint, True), "--data": (data, False),
+                            "--images": (image_root, False)})
     out.mkdir(parents=True, exist_ok=True)
+    locks.lock(out, "eval.py")     # one run per folder: two runs' answers would interleave
+    try:
+        return answer_and_score(args, records, data, out, image_root, device)
+    finally:
+        locks.release(out)
+
+
+def answer_and_score(args, records, data: Path, out: Path, image_root: Path, device: str) -> dict:
+    """The run itself, in a claimed and locked OUT."""
     pred_file = results.claim_out(out, run_identity(args, device), args.restart)
     if results.drop_torn_line(pred_file):
         print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",
