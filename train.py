@@ -79,11 +79,11 @@ def loss_warning(log: Path):
     after 20 steps: 12.2 -> 8.2, and it answers "" to every page): say so, since the export
     otherwise looks like a finished run. "Near": above half the first step's loss, and above
     2 nats per token, so fine-tuning a pretrained model, whose loss starts low, is not flagged."""
-    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    losses = [x for x in losses if x is not None]          # a step with no usable sample has no loss
-    if losses and not losses[-1] <= max(0.5 * losses[0], 2.0):   # `not <=`: a NaN is flagged too
-        return (f"warning: the loss is still {losses[-1]:.2f} after {len(losses)} steps ({losses[0]:.2f} at step 1): "
-                "this model has hardly learned and may answer nothing; train longer, or check --lr")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if r["loss"] is not None]  # a step with no usable sample has none
+    if losses and not losses[-1][1] <= max(0.5 * losses[0][1], 2.0):   # `not <=`: a NaN is flagged too
+        return (f"warning: the loss is still {losses[-1][1]:.2f} after {records[-1]['step']} steps ({losses[0][1]:.2f} "
+                f"at step {losses[0][0]}): this model has hardly learned and may answer nothing; train longer, or check --lr")
 
 
 def diverged(step, what, out: Path, saved: int) -> str:

@@ -321,14 +321,22 @@ def own(out: Path, identity: dict, resume: bool, force: bool):
     held = [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in checkpoints(out)]
     try:
         record = json.loads((out / RUN).read_text()) if (out / RUN).exists() else None
+        if isinstance(record, dict) and "run_id" not in record and ("task" in record or (out / "predictions.jsonl").exists()):
+            raise SystemExit(f"error: --out {out} holds an eval run (tools/eval.py's run.json and answers), not a "
+                             "training run; train into a new --out")
         recorded = record and record["identity"]
     except (ValueError, KeyError, TypeError):
         raise SystemExit(f"error: {out / RUN} is unreadable, so whose run {out} holds is unknown; "
                          "train into a new --out") from None
+    if resume and record and (out / "final").exists():
+        raise SystemExit(f"error: --resume: the run in {out} has finished ({out / 'final'} is its export): nothing to "
+                         "continue; train into a new --out, or pass --force instead to start it over")
     if resume and record:
         changed = [k for k in sorted(identity.keys() | recorded.keys()) if identity.get(k) != recorded.get(k)]
         if changed:
-            said = "; ".join(f"{'' if k == 'processes' else '--'}{k.replace('_', '-')} {recorded.get(k)}, now {identity.get(k)}"
+            said = "; ".join(f"the content of {'--' + k[:-len('_sha256')].replace('_', '-')} (sha256 {recorded.get(k)}, "
+                             f"now {identity.get(k)})" if k.endswith("_sha256") else
+                             f"{'' if k == 'processes' else '--'}{k.replace('_', '-')} {recorded.get(k)}, now {identity.get(k)}"
                              for k in changed[:3])
             raise SystemExit(f"error: --resume: the run in {out} was started with other settings ({said}): "
                              "resume with its flags, or train into a new --out")

@@ -256,6 +256,14 @@ def fingerprint(path) -> str:
     return h.hexdigest()[:16]
 
 
+def file_sha256(f) -> str:
+    """f's sha256, through the same cache (train.py's run settings record their data's)."""
+    cache = _read_hash_cache()
+    digest = content_hash(Path(f), cache)
+    _write_hash_cache(cache)
+    return digest
+
+
 def hash_cache_file() -> Path:
     """Where file hashes are kept between runs ($DRAGONFLY_CACHE, else the XDG cache folder)."""
     root = os.environ.get("DRAGONFLY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dragonfly-nano"

@@ -230,6 +230,16 @@ ROWS = [
     ("tools/eval.py", "--out is a training run", ["--checkpoint", str(TINY), *EVAL, "{tmp}/trainrun"], 1,
      r"error: --out .*trainrun holds a training run \(train\.py's run\.json and log\); eval would overwrite its "
      r"run\.json and it could no longer be resumed: give another --out, e\.g\. .*trainrun/eval"),
+    ("train.py", "--resume on data replaced by other data", ["--model", "tiny", "--data", "{tmp}/replaced.jsonl",
+                                                              "--out", "{tmp}/resume_data", "--resume"], 1,
+     r"error: --resume: the run in .*resume_data was started with other settings \(the content of --data \(sha256 "
+     r"[0-9a-f]{16}, now [0-9a-f]{16}\)\): resume with its flags, or train into a new --out"),
+    ("train.py", "--resume on a finished run", [*TINY_RUN, "--out", "{tmp}/finished", "--resume"], 1,
+     r"error: --resume: the run in .*finished has finished \(.*finished/final is its export\): nothing to continue; "
+     r"train into a new --out, or pass --force instead to start it over"),
+    ("train.py", "--out an eval folder", [*TINY_RUN, "--out", "{tmp}/eval_other"], 1,
+     r"error: --out .*eval_other holds an eval run \(tools/eval\.py's run\.json and answers\), not a training run; "
+     r"train into a new --out"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -341,6 +351,17 @@ def make_fixtures_24(tmp: Path):
     (tmp / "trainrun").mkdir()
     (tmp / "trainrun" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": {"seed": 0}}))
     (tmp / "trainrun" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    from lib import train_config
+    lines = RECORDS.read_text().splitlines(keepends=True)
+    (tmp / "replaced.jsonl").write_text("".join(lines))
+    cfg = train_config.parse_config(["--model", "tiny", "--data", str(tmp / "replaced.jsonl"), "--out", str(tmp / "resume_data")])
+    (tmp / "resume_data").mkdir()
+    (tmp / "resume_data" / "run.json").write_text(json.dumps(
+        {"run_id": "0" * 32, "identity": train_config.run_identity(cfg, tmp / "replaced.jsonl", 1)}))
+    (tmp / "replaced.jsonl").write_text("".join(reversed(lines)))    # another file of the same length, same name
+    cfg = train_config.parse_config([*TINY_RUN, "--out", str(tmp / "finished")])
+    (tmp / "finished" / "final").mkdir(parents=True)
+    (tmp / "finished" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
 
 
 # ---- checks on the files a row leaves behind -------------------------------------------------

@@ -436,7 +436,8 @@ def test_the_loss_warning_sees_a_nan_and_skips_steps_without_a_loss(tmp_path):
         return train.loss_warning(tmp_path / "log.jsonl")
     assert "still nan after 2 steps (12.20 at step 1)" in warning([12.2, float("nan")])
     assert warning([12.2, None, 0.5, None]) is None
-    assert "still 8.00 after 2 steps" in warning([None, 12.2, 8.0])
+    assert "still 8.00 after 3 steps (12.20 at step 2)" in warning([None, 12.2, 8.0])   # every step counts
+    assert "still 8.00 after 8 steps" in warning([12.2, None, 9.0, None, 8.5, None, 8.0, 8.0])
 
 
 def test_flipped_bytes_in_a_checkpoint_are_found_and_resume_falls_back(zoom_data, tmp_path, capsys):
