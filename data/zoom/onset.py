@@ -24,6 +24,7 @@ import argparse
 import collections
 import json
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
@@ -56,7 +57,7 @@ runpy.run_path({train!r}, run_name="__main__")
 
 
 def train_with_checkpoints(name, seed, steps, lr, every, data, folder, blank_low=False):
-    shutil.rmtree(folder, ignore_errors=True)
+    # --force: train.py replaces an earlier run in folder itself, once every flag has passed its checks
     flags = [*TRAIN, *RUNS[name][1], "--seed", str(seed), "--max-steps", str(steps), "--lr", lr, "--force",
              "--save-every", str(every), "--data", str(data / "train.jsonl"), "--out", str(folder)]
     code = TRAIN_SCRIPT.format(blank=blank_low, train=str(ROOT / "train.py"))
@@ -167,6 +168,11 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "out" / "zoom-onset"))
     args = p.parse_args(argv)
     out, data = Path(args.out), Path(args.data)
+    for flag, least in (("steps", 1), ("every", 1), ("train", 1), ("test", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag} {getattr(args, flag)}: must be {least} or more")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; give a folder for the runs")
     if args.blank_low and not args.run.startswith("L+"):
         p.error(f"--blank-low flattens the low crop next to the medium crops; run {args.run!r} lacks one of them: use L+M or L+M+H")
     if args.table and not (out / "onset.jsonl").exists():
@@ -174,7 +180,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not (data / "test.jsonl").exists():
         prepare.main(["--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
-    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:args.test]
+    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    if len(records) < args.test:
+        p.error(f"--test {args.test}: {data / 'test.jsonl'} holds {len(records)} held-out pages; give --test "
+                f"{len(records)} or less, or another --data")
+    records = records[:args.test]
     if args.table:
         runs = [json.loads(line) for line in (out / "onset.jsonl").read_text().splitlines()]
         rows = ["L", "M", "L+M", "L+M+H"]  # the study's lr first, by length, then the other lrs, the control last
@@ -197,13 +207,22 @@ def main(argv=None):
         load_step(model, folder / f"step_{step:07d}")
         late = losses[max(0, step - 10):step]
         checkpoints.append({"step": step, "loss": sum(late) / len(late), **follow(model, tok, records, data, batch)})
-    run = {"name": name, "seed": args.seed, "steps": args.steps, "lr": args.lr, "checkpoints": checkpoints}
-    with open(out / "onset.jsonl", "a") as f:
-        f.write(json.dumps(run) + "\n")
+    run = {"name": name, "seed": args.seed, "steps": args.steps, "lr": args.lr, "test": len(records),
+           "checkpoints": checkpoints}
+    same = lambda r: [r.get(k) for k in ("name", "seed", "steps", "lr")] == [run[k] for k in ("name", "seed", "steps", "lr")]
+    log = out / "onset.jsonl"
+    earlier = [line for line in log.read_text().splitlines() if not same(json.loads(line))] if log.exists() else []
+    log.with_suffix(".tmp").write_text("".join(line + "\n" for line in [*earlier, json.dumps(run)]))
+    log.with_suffix(".tmp").replace(log)    # a rerun replaces its earlier line: each run is listed once
     for step_dir in folder.glob("step_*"):  # 1 MB each; the export in final/ stays
         shutil.rmtree(step_dir)
     print(checkpoint_table([run]))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # while following the checkpoints (recipe.run reports an interrupted training)
+        print("error: onset.py was interrupted (Ctrl-C); rerun the same command to train and follow the run again",
+              file=sys.stderr)
+        sys.exit(130)
