@@ -240,6 +240,22 @@ ROWS = [
     ("train.py", "--out an eval folder", [*TINY_RUN, "--out", "{tmp}/eval_other"], 1,
      r"error: --out .*eval_other holds an eval run \(tools/eval\.py's run\.json and answers\), not a training run; "
      r"train into a new --out"),
+    ("tools/quantize.py", "--compare on an int8 checkpoint", ["--compare", "{tmp}/int8ckpt"], 1,
+     r"error: --compare .*int8ckpt: an int8 checkpoint; its float32 reference would be the int8 model itself "
+     r"\(32/32, diff 0\.0\): compare the float checkpoint it was quantized from"),
+    ("tools/plan.py", "--gpus 1000000000", ["--gpus", "1000000000"], 1,
+     r"error: --gpus 1000000000: give world sizes from 1 to 100000, like 8,16,24"),
+    ("tools/plan.py", "--utilisation 40", ["--utilisation", "40"], 1,
+     r"error: --utilisation 40\.0: give a fraction above 0 and at most 1 \(0\.4 is 40%\)"),
+    ("tools/plan.py", "--utilisation 0", ["--utilisation", "0"], 1, r"error: --utilisation 0\.0: give .*"),
+    ("tools/plan.py", "--headroom -0.5", ["--headroom", "-0.5"], 1,
+     r"error: --headroom -0\.5: give a fraction from 0 up to, not including, 1"),
+    ("tools/plan.py", "--samples 0", ["--samples", "0"], 1, r"error: --samples 0: give 1 or more"),
+    ("tools/plan.py", "--samples -100", ["--samples", "-100"], 1, r"error: --samples -100: give 1 or more"),
+    ("tools/plan.py", "--text-tokens -5", ["--text-tokens", "-5"], 1, r"error: --text-tokens -5: give 0 or more"),
+    ("tools/plan.py", "--model tiny", ["--model", "tiny"], 1,
+     r"error: --model tiny: plan\.py plans the paper's models from their presets .*; drop the flag"),
+    ("tools/plan.py", "--init", ["--init", str(TINY)], 1, r"error: --init: plan\.py plans .*; drop the flag"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -289,6 +305,8 @@ def make_fixtures(tmp: Path):
     write_run_json(tmp, "eval_torn")
     make_fixtures_17(tmp, state)
     make_fixtures_24(tmp)
+    from tools import quantize
+    quantize.write_int8(TINY, tmp / "int8ckpt")
     for name in ("dst_full", "dst_force"):
         (tmp / name).mkdir()
         (tmp / name / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # an older checkpoint

@@ -159,3 +159,15 @@ def test_gpu_script_dry_run_takes_the_training_steps_on_cpu():
     assert "-m tools.bench --config full --device cuda --dtype bfloat16 --quantize int8" in out.stdout
     steps = [x for x in out.stdout.splitlines() if x.startswith("checkpointing")]
     assert len(steps) == 2 and all("samples/s (plan " in x and "GiB (plan " in x for x in steps)
+
+
+@pytest.mark.parametrize("tool,args", [("tools/plan.py", ["--json"]), ("tools/presets.py", ["--table"])])
+def test_a_full_stdout_is_one_line(tool, args):
+    import subprocess
+    import sys
+    from conftest import ROOT, script
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, *script(tool), *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: cannot write to stdout (No space left on device)"], r.stderr

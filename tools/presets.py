@@ -11,6 +11,7 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
     from lib import first_run
     first_run.one_line_for_missing_packages()
 
+from lib import first_run
 from lib import presets
 
 
@@ -22,7 +23,8 @@ def main(argv=None):
     g.add_argument("--list", action="store_true", help="the preset names")
     args = p.parse_args(argv)
     try:
-        print(presets.table() if args.table else "\n".join(presets.PRESETS) if args.list else presets.describe(args.describe))
+        first_run.write_stdout(presets.table() if args.table else "\n".join(presets.PRESETS) if args.list
+                               else presets.describe(args.describe))
     except KeyError as e:
         print(e.args[0], file=sys.stderr)
         return 1
@@ -30,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(first_run.run(main))
