@@ -16,7 +16,7 @@ LAYERS = [
     ("first_run", ["lib/__init__.py", "lib/first_run.py"]),
     ("parts", ["vit.py", "llama.py", "crops.py", "pool.py"]),
     ("model", ["model.py"]),
-    ("basics", ["lib/weights.py", "lib/images.py", "lib/devices.py", "lib/stored.py", "lib/timing.py",
+    ("basics", ["lib/weights.py", "lib/locks.py", "lib/images.py", "lib/devices.py", "lib/stored.py", "lib/timing.py",
                 "lib/results.py", "lib/tokenizer.py", "lib/metrics.py", "data/__init__.py", "data/formats.py",
                 "data/benchmarks/__init__.py"]),
     ("loading, presets, data", ["lib/pretrained.py", "lib/presets.py", "data/dataset.py", "data/zoom/prepare.py",
