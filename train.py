@@ -83,11 +83,11 @@ def loss_warning(log: Path):
     after 20 steps: 12.2 -> 8.2, and it answers "" to every page): say so, since the export
     otherwise looks like a finished run. "Near": above half the first step's loss, and above
     2 nats per token, so fine-tuning a pretrained model, whose loss starts low, is not flagged."""
-    losses = [json.loads(line)["loss"] for line in log.read_text().splitlines()]
-    losses = [x for x in losses if x is not None]          # a step with no usable sample has no loss
-    if losses and not losses[-1] <= max(0.5 * losses[0], 2.0):   # `not <=`: a NaN is flagged too
-        return (f"warning: the loss is still {losses[-1]:.2f} after {len(losses)} steps ({losses[0]:.2f} at step 1): "
-                "this model has hardly learned and may answer nothing; train longer, or check --lr")
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    losses = [(r["step"], r["loss"]) for r in records if r["loss"] is not None]  # a step with no usable sample has none
+    if losses and not losses[-1][1] <= max(0.5 * losses[0][1], 2.0):   # `not <=`: a NaN is flagged too
+        return (f"warning: the loss is still {losses[-1][1]:.2f} after {records[-1]['step']} steps ({losses[0][1]:.2f} "
+                f"at step {losses[0][0]}): this model has hardly learned and may answer nothing; train longer, or check --lr")
 
 
 def diverged(step, what, out: Path, saved: int) -> str:
@@ -246,7 +246,7 @@ def stop_everywhere(interrupted, world, device) -> bool:
 
 
 def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, rank, world, device):
-    # Over ~60 lines on purpose: the loop reads top to bottom as one training step (data, forward
+    # Over 100 lines on purpose: the loop reads top to bottom as one training step (data, forward
     # and backward, the finite check, the optimiser, the log, the checkpoint), as nanoGPT's does.
     data, out = records.path, Path(cfg.out)
     start(cfg, rank)
@@ -266,14 +266,15 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=partial(release_data.collate, tok=tok, max_length=cfg.max_seq)
                                          if cfg.recipe == "release" else partial(collate, pad_id=tok.eos_id),
-                                         persistent_workers=False)
+                                         persistent_workers=False,
+                                         worker_init_fn=checkpoint.ignore_stop_signals if cfg.workers else None)
     extras = release_streams(cfg, tok, mcfg, rank, world) if cfg.recipe == "release" else {}
     consumed = {"n": sampler.position}
     batches = micro_batches(loader, sampler, consumed)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
     health = SkipCount(len(dataset), cfg.max_skip)
-    saved, interrupted, waiting = step, False, False    # saved: the step of the newest checkpoint
+    saved, interrupted = step, False    # saved: the step of the newest checkpoint
 
     def save():
         if not checkpoint.finite(model):
@@ -286,8 +287,16 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     try:
         while step < total and not interrupted:
             t0 = time.time()
-            with stop.waiting_for_data():
-                group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
+            try:
+                with stop.waiting_for_data():
+                    group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
+            except checkpoint.Interrupted:
+                group = None
+            # Every process agrees before the step's collectives: a signal while one waited for data
+            # (the wait may never end) stops them all here, at the same step, so they save together.
+            if stop_everywhere(group is None or stop.requested, world, device):
+                interrupted = True
+                break
             parts = [p for b in group for p in (b["image"], b["text"]) if p]
             n_tokens, n_samples, skipped, truncated = step_counts(parts, group, world)
             health.add(n_samples, skipped, truncated)
@@ -322,21 +331,21 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             interrupted = stop_everywhere(stop.requested or (cfg.stop_after and step == cfg.stop_after), world, device)
             if not interrupted and (step % cfg.save_every == 0 or step == total):
                 saved = save()
-    except checkpoint.Interrupted:
-        interrupted = waiting = True
+        if interrupted and step > saved:
+            saved = save()      # still under Stop: a second SIGTERM meanwhile is the same stop, not a kill
     finally:
         stop.close()
         if rank == 0:
             bar.close()
             log.close()
-    if interrupted:
-        # Interrupted while waiting for data, several processes may be at different points: no collective save.
-        if step > saved and not (waiting and world > 1):
-            saved = save()
-        checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
-    else:
+    if not interrupted:
         finish(cfg, data, model, tok_path, health, step, saved, rank)
+        checkpoint.say(rank, health.summary())
+        return model
     checkpoint.say(rank, health.summary())
+    checkpoint.say(rank, f"stopped at step {step}; " + (f"continue from step {saved} with --resume" if saved else "nothing to save"))
+    if stop.signum:     # a scheduler reads a preempted run's exit status: 128 + the signal (130 Ctrl-C, 143 SIGTERM)
+        raise SystemExit(128 + stop.signum)
     return model
 
 
@@ -359,4 +368,5 @@ if __name__ == "__main__":
     except weights.CheckpointError as e:  # a wrong --init, --clip or --llama: one line, not a traceback
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:             # a second Ctrl-C in the loop (the first saves), or one before it
-        sys.exit("aborted by Ctrl-C: nothing saved since the newest checkpoint")
+        print("aborted by Ctrl-C: nothing saved since the newest checkpoint", file=sys.stderr)
+        sys.exit(130)

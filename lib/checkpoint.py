@@ -12,7 +12,7 @@ file missing, cut short or changed: `resume` says which checkpoint is damaged an
 newest intact one.
 
 One output folder holds one run (`claim`): OUT/run.json records the run's id and the settings
-that decide what it learns, and OUT/lock the process writing it now. --resume continues only
+that decide what it learns, and OUT/lock (locks.py) the process writing it now. --resume continues only
 that run with those settings; a fresh run refuses a folder holding another (unless --force),
 and a second train.py on the same folder refuses while the first is alive.
 
@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import random
-import socket
 import uuid
 import shutil
 import signal
@@ -40,11 +39,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
+from lib import locks
 from lib import pretrained
 from lib.tokenizer import Tokenizer
 
 MARKER = "complete.json"
-RUN, LOCK = "run.json", "lock"
+RUN = "run.json"
 OUTPUTS = ("run.json", "config.json", "log.jsonl", "latest", "final")   # what a run writes in OUT, with step_N
 
 
@@ -236,20 +236,17 @@ class Stop:
     `close` puts the previous handlers back."""
 
     def __init__(self):
-        self.requested, self.waiting, self.pid = False, False, os.getpid()
+        self.requested, self.waiting, self.pid, self.signum = False, False, os.getpid(), None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def _handle(self, signum, frame):
-        if os.getpid() != self.pid:     # a forked DataLoader worker: the training process decides
-            if signum == signal.SIGTERM:    # end as SIGTERM normally does; a terminal's Ctrl-C reaches
-                signal.signal(signum, signal.SIG_DFL)   # the workers too, and they keep serving the save
-                os.kill(os.getpid(), signum)
+        if os.getpid() != self.pid:     # a forked DataLoader worker before ignore_stop_signals ran
             return
         if signum == signal.SIGINT:
             signal.signal(signal.SIGINT, signal.default_int_handler)
             print("Ctrl-C: stopping after this step and saving it; Ctrl-C again aborts without saving",
                   file=sys.stderr, flush=True)
-        self.requested = True
+        self.requested, self.signum = True, self.signum or signum
         if self.waiting:
             raise Interrupted()
 
@@ -266,6 +263,19 @@ class Stop:
             yield
         finally:
             self.waiting = False
+
+
+def ignore_stop_signals(worker_id=None):
+    """A DataLoader worker's start (worker_init_fn): a scheduler, torchrun and a terminal signal
+    the whole process group, and a worker that died of it would take the trainer down before it
+    saves. A worker ignores Ctrl-C and its first SIGTERM, so the trainer decides; a second
+    SIGTERM (the loader's own shutdown of a worker that is stuck) ends it as usual."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _next_sigterm_ends)
+
+
+def _next_sigterm_ends(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # ---- the run that owns an output folder ------------------------------------------------------
@@ -293,7 +303,10 @@ def claim(out: Path, identity: dict, resume: bool, force: bool, rank: int) -> st
     """Lock out for this process and return the id of the run it continues (--resume) or starts.
     identity: the settings that decide what the run learns; a resume must repeat them."""
     if rank == 0:
-        lock(out)
+        try:
+            locks.lock(out, "train.py", "train into another --out")
+        except locks.InUse as e:
+            raise SystemExit(f"error: {e}") from None
         try:
             own(out, identity, resume, force)
         except BaseException:
@@ -308,14 +321,22 @@ def own(out: Path, identity: dict, resume: bool, force: bool):
     held = [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in checkpoints(out)]
     try:
         record = json.loads((out / RUN).read_text()) if (out / RUN).exists() else None
+        if isinstance(record, dict) and "run_id" not in record and ("task" in record or (out / "predictions.jsonl").exists()):
+            raise SystemExit(f"error: --out {out} holds an eval run (tools/eval.py's run.json and answers), not a "
+                             "training run; train into a new --out")
         recorded = record and record["identity"]
     except (ValueError, KeyError, TypeError):
         raise SystemExit(f"error: {out / RUN} is unreadable, so whose run {out} holds is unknown; "
                          "train into a new --out") from None
+    if resume and record and (out / "final").exists():
+        raise SystemExit(f"error: --resume: the run in {out} has finished ({out / 'final'} is its export): nothing to "
+                         "continue; train into a new --out, or pass --force instead to start it over")
     if resume and record:
         changed = [k for k in sorted(identity.keys() | recorded.keys()) if identity.get(k) != recorded.get(k)]
         if changed:
-            said = "; ".join(f"{'' if k == 'processes' else '--'}{k.replace('_', '-')} {recorded.get(k)}, now {identity.get(k)}"
+            said = "; ".join(f"the content of {'--' + k[:-len('_sha256')].replace('_', '-')} (sha256 {recorded.get(k)}, "
+                             f"now {identity.get(k)})" if k.endswith("_sha256") else
+                             f"{'' if k == 'processes' else '--'}{k.replace('_', '-')} {recorded.get(k)}, now {identity.get(k)}"
                              for k in changed[:3])
             raise SystemExit(f"error: --resume: the run in {out} was started with other settings ({said}): "
                              "resume with its flags, or train into a new --out")
@@ -336,43 +357,10 @@ def own(out: Path, identity: dict, resume: bool, force: bool):
     os.replace(out / "run.tmp", out / RUN)
 
 
-def lock(out: Path):
-    """OUT/lock, created exclusively, names this process; a lock whose process has died (a kill,
-    a power cut) is stale and taken over."""
-    path, me = out / LOCK, f"{socket.gethostname()} {os.getpid()}"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            try:
-                host, _, pid = path.read_text().partition(" ")
-            except OSError:                 # not a file we wrote (a folder named lock): not ours to judge
-                host = pid = ""
-            if host == socket.gethostname() and pid.strip().isdigit() and not alive(int(pid)):
-                path.unlink(missing_ok=True)
-                continue
-            raise SystemExit(f"error: --out {out} is in use by another train.py (pid {pid.strip() or '?'} on {host or '?'}); "
-                             f"wait for it to end or train into another --out (if it is not running, delete {path})") from None
-        with os.fdopen(fd, "w") as f:
-            f.write(me)
-        return
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:     # someone else's process
-        return True
-    return True
-
-
 def release(out: Path, rank: int):
-    """Remove OUT/lock if this process holds it."""
-    path = out / LOCK
-    if rank == 0 and path.exists() and path.read_text() == f"{socket.gethostname()} {os.getpid()}":
-        path.unlink()
+    """Remove OUT/lock if this process holds it (rank 0 takes it)."""
+    if rank == 0:
+        locks.release(out)
 
 
 def finite(model) -> bool:

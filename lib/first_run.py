@@ -38,6 +38,19 @@ def one_line_for_missing_packages():
     sys.excepthook = report
 
 
+def write_stdout(text: str):
+    """print(text), flushed now: a stdout that cannot take it (`> /dev/full`, a closed pipe) is an
+    OSError here, once, with stdout pointed at /dev/null so the interpreter's own flush at exit
+    has nothing left to complain about."""
+    import os
+    try:
+        print(text)
+        sys.stdout.flush()
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise OSError(f"cannot write to stdout ({e.strerror or e})") from None
+
+
 def run(main):
     """A script's main() with the errors a user causes as one line: a bad input (ValueError) or a
     file that cannot be read or written (OSError) is `error: ...` with exit status 1, Ctrl-C is

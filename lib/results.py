@@ -24,10 +24,30 @@ def claim_out(out: Path, identity: dict, restart: bool) -> Path:
             k for k in identity if saved.get(k) != identity[k])
         raise ValueError(f"{pred_file} holds answers of another run ({differs}); use a new --out, or --restart "
                          "to discard them")
+    if restart or saved != identity:    # the scores of answers now gone, or of another run
+        (out / "metrics.json").unlink(missing_ok=True)
     if saved != identity:
         run_file.with_suffix(".tmp").write_text(json.dumps(identity, indent=2) + "\n")
         run_file.with_suffix(".tmp").replace(run_file)
     return pred_file
+
+
+def check_out(out: Path, inputs: dict):
+    """Refuse an --out that would write over an input or another tool's run (train.py's OUT holds
+    run.json too). inputs: flag -> (path, whether an --out inside it is refused too: a model folder)."""
+    where = out.resolve()
+    for flag, (path, inside) in inputs.items():
+        p = Path(path).resolve()
+        how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""
+        if how:
+            raise ValueError(f"--out {out} {how} {flag} {path}: eval would write over its input; choose another --out")
+    try:
+        recorded = json.loads((out / "run.json").read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if (isinstance(recorded, dict) and "run_id" in recorded) or (out / "log.jsonl").exists():
+        raise ValueError(f"--out {out} holds a training run (train.py's run.json and log); eval would overwrite "
+                         f"its run.json and it could no longer be resumed: give another --out, e.g. {out / 'eval'}")
 
 
 def drop_torn_line(path: Path) -> bool:

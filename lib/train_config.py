@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lib import presets
 from lib import release_recipe
+from lib import weights
 
 STAGES = {  # v2 Table 10 (pretrain, sft) and Dragonfly-Med Table 16 stage 1 (med-vision)
     "pretrain":   dict(trainable=("projection",), batch_size=64, lr=2e-5, grad_checkpoint=False),
@@ -127,12 +128,17 @@ def parse_config(argv=None, description=None) -> TrainConfig:
 
 def run_identity(cfg: TrainConfig, data: Path, world: int) -> dict:
     """What decides what a run learns, which a --resume must repeat: the fields above `out`
-    (paths made absolute) and the number of processes (each one's share of the data)."""
+    (paths made absolute), the content of the data files (a file replaced by another of the same
+    name is other data) and the number of processes (each one's share of the data)."""
     names = [f.name for f in fields(cfg)]
     kept = {k: getattr(cfg, k) for k in names[:names.index("out")]}
     paths = {k: str(Path(v).resolve()) for k, v in kept.items()
              if k in ("init", "clip", "llama", "tokenizer", "images", "text_data", "math_data") and v}
-    return json.loads(json.dumps({**kept, **paths, "data": str(data.resolve()), "processes": world}))
+    digests = {"data_sha256": weights.file_sha256(data)[:16]}
+    for key in ("text_data", "math_data"):
+        if getattr(cfg, key):
+            digests[f"{key}_sha256"] = weights.file_sha256(getattr(cfg, key))[:16]
+    return json.loads(json.dumps({**kept, **paths, "data": str(data.resolve()), **digests, "processes": world}))
 
 
 def inputs(cfg: TrainConfig, data: Path, tokenizer: Path) -> dict:

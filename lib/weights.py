@@ -257,21 +257,71 @@ def require_checkpoint(path) -> Path:
 
 
 def fingerprint(path) -> str:
-    """An identity of checkpoint directory `path` (eval.py keys its saved answers by it): the bytes
-    of config.json, and the name, size and modification time of its weight, index and tokenizer
-    files. Rewriting any of them changes it; hashing 16 GB of weights would take minutes."""
+    """An identity of checkpoint directory `path` (eval.py keys its saved answers by it): the
+    content of config.json and of its weight, index and tokenizer files, by name. A file rewritten
+    in place (even with its size and times put back) changes it; a copy (`cp -r`) keeps it. Each
+    file's sha256 is cached (`content_hash`), so a 16 GB checkpoint is read once, not per run."""
     path, h = Path(path), hashlib.sha256()
-    if (path / "config.json").is_file():
-        h.update((path / "config.json").read_bytes())
     try:
         files = checkpoint_files(path)
     except CheckpointError:
         files = []
-    names = ("tokenizer.model", "tokenizer.json", "original/tokenizer.model", *INDEX_FILES)
-    for f in sorted({*files, *(path / n for n in names if (path / n).is_file())}):
-        st = f.stat()
-        h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    names = ("config.json", "tokenizer.model", "tokenizer.json", "original/tokenizer.model", *INDEX_FILES)
+    found = sorted({*files, *(path / n for n in names if (path / n).is_file())})
+    cache = _read_hash_cache()
+    for f in found:
+        h.update(f"{f.relative_to(path)}\0{content_hash(f, cache)}\0".encode())
+    _write_hash_cache(cache)
     return h.hexdigest()[:16]
+
+
+def file_sha256(f) -> str:
+    """f's sha256, through the same cache (train.py's run settings record their data's)."""
+    cache = _read_hash_cache()
+    digest = content_hash(Path(f), cache)
+    _write_hash_cache(cache)
+    return digest
+
+
+def hash_cache_file() -> Path:
+    """Where file hashes are kept between runs ($DRAGONFLY_CACHE, else the XDG cache folder)."""
+    root = os.environ.get("DRAGONFLY_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "dragonfly-nano"
+    return Path(root) / "file-hashes.json"
+
+
+def content_hash(f: Path, cache: dict) -> str:
+    """f's sha256, from `cache` when f's size, modification time, inode and status-change time
+    are those it was hashed with. The status-change time (ctime) cannot be set back by `touch -r`,
+    so a file rewritten in place is hashed again; a copy is a new inode, hashed once."""
+    st = f.stat()
+    key, stamp = str(f.resolve()), [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+    if cache.get(key, [None])[:-1] != stamp:
+        digest = hashlib.sha256()
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                digest.update(chunk)
+        cache[key] = [*stamp, digest.hexdigest()]
+    return cache[key][-1]
+
+
+def _read_hash_cache() -> dict:
+    try:
+        cache = json.loads(hash_cache_file().read_text())
+        return cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):   # none yet, unreadable or torn: hash again
+        return {}
+
+
+def _write_hash_cache(cache: dict):
+    """Best effort: a cache that cannot be written (a read-only home) only costs hashing again."""
+    path = hash_cache_file()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache))
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def refuse_overwrite(out, inputs, flag: str):

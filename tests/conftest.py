@@ -20,6 +20,13 @@ def script(path: str) -> list:
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_hash_cache(tmp_path_factory):
+    """The tests' file-hash cache (weights.fingerprint) is their own, for the commands they start too."""
+    import os
+    os.environ["DRAGONFLY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_v2():
     """A random Dragonfly at the released v2 geometry (336 px crops, 41 crops, 2098 image

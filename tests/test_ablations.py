@@ -1,5 +1,12 @@
 """data/zoom/ablations.py end to end in its short mode, and the tiny configs it trains."""
 import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -111,3 +118,106 @@ def test_onset_refuses_blank_low_for_a_run_without_low_and_medium_crops(tmp_path
         onset.main(["--run", "M", "--blank-low", "--out", str(tmp_path)])
     assert exit_.value.code == 2 and "--blank-low" in capsys.readouterr().err
     assert not (tmp_path / "onset.jsonl").exists()
+
+
+def study(tmp_path, *extra):
+    """ablations.py as its own process group (as from a terminal), long enough to be interrupted."""
+    from conftest import ROOT
+    argv = [sys.executable, "-m", "data.zoom.ablations", "--steps", "300", "--train", "32", "--test", "4", "--seeds", "0",
+            "--runs", "L", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res"), *extra]
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def wait_for_training(proc, log):
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stderr.read()[-2000:]
+        time.sleep(0.2)
+
+
+def test_a_study_whose_training_is_preempted_says_so_in_one_line(tmp_path):
+    proc = study(tmp_path)
+    try:
+        wait_for_training(proc, tmp_path / "out" / "L_seed0" / "log.jsonl")
+        train_pid = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        os.kill(train_pid, signal.SIGTERM)      # the scheduler stops the training alone
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: the training (train.py) was interrupted (SIGTERM)")
+    assert "Traceback" not in err and "eval" not in err.strip().splitlines()[-1]
+
+
+def test_ctrl_c_in_a_study_stops_it_in_one_line_and_leaves_no_lock(tmp_path):
+    proc = study(tmp_path)
+    try:
+        wait_for_training(proc, tmp_path / "out" / "L_seed0" / "log.jsonl")
+        os.killpg(proc.pid, signal.SIGINT)      # a terminal's Ctrl-C: the study and its train.py
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("error: the training (train.py) was interrupted (Ctrl-C)")
+    assert "Traceback" not in err
+    assert not (tmp_path / "out" / "L_seed0" / "lock").exists()
+
+
+@pytest.mark.parametrize("flags", [["--steps", "0"], ["--test", "0"]])
+def test_the_study_refuses_an_empty_budget(tmp_path, flags, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        zoom_script("ablations").main([*flags, "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res")])
+    assert exit_.value.code == 2 and f"{flags[0]} 0: must be 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_smoke_study_without_results_leaves_the_committed_table_alone(tmp_path, capsys):
+    from conftest import ROOT
+    committed = {p: p.read_bytes() for p in (ROOT / "data" / "zoom").glob("ablations.*")}
+    with pytest.raises(SystemExit) as exit_:
+        zoom_script("ablations").main(["--steps", "2", "--train", "32", "--test", "4", "--out", str(tmp_path / "out")])
+    assert exit_.value.code == 2 and "only for the full study" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (ROOT / "data" / "zoom").glob("ablations.*")} == committed
+
+
+def test_a_study_rerun_on_other_test_pages_scores_its_runs_again(tmp_path):
+    ablations = zoom_script("ablations")
+    argv = ["--steps", "1", "--train", "32", "--seeds", "0", "--runs", "L", "--out", str(tmp_path / "out"),
+            "--results", str(tmp_path / "res")]
+    ablations.main([*argv, "--test", "4"])
+    ablations.main([*argv, "--test", "2"])      # the run on 4 pages is not this study's
+    runs = [json.loads(line) for line in (tmp_path / "out" / "runs.jsonl").read_text().splitlines()]
+    assert [r["n_test"] for r in runs] == [4, 2]
+    assert [r["n_test"] for r in json.loads((tmp_path / "res" / "ablations.json").read_text())["runs"]] == [2]
+
+
+def test_onset_refuses_more_test_pages_than_the_data_holds_and_an_out_that_is_a_file(tmp_path, capsys):
+    onset = zoom_script("onset")
+    from data.zoom import prepare
+    prepare.main(["--out", str(tmp_path / "data"), "--train", "8", "--test", "3", "--seed", "0"])
+    (tmp_path / "afile").write_text("")
+    for flags, said in [(["--test", "500", "--out", str(tmp_path / "o")], "--test 500: .* holds 3 held-out pages"),
+                        (["--out", str(tmp_path / "afile")], "--out .*afile is a file"),
+                        (["--test", "0", "--out", str(tmp_path / "o")], "--test 0: must be 1 or more")]:
+        with pytest.raises(SystemExit) as exit_:
+            onset.main([*flags, "--data", str(tmp_path / "data")])
+        assert exit_.value.code == 2 and re.search(said, capsys.readouterr().err.strip().splitlines()[-1])
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_onset_rerun_lists_the_run_once_and_keeps_it_until_train_accepts_the_flags(tmp_path):
+    onset = zoom_script("onset")
+    argv = ["--run", "L+M", "--steps", "1", "--every", "1", "--train", "32", "--test", "4",
+            "--data", str(tmp_path / "data"), "--out", str(tmp_path / "onset")]
+    onset.main(argv)
+    onset.main(argv)
+    runs = [json.loads(line) for line in (tmp_path / "onset" / "onset.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["seed"]) for r in runs] == [("L+M", 0)]
+    folder, = [p for p in (tmp_path / "onset").iterdir() if p.is_dir()]
+    (tmp_path / "data" / "train.jsonl").write_text("")      # train.py refuses this data: the earlier run stays
+    with pytest.raises(SystemExit):
+        onset.main(argv)
+    assert (folder / "final").exists()

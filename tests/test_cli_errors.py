@@ -221,6 +221,41 @@ ROWS = [
      r"error: .*intimage\.jsonl:1: not a benchmark record \('image' must be a string\); .*"),
     ("tools/draw_crops.py", "--out into a missing folder", [str(IMAGE), "--out", "{tmp}/nodir/grid.png"], 1,
      r"error: --out .*nodir/grid\.png: the folder .*nodir does not exist; create it or choose another path"),
+    # issue 24
+    ("tools/eval.py", "--out in use by another eval", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_locked"], 1,
+     r"error: --out .*eval_locked is in use by another eval\.py \(pid \d+ on .*\); wait for it to end or use another "
+     r"--out \(if it is not running, delete .*eval_locked/lock\)"),
+    ("tools/eval.py", "--out holding the --checkpoint", ["--checkpoint", "{tmp}/evalin/final", *EVAL, "{tmp}/evalin"], 1,
+     r"error: --out .*evalin holds --checkpoint .*evalin/final: eval would write over its input; choose another --out"),
+    ("tools/eval.py", "--out is a training run", ["--checkpoint", str(TINY), *EVAL, "{tmp}/trainrun"], 1,
+     r"error: --out .*trainrun holds a training run \(train\.py's run\.json and log\); eval would overwrite its "
+     r"run\.json and it could no longer be resumed: give another --out, e\.g\. .*trainrun/eval"),
+    ("train.py", "--resume on data replaced by other data", ["--model", "tiny", "--data", "{tmp}/replaced.jsonl",
+                                                              "--out", "{tmp}/resume_data", "--resume"], 1,
+     r"error: --resume: the run in .*resume_data was started with other settings \(the content of --data \(sha256 "
+     r"[0-9a-f]{16}, now [0-9a-f]{16}\)\): resume with its flags, or train into a new --out"),
+    ("train.py", "--resume on a finished run", [*TINY_RUN, "--out", "{tmp}/finished", "--resume"], 1,
+     r"error: --resume: the run in .*finished has finished \(.*finished/final is its export\): nothing to continue; "
+     r"train into a new --out, or pass --force instead to start it over"),
+    ("train.py", "--out an eval folder", [*TINY_RUN, "--out", "{tmp}/eval_other"], 1,
+     r"error: --out .*eval_other holds an eval run \(tools/eval\.py's run\.json and answers\), not a training run; "
+     r"train into a new --out"),
+    ("tools/quantize.py", "--compare on an int8 checkpoint", ["--compare", "{tmp}/int8ckpt"], 1,
+     r"error: --compare .*int8ckpt: an int8 checkpoint; its float32 reference would be the int8 model itself "
+     r"\(32/32, diff 0\.0\): compare the float checkpoint it was quantized from"),
+    ("tools/plan.py", "--gpus 1000000000", ["--gpus", "1000000000"], 1,
+     r"error: --gpus 1000000000: give world sizes from 1 to 100000, like 8,16,24"),
+    ("tools/plan.py", "--utilisation 40", ["--utilisation", "40"], 1,
+     r"error: --utilisation 40\.0: give a fraction above 0 and at most 1 \(0\.4 is 40%\)"),
+    ("tools/plan.py", "--utilisation 0", ["--utilisation", "0"], 1, r"error: --utilisation 0\.0: give .*"),
+    ("tools/plan.py", "--headroom -0.5", ["--headroom", "-0.5"], 1,
+     r"error: --headroom -0\.5: give a fraction from 0 up to, not including, 1"),
+    ("tools/plan.py", "--samples 0", ["--samples", "0"], 1, r"error: --samples 0: give 1 or more"),
+    ("tools/plan.py", "--samples -100", ["--samples", "-100"], 1, r"error: --samples -100: give 1 or more"),
+    ("tools/plan.py", "--text-tokens -5", ["--text-tokens", "-5"], 1, r"error: --text-tokens -5: give 0 or more"),
+    ("tools/plan.py", "--model tiny", ["--model", "tiny"], 1,
+     r"error: --model tiny: plan\.py plans the paper's models from their presets .*; drop the flag"),
+    ("tools/plan.py", "--init", ["--init", str(TINY)], 1, r"error: --init: plan\.py plans .*; drop the flag"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -269,6 +304,9 @@ def make_fixtures(tmp: Path):
     (tmp / "resume_seed" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
     write_run_json(tmp, "eval_torn")
     make_fixtures_17(tmp, state)
+    make_fixtures_24(tmp)
+    from tools import quantize
+    quantize.write_int8(TINY, tmp / "int8ckpt")
     for name in ("dst_full", "dst_force"):
         (tmp / name).mkdir()
         (tmp / name / "pytorch_model.bin.index.json").write_text('{"weight_map": {}}')  # an older checkpoint
@@ -323,6 +361,27 @@ def make_fixtures_17(tmp: Path, state: dict):
         (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def make_fixtures_24(tmp: Path):
+    """The inputs of the issue-24 rows: a folder another live eval holds, a training run."""
+    (tmp / "eval_locked").mkdir()
+    (tmp / "eval_locked" / "lock").write_text(f"{os.uname().nodename} {os.getpid()}")   # this test process: alive
+    shutil.copytree(TINY, tmp / "evalin" / "final")
+    (tmp / "trainrun").mkdir()
+    (tmp / "trainrun" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": {"seed": 0}}))
+    (tmp / "trainrun" / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    from lib import train_config
+    lines = RECORDS.read_text().splitlines(keepends=True)
+    (tmp / "replaced.jsonl").write_text("".join(lines))
+    cfg = train_config.parse_config(["--model", "tiny", "--data", str(tmp / "replaced.jsonl"), "--out", str(tmp / "resume_data")])
+    (tmp / "resume_data").mkdir()
+    (tmp / "resume_data" / "run.json").write_text(json.dumps(
+        {"run_id": "0" * 32, "identity": train_config.run_identity(cfg, tmp / "replaced.jsonl", 1)}))
+    (tmp / "replaced.jsonl").write_text("".join(reversed(lines)))    # another file of the same length, same name
+    cfg = train_config.parse_config([*TINY_RUN, "--out", str(tmp / "finished")])
+    (tmp / "finished" / "final").mkdir(parents=True)
+    (tmp / "finished" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
+
+
 # ---- checks on the files a row leaves behind -------------------------------------------------
 def check_files(case, tmp: Path):
     if case == ("tools/eval.py", "predictions file torn by a kill"):
@@ -355,6 +414,11 @@ def check_files(case, tmp: Path):
                   ("tools/quantize.py", "DST inside SRC")]:
         assert sorted(os.listdir(tmp / "src_copy")) == sorted(os.listdir(TINY))
         assert (tmp / "src_copy" / "model.safetensors").read_bytes() == (TINY / "model.safetensors").read_bytes()
+    elif case == ("tools/eval.py", "--out is a training run"):
+        assert sorted(os.listdir(tmp / "trainrun")) == ["log.jsonl", "run.json"]
+        assert "run_id" in json.loads((tmp / "trainrun" / "run.json").read_text())
+    elif case == ("tools/eval.py", "--out in use by another eval"):
+        assert sorted(os.listdir(tmp / "eval_locked")) == ["lock"]
     elif case[0] == "tools/eval.py" and case[1].startswith("--out holding"):
         out = tmp / ("eval_other" if "another" in case[1] else "eval_old")
         assert len((out / "predictions.jsonl").read_text().splitlines()) == 2   # left as it was

@@ -139,7 +139,8 @@ def test_empty_answers_are_counted_and_warned_about(tmp_path, capsys):
     (tmp_path / "out").mkdir()
     answered = [{"id": "0", "prediction": ""}, {"id": "1", "prediction": "7"}, {"id": "2", "prediction": " "}]
     (tmp_path / "out" / "predictions.jsonl").write_text("".join(json.dumps(e) + "\n" for e in answered))
-    args = ["--checkpoint", str(tmp_path), "--task", "zoom", "--data", str(tmp_path / "bench.jsonl"),
+    (tmp_path / "model").mkdir()     # no model is loaded: an empty folder will do
+    args = ["--checkpoint", str(tmp_path / "model"), "--task", "zoom", "--data", str(tmp_path / "bench.jsonl"),
             "--out", str(tmp_path / "out")]
     (tmp_path / "out" / "run.json").write_text(json.dumps(ev.run_identity(ev.parse_args(args), "cpu")))
     result = ev.main(args)  # every id answered by this same run: no model is loaded
@@ -204,6 +205,24 @@ def test_eval_restart_discards_answers_of_another_run(checkpoint, bench):
     ev.main(zoom_args(checkpoint, bench, "--restart"))
     lines = (bench / "out" / "predictions.jsonl").read_text().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["prediction"] != "a planted answer"
+
+
+def test_eval_restart_removes_the_old_scores_too(checkpoint, bench):
+    ev.main(zoom_args(checkpoint, bench))
+    (bench / "out" / "metrics.json").write_text('{"accuracy": 100.0}')   # an older run's score
+    (bench / "gone.jsonl").write_text(json.dumps({"id": "q1", "image": "gone.png", "question": "?", "answers": ["7"]}))
+    with pytest.raises(ValueError, match="none of the 1 questions was answered"):   # it stops before scoring
+        ev.main([*zoom_args(checkpoint, bench, "--restart"), "--data", str(bench / "gone.jsonl")])
+    assert not (bench / "out" / "metrics.json").exists()
+
+
+def test_eval_releases_its_lock_and_a_copy_of_the_checkpoint_is_the_same_run(checkpoint, bench, tmp_path):
+    import shutil
+    first = ev.main(zoom_args(checkpoint, bench))
+    assert not (bench / "out" / "lock").exists()
+    shutil.copytree(checkpoint, tmp_path / "copy", copy_function=shutil.copy)   # `cp -r`: new inodes and times
+    plant_answer(bench / "out", "7")
+    assert ev.main(zoom_args(tmp_path / "copy", bench))["accuracy"] == 100 != first["accuracy"]
 
 
 def test_eval_same_run_reuses_its_answers(checkpoint, bench):

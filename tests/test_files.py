@@ -124,5 +124,25 @@ def test_the_fingerprint_changes_with_the_config_or_a_weight_file(tmp_path):
     assert weights.fingerprint(tmp_path / "c") == before
     (tmp_path / "c" / "metrics.json").write_text("{}")  # eval.py's files beside it do not count
     assert weights.fingerprint(tmp_path / "c") == before
-    os.utime(tmp_path / "c" / "model.safetensors", ns=(1, 1))
+    os.utime(tmp_path / "c" / "model.safetensors", ns=(1, 1))   # touched: the same content
+    assert weights.fingerprint(tmp_path / "c") == before
+    (tmp_path / "c" / "config.json").write_text((tmp_path / "c" / "config.json").read_text() + " ")
     assert weights.fingerprint(tmp_path / "c") != before
+
+
+def test_a_weight_file_rewritten_in_place_with_its_size_and_times_kept_changes_the_fingerprint(tmp_path):
+    shutil.copytree(TINY, tmp_path / "c")
+    f = tmp_path / "c" / "model.safetensors"
+    before, st = weights.fingerprint(tmp_path / "c"), f.stat()
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF                                    # one weight's byte: the same size
+    with open(f, "r+b") as fh:                          # in place: the same inode
+        fh.write(data)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))    # `touch -r`: the same times
+    assert weights.fingerprint(tmp_path / "c") != before
+
+
+def test_a_copied_checkpoint_has_the_same_fingerprint(tmp_path):
+    shutil.copytree(TINY, tmp_path / "a")
+    shutil.copytree(TINY, tmp_path / "b", copy_function=shutil.copy)   # `cp -r`: new inodes and times, same bytes
+    assert weights.fingerprint(tmp_path / "a") == weights.fingerprint(tmp_path / "b")

@@ -17,7 +17,7 @@ LAYERS = [
     ("parts", ["vit.py", "llama.py", "crops.py", "pool.py"]),
     ("model", ["model.py"]),
     ("the tokenizer", ["lib/tokenizer.py"]),
-    ("basics", ["lib/weights.py", "lib/images.py", "lib/devices.py", "lib/timing.py",
+    ("basics", ["lib/weights.py", "lib/locks.py", "lib/images.py", "lib/devices.py", "lib/timing.py",
                 "lib/results.py", "lib/metrics.py", "data/__init__.py", "data/formats.py",
                 "data/benchmarks/__init__.py"]),
     ("storage", ["lib/stored.py"]),

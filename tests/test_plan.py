@@ -170,3 +170,15 @@ def test_plan_with_the_release_recipe_counts_its_iterations_and_its_text_and_mat
     text_only = presets.train_flops_per_sample(presets.PRESETS["dragonfly-v2"], release["text"], ("projection", "vision", "llm"),
                                                 image=False)
     assert math.isclose(release["tflops_per_sample"] * 1e12, ours["tflops_per_sample"] * 1e12 + 0.12 * text_only, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("tool,args", [("tools/plan.py", ["--json"]), ("tools/presets.py", ["--table"])])
+def test_a_full_stdout_is_one_line(tool, args):
+    import subprocess
+    import sys
+    from conftest import ROOT, script
+    with open("/dev/full", "w") as full:
+        r = subprocess.run([sys.executable, *script(tool), *args], stdout=full, stderr=subprocess.PIPE, text=True,
+                           cwd=ROOT, timeout=300)
+    assert r.returncode == 1 and r.stderr.strip().splitlines() == [
+        "error: cannot write to stdout (No space left on device)"], r.stderr

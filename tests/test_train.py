@@ -122,7 +122,7 @@ def test_sigterm_saves_a_checkpoint_and_exits(zoom_data, tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err[-2000:]
+    assert proc.returncode == 143, err[-2000:]
     step = len(losses(tmp_path))
     assert (tmp_path / "latest").read_text() == f"step_{step:07d}"
     assert not list(tmp_path.glob("*.tmp"))
@@ -222,7 +222,7 @@ def test_sigterm_while_waiting_for_data_saves_and_exits_within_seconds(zoom_data
         proc.send_signal(signal.SIGTERM)
         t0 = time.time()
         _, err = proc.communicate(timeout=60)
-        assert time.time() - t0 < 30 and proc.returncode == 0, err[-2000:]
+        assert time.time() - t0 < 30 and proc.returncode == 143, err[-2000:]
     finally:
         trigger.unlink(missing_ok=True)
         if proc.poll() is None:
@@ -360,10 +360,9 @@ def test_a_checkpoint_of_another_run_is_passed_over(zoom_data, tmp_path, capsys)
 
 
 def test_a_second_train_on_the_same_out_refuses_while_the_first_lives(zoom_data, tmp_path):
-    from lib import checkpoint
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        tmp_path.joinpath("lock").write_text(f"{checkpoint.socket.gethostname()} {sleeper.pid}")
+        tmp_path.joinpath("lock").write_text(f"{os.uname().nodename} {sleeper.pid}")
         with pytest.raises(SystemExit, match=rf"error: --out {tmp_path} is in use by another train.py \(pid {sleeper.pid} on "):
             run_single(zoom_data, tmp_path, "--max-steps", "1")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["lock"]
@@ -390,7 +389,7 @@ def test_two_train_processes_on_one_out_never_run_side_by_side(zoom_data, tmp_pa
     finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=300)
-    assert first.returncode == 0 and not (tmp_path / "lock").exists()
+    assert first.returncode == 143 and not (tmp_path / "lock").exists()   # stopped by SIGTERM
 
 
 def test_a_diverging_run_stops_keeps_its_last_good_checkpoint_and_exports_nothing(zoom_data, tmp_path):
@@ -437,7 +436,8 @@ def test_the_loss_warning_sees_a_nan_and_skips_steps_without_a_loss(tmp_path):
         return train.loss_warning(tmp_path / "log.jsonl")
     assert "still nan after 2 steps (12.20 at step 1)" in warning([12.2, float("nan")])
     assert warning([12.2, None, 0.5, None]) is None
-    assert "still 8.00 after 2 steps" in warning([None, 12.2, 8.0])
+    assert "still 8.00 after 3 steps (12.20 at step 2)" in warning([None, 12.2, 8.0])   # every step counts
+    assert "still 8.00 after 8 steps" in warning([12.2, None, 9.0, None, 8.5, None, 8.0, 8.0])
 
 
 def test_flipped_bytes_in_a_checkpoint_are_found_and_resume_falls_back(zoom_data, tmp_path, capsys):
@@ -493,7 +493,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(zoom_data, tmp_path):
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     step = len(losses(tmp_path))
     assert (tmp_path / "latest").read_text() == f"step_{step:07d}"
     assert f"stopped at step {step}; continue from step {step} with --resume" in err
@@ -527,3 +527,59 @@ def test_extra_state_reloads_with_weights_only(zoom_data, tmp_path):
     run_single(zoom_data, tmp_path, "--max-steps", "1")
     extra = torch.load(tmp_path / "step_0000001" / "extra_rank0.pt", weights_only=True)
     assert extra["step"] == 1 and extra["sampler"]["position"] == 4
+
+
+def wait_for_steps(log, n, proc, timeout=300):
+    deadline = time.time() + timeout
+    while not (log.exists() and len(log.read_text().splitlines()) >= n):
+        assert proc.poll() is None and time.time() < deadline, "the run ended or stalled before its steps"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("workers", ["0", "1", "2"])
+def test_sigterm_to_the_whole_process_group_saves_the_step_reached(zoom_data, tmp_path, workers):
+    # what Slurm, systemd and torchrun do: every process of the group, DataLoader workers included
+    cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, "--workers", workers, "--max-steps", "200",
+           "--data", str(zoom_data / "train.jsonl"), "--out", str(tmp_path)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        wait_for_steps(tmp_path / "log.jsonl", 2, proc)
+        os.killpg(proc.pid, signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    step = len(losses(tmp_path))
+    assert (tmp_path / "latest").read_text() == f"step_{step:07d}"
+    assert err.strip().splitlines()[-1] == f"stopped at step {step}; continue from step {step} with --resume"
+    assert not (tmp_path / "lock").exists()
+
+
+def test_sigterm_to_torchrun_saves_every_rank_at_one_step(zoom_data, tmp_path):
+    # the signal comes while both ranks wait for data (a stalled pipeline), the case that saved nothing
+    trigger, log, script = tmp_path / "stall", tmp_path / "out" / "log.jsonl", tmp_path / "stalling_train.py"
+    script.write_text(STALL.format(root=str(ROOT), trigger=str(trigger)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", str(script),
+           *COMMON, "--max-steps", "400", "--data", str(zoom_data / "train.jsonl"), "--out", str(tmp_path / "out")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        wait_for_steps(log, 2, proc)
+        trigger.touch()
+        steps = -1
+        while steps != len(log.read_text().splitlines()):   # until the loop idles, waiting for data
+            steps = len(log.read_text().splitlines())
+            time.sleep(2)
+        proc.send_signal(signal.SIGTERM)       # torchrun forwards it to its workers
+        _, err = proc.communicate(timeout=120)
+    finally:
+        trigger.unlink(missing_ok=True)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert f"stopped at step {steps}; continue from step {steps} with --resume" in err, err[-3000:]
+    assert (tmp_path / "out" / "latest").read_text() == f"step_{steps:07d}"
+    saved = tmp_path / "out" / f"step_{steps:07d}"
+    assert sorted(p.name for p in saved.glob("extra_rank*")) == ["extra_rank0.pt", "extra_rank1.pt"]

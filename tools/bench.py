@@ -209,7 +209,7 @@ def check_args(args):
 def parse_args(argv=None):
     """The flags, with the defaults of --config (the full 8B on a CPU: one prefill takes minutes),
     checked at once."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="small", choices=list(CONFIGS))
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="bfloat16 on a CPU without bf16 "

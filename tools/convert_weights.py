@@ -14,7 +14,7 @@ from lib.weights import CheckpointError, convert_to_safetensors
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert a checkpoint directory (.bin or safetensors shards) to "
+    p = argparse.ArgumentParser(prog="python -m tools.convert_weights", description="Convert a checkpoint directory (.bin or safetensors shards) to "
                                             "safetensors shards, copying config and tokenizer files.")
     p.add_argument("src", help="checkpoint directory to read")
     p.add_argument("dst", help="new directory to write (must not exist or be empty)")

@@ -58,7 +58,7 @@ def draw_grids(img, medium_grid, high_grid):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Show Dragonfly's medium/high crop grids on an image.")
+    p = argparse.ArgumentParser(prog="python -m tools.draw_crops", description="Show Dragonfly's medium/high crop grids on an image.")
     p.add_argument("image")
     p.add_argument("--out", help="write the image with the grids drawn on it (PNG)")
     p.add_argument("--v1", action="store_true", help="v1 rules (224px, best-fit high grid)")

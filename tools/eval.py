@@ -14,10 +14,12 @@ are tried again, and so is a last line torn by a kill, which is dropped on start
 records what produced those answers (the checkpoint's fingerprint, task, prompt, data, dtype,
 quantization, token limit, device type); they are reused only by a run where all of it is the
 same, and any other run in that OUT is refused, naming what differs (`--restart` discards them).
+OUT/lock keeps a second eval.py off the folder while one runs (locks.py), and --out may not be,
+hold or sit inside the checkpoint, nor be the data or image folder, nor hold a training run.
 Image paths must stay inside the image root (`--images-anywhere` allows others).
 OUT/metrics.json holds the scores, in percent, over the answered questions, and the count of
 failed ones. Prompts follow common practice (LLaVA-1.5's evaluation suffixes); metrics are those
-of docs/release-facts.md#metrics, implemented in metrics.py.
+of docs/release-facts.md#metrics, implemented in lib/metrics.py.
 """
 import argparse
 import hashlib
@@ -34,8 +36,9 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
 
 from tqdm import tqdm
 
+from lib import locks
 from lib import looked
-from lib import metrics as M
+from lib import metrics
 from lib import results
 from lib import pretrained
 from lib import weights
@@ -88,11 +91,11 @@ def _mean(xs) -> float | None:
 
 def _exact(prediction: str, answers) -> bool:
     """The zoom demo: right when the VQA-normalised answer equals a normalised reference."""
-    return M.normalize_vqa_answer(prediction) in {M.normalize_vqa_answer(a) for a in answers}
+    return metrics.normalize_vqa_answer(prediction) in {metrics.normalize_vqa_answer(a) for a in answers}
 
 
 def _choice(rs, ps):
-    picked = [M.extract_choice(p, len(r["choices"]), r["choices"]) for r, p in zip(rs, ps)]  # letter or None
+    picked = [metrics.extract_choice(p, len(r["choices"]), r["choices"]) for r, p in zip(rs, ps)]  # letter or None
     return {"accuracy": _mean([c == r["answers"][0] for r, c in zip(rs, picked)]),
             "unparsed": sum(c is None for c in picked)}
 
@@ -100,17 +103,17 @@ def _choice(rs, ps):
 def _biomedical(rs, ps):
     closed = [(r, p) for r, p in zip(rs, ps) if r.get("type") == "closed"]
     open_ = [(r, p) for r, p in zip(rs, ps) if r.get("type") != "closed"]
-    return {"closed_accuracy": _mean([M.closed_accuracy(p, r["answers"][0]) for r, p in closed]),
+    return {"closed_accuracy": _mean([metrics.closed_accuracy(p, r["answers"][0]) for r, p in closed]),
             "open_token_f1": _mean([max(M.token_f1(p, a) for a in r["answers"]) for r, p in open_]),
             "n_closed": len(closed), "n_open": len(open_)}
 
 
 def _caption(rs, ps):
     cands, refs = {r["id"]: [p] for r, p in zip(rs, ps)}, {r["id"]: r["answers"] for r in rs}
-    out = {f"bleu_{n}": 100 * b for n, b in enumerate(M.bleu(cands, refs), 1)}
-    out.update(cider_d=100 * M.cider_d(cands, refs), rouge_l=100 * M.rouge_l(cands, refs))
+    out = {f"bleu_{n}": 100 * b for n, b in enumerate(metrics.bleu(cands, refs), 1)}
+    out.update(cider_d=100 * metrics.cider_d(cands, refs), rouge_l=100 * metrics.rouge_l(cands, refs))
     try:
-        out["meteor"] = 100 * M.meteor(cands, refs)
+        out["meteor"] = 100 * metrics.meteor(cands, refs)
     except RuntimeError as e:  # METEOR runs a Java jar
         print(f"warning: METEOR skipped: {e}", file=sys.stderr)
         out["meteor"] = None
@@ -118,12 +121,12 @@ def _caption(rs, ps):
 
 
 SCORERS = {
-    "vqa": lambda rs, ps: {"accuracy": _mean([M.vqa_accuracy(p, r["answers"]) for r, p in zip(rs, ps)])},
-    "relaxed": lambda rs, ps: {"relaxed_accuracy": _mean([M.relaxed_accuracy(p, r["answers"][0]) for r, p in zip(rs, ps)])},
-    "anls": lambda rs, ps: {"anls": _mean([M.anls(p, r["answers"]) for r, p in zip(rs, ps)])},
+    "vqa": lambda rs, ps: {"accuracy": _mean([metrics.vqa_accuracy(p, r["answers"]) for r, p in zip(rs, ps)])},
+    "relaxed": lambda rs, ps: {"relaxed_accuracy": _mean([metrics.relaxed_accuracy(p, r["answers"][0]) for r, p in zip(rs, ps)])},
+    "anls": lambda rs, ps: {"anls": _mean([metrics.anls(p, r["answers"]) for r, p in zip(rs, ps)])},
     "exact": lambda rs, ps: {"accuracy": _mean([_exact(p, r["answers"]) for r, p in zip(rs, ps)])},
     "pope": lambda rs, ps: {k: 100 * v if isinstance(v, float) else v
-                            for k, v in M.pope_metrics(ps, [r["answers"][0] for r in rs]).items()},
+                            for k, v in metrics.pope_metrics(ps, [r["answers"][0] for r in rs]).items()},
     "choice": _choice,
     "biomedical": _biomedical,
     "caption": _caption,
@@ -223,7 +226,7 @@ def show_records(model, tok, task, records, image_root, max_new_tokens, out: Pat
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="Dragonfly checkpoint directory")
     p.add_argument("--task", required=True, help="one of: " + ", ".join(TASKS))
     p.add_argument("--data", required=True, help="benchmark JSONL")
@@ -335,7 +338,18 @@ def main(argv=None) -> dict:
     out = Path(args.out or Path("results") / args.task)
     if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
         weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
+    results.check_out(out, {"--checkpoint": (args.checkpoint, True), "--data": (data, False),
+                            "--images": (image_root, False)})
     out.mkdir(parents=True, exist_ok=True)
+    locks.lock(out, "eval.py")     # one run per folder: two runs' answers would interleave
+    try:
+        return answer_and_score(args, records, data, out, image_root, device)
+    finally:
+        locks.release(out)
+
+
+def answer_and_score(args, records, data: Path, out: Path, image_root: Path, device: str) -> dict:
+    """The run itself, in a claimed and locked OUT."""
     pred_file = results.claim_out(out, run_identity(args, device), args.restart)
     if results.drop_torn_line(pred_file):
         print(f"{pred_file}: dropped a torn last line (a run stopped mid-write); that question is asked again",

@@ -37,7 +37,7 @@ def high_over_low(model, tok, records, image_root) -> list:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The zoom model's attention: high crops vs the low crop, per position.")
+    p = argparse.ArgumentParser(prog="python -m tools.looked", description="The zoom model's attention: high crops vs the low crop, per position.")
     p.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "zoom-tiny"))
     p.add_argument("--pages", type=int, default=50, help="held-out pages of data/zoom/prepare.py (seed 0)")
     args = p.parse_args(argv)

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
+from lib import first_run
 from lib import presets
 from lib import release_recipe
 from lib import training
@@ -271,7 +272,7 @@ def render(p) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog="python -m tools.plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="Any train.py flag is accepted (python train.py --help); those that matter here: "
                                        "--stage, --micro-batch, --batch-size, --dtype, --max-seq, --preset, --trainable.")
     p.add_argument("--gpus", default="8,16,24", help="world sizes to plan for (default 8,16,24)")
@@ -284,15 +285,24 @@ def main(argv=None):
     cfg = parse_config(rest)
     try:
         gpus = tuple(int(n) for n in args.gpus.split(","))
-        assert gpus and min(gpus) > 0
+        assert gpus and min(gpus) >= 1 and max(gpus) <= 100_000
     except (ValueError, AssertionError):
-        p.error(f"--gpus {args.gpus}: give world sizes like 8,16,24")
+        sys.exit(f"error: --gpus {args.gpus}: give world sizes from 1 to 100000, like 8,16,24")
+    for flag, ok, rule in (("utilisation", 0 < args.utilisation <= 1, "a fraction above 0 and at most 1 (0.4 is 40%)"),
+                           ("headroom", 0 <= args.headroom < 1, "a fraction from 0 up to, not including, 1"),
+                           ("samples", args.samples is None or args.samples >= 1, "1 or more"),
+                           ("text_tokens", args.text_tokens is None or args.text_tokens >= 0, "0 or more")):
+        if not ok:
+            sys.exit(f"error: --{flag.replace('_', '-')} {getattr(args, flag)}: give {rule}")
+    if cfg.model or cfg.init:
+        sys.exit(f"error: {'--model ' + cfg.model if cfg.model else '--init'}: plan.py plans the paper's models from their "
+                "presets (--preset, --clip/--llama shapes), not this one; drop the flag")
     try:
         result = plan(cfg, gpus, args.utilisation, args.headroom, args.text_tokens, args.samples)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    print(json.dumps(result, indent=2) if args.json else render(result))
+    first_run.write_stdout(json.dumps(result, indent=2) if args.json else render(result))
 
 
 if __name__ == "__main__":
-    main()
+    first_run.run(main)

@@ -11,18 +11,20 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
     from lib import first_run
     first_run.one_line_for_missing_packages()
 
+from lib import first_run
 from lib import presets
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="The Dragonfly papers' experiment presets.")
+    p = argparse.ArgumentParser(prog="python -m tools.presets", description="The Dragonfly papers' experiment presets.")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--describe", metavar="PRESET", help="crops, tokens, positions and TFLOPs of one preset")
     g.add_argument("--table", action="store_true", help="all presets as a markdown table")
     g.add_argument("--list", action="store_true", help="the preset names")
     args = p.parse_args(argv)
     try:
-        print(presets.table() if args.table else "\n".join(presets.PRESETS) if args.list else presets.describe(args.describe))
+        first_run.write_stdout(presets.table() if args.table else "\n".join(presets.PRESETS) if args.list
+                               else presets.describe(args.describe))
     except KeyError as e:
         print(e.args[0], file=sys.stderr)
         return 1
@@ -30,4 +32,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(first_run.run(main))

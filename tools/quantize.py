@@ -35,6 +35,13 @@ def compare(path, image, prompt, n=32) -> dict:
     also compared with bf16 itself: both round RoPE's frequencies to bf16, float32 does not.
     Both CPU branches run whatever this CPU is: compute is forced (float32 over bf16 weights, as
     without bf16 instructions; bf16 throughout, as with them), only the kernels are this CPU's."""
+    try:
+        stored_as = json.loads((Path(path) / "config.json").read_text()).get("quantization")
+    except (OSError, ValueError, AttributeError):
+        stored_as = None      # pretrained.load says what is wrong with it
+    if stored_as == "int8":
+        raise ValueError(f"--compare {path}: an int8 checkpoint; its float32 reference would be the int8 model itself "
+                         "(32/32, diff 0.0): compare the float checkpoint it was quantized from")
     ref = pretrained.load(path)
     crops = crop_image(image, ref.cfg.crops)
     ids = [int(t[0]) for t, _ in ref.generate([prompt], [crops], max_new_tokens=n)]
@@ -82,7 +89,7 @@ def write_int8(src, dst):
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m tools.quantize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("src", help="checkpoint directory to quantize (or, with --compare, to measure)")
     p.add_argument("dst", nargs="?", help="new directory for the int8 checkpoint")
     p.add_argument("--compare", action="store_true", help="print int8's and bf16's agreement with float32 on src")

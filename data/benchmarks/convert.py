@@ -157,7 +157,7 @@ def write_jsonl(records, path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m data.benchmarks.convert", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", choices=sorted(CONVERTERS))
     p.add_argument("src", help="the release's file or folder (see above)")
     p.add_argument("out", help="output .jsonl")

@@ -68,7 +68,7 @@ def convert(records, images_dir: Path, default_source: str, counts: Counter, see
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Convert LLaVA-Pretrain / LLaVA-Instruct JSON to release JSONL records.")
+    p = argparse.ArgumentParser(prog="python -m data.llava.prepare", description="Convert LLaVA-Pretrain / LLaVA-Instruct JSON to release JSONL records.")
     p.add_argument("--json", required=True, help="blip_laion_cc_sbu_558k.json, llava_v1_5_mix665k.json, ...")
     p.add_argument("--images", required=True, help="folder the records' image paths are relative to")
     p.add_argument("--out", required=True, help="output .jsonl")

@@ -14,7 +14,8 @@ overlapping windows of 2-4 patches), and 8x8 is no pooling at all, where the pap
 averages 3x3 patches of its 24x24 grid. Table 2's rows keep the demo's 2x2 (kernel 4, the
 release's 24 -> 6).
 
-One JSON line per finished run goes to OUT/runs.jsonl (a re-run skips what is there), and
+One JSON line per finished run goes to OUT/runs.jsonl, with the settings it was trained and
+scored on (a re-run with the same --train, --test and --steps skips what is there), and
 after each run the table (RESULTS/ablations.md), the numbers (ablations.json) and the plot
 (ablations.png) are written again from all runs so far: an interruption loses nothing.
 """
@@ -172,7 +173,7 @@ def plot(summary, path, meta):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m data.zoom.ablations", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=150, help="training steps of 16 per run (the demo: 375)")
     p.add_argument("--train", type=int, default=4000, help="training pages (the demo's 4000)")
     p.add_argument("--test", type=int, default=200, help="held-out pages scored per run (the demo: 500)")
@@ -184,6 +185,13 @@ def main(argv=None):
     unknown = set(args.runs) - set(RUNS)
     if unknown:
         p.error(f"unknown runs {sorted(unknown)}; choose from {list(RUNS)}")
+    for flag, least in (("steps", 1), ("train", 1), ("test", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag} {getattr(args, flag)}: must be {least} or more")
+    full = (args.steps, args.train, args.test, args.seeds, args.runs) == (150, 4000, 200, [0, 1], list(RUNS))
+    if Path(args.results).resolve() == HERE and not full:
+        p.error(f"without --results this writes the committed {HERE.relative_to(ROOT)}/ablations.md, .json and .png: "
+                "only for the full study (no --steps, --train, --test, --seeds, --runs); give --results DIR")
     out, results = Path(args.out), Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     results.mkdir(parents=True, exist_ok=True)
@@ -191,7 +199,9 @@ def main(argv=None):
     data = out / "data"
     prepare.main(["--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
     log = out / "runs.jsonl"
+    settings = {"train": args.train, "test": args.test, "steps": args.steps}   # what a reused run must share
     runs = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    runs = [r for r in runs if r.get("settings") == settings]  # runs scored on other pages or budgets are not this study's
     meta = (f"{args.train} training pages, {args.steps} steps of 16, {args.test} held-out pages, "
             f"seeds {' '.join(map(str, args.seeds))}")
     for r in runs:  # runs.jsonl lines written before step_s was recorded
@@ -199,7 +209,7 @@ def main(argv=None):
     command = " ".join(["python -m data.zoom.ablations", *(sys.argv[1:] if argv is None else argv)])
 
     def write_results():
-        done = [r for r in runs if r["steps"] == args.steps]
+        done = runs
         summary = summarise(done)
         study_s = sum(r["train_s"] + r["eval_s"] for r in done)
         md = results / "ablations.md"
@@ -210,9 +220,9 @@ def main(argv=None):
 
     for seed in args.seeds:  # every run once before any second seed: an interruption costs seeds, not rows
         for name in args.runs:
-            if any(r["name"] == name and r["seed"] == seed and r["steps"] == args.steps for r in runs):
+            if any(r["name"] == name and r["seed"] == seed for r in runs):
                 continue
-            runs.append(run_one(name, seed, args, data, out))
+            runs.append({**run_one(name, seed, args, data, out), "settings": settings})
             with open(log, "a") as f:
                 f.write(json.dumps(runs[-1]) + "\n")
             write_results()
@@ -221,4 +231,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # outside a child run (recipe.run says which one was interrupted)
+        print("error: the study was interrupted (Ctrl-C); rerun the same command to continue (finished runs are kept)",
+              file=sys.stderr)
+        sys.exit(130)

@@ -70,7 +70,7 @@ def plot(results, path, n_test):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m data.zoom.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(ROOT / "out" / "zoom"), help="folder for the data, both runs and the results")
     p.add_argument("--steps", type=int, default=0, help="training steps of each run (default: 1.5 epochs, 375 for 4000 pages)")
     p.add_argument("--train", type=int, default=FULL["train"], help="training pages (default: %(default)s)")

@@ -24,7 +24,6 @@ import argparse
 import collections
 import json
 import shutil
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -42,7 +41,7 @@ import model as M
 from lib import presets
 from data.dataset import VLDataset, collate
 from data.zoom import prepare
-from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run_dir
+from data.zoom.recipe import ROOT, RUNS, TRAIN, blank_low_crops, run, run_dir
 from lib.tokenizer import Tokenizer
 from lib.images import crop_image
 
@@ -58,13 +57,11 @@ runpy.run_path({train!r}, run_name="__main__")
 
 
 def train_with_checkpoints(name, seed, steps, lr, every, data, folder, blank_low=False):
-    shutil.rmtree(folder, ignore_errors=True)
+    # --force: train.py replaces an earlier run in folder itself, once every flag has passed its checks
     flags = [*TRAIN, *RUNS[name][1], "--seed", str(seed), "--max-steps", str(steps), "--lr", lr, "--force",
              "--save-every", str(every), "--data", str(data / "train.jsonl"), "--out", str(folder)]
     code = TRAIN_SCRIPT.format(blank=blank_low, train=str(ROOT / "train.py"))
-    r = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode:
-        sys.exit(f"error: train.py stopped with exit code {r.returncode}: {r.stderr.strip().splitlines()[-1:]}")
+    run(["-c", code, *flags], name="train.py", quiet=True)
 
 
 def load_step(model, folder):
@@ -156,7 +153,7 @@ def summary_table(runs, answers) -> str:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m data.zoom.onset", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", default="L+M", choices=["L", "M", "L+M", "L+M+H"], help="an ablations.py row (Table 2)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=150)
@@ -171,6 +168,11 @@ def main(argv=None):
     p.add_argument("--out", default=str(ROOT / "out" / "zoom-onset"))
     args = p.parse_args(argv)
     out, data = Path(args.out), Path(args.data)
+    for flag, least in (("steps", 1), ("every", 1), ("train", 1), ("test", 1)):
+        if getattr(args, flag) < least:
+            p.error(f"--{flag} {getattr(args, flag)}: must be {least} or more")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file; give a folder for the runs")
     if args.blank_low and not args.run.startswith("L+"):
         p.error(f"--blank-low flattens the low crop next to the medium crops; run {args.run!r} lacks one of them: use L+M or L+M+H")
     if args.table and not (out / "onset.jsonl").exists():
@@ -178,7 +180,11 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     if not (data / "test.jsonl").exists():
         prepare.main(["--out", str(data), "--train", str(args.train), "--test", str(args.test), "--seed", "0"])
-    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()][:args.test]
+    records = [json.loads(line) for line in (data / "test.jsonl").read_text().splitlines()]
+    if len(records) < args.test:
+        p.error(f"--test {args.test}: {data / 'test.jsonl'} holds {len(records)} held-out pages; give --test "
+                f"{len(records)} or less, or another --data")
+    records = records[:args.test]
     if args.table:
         runs = [json.loads(line) for line in (out / "onset.jsonl").read_text().splitlines()]
         rows = ["L", "M", "L+M", "L+M+H"]  # the study's lr first, by length, then the other lrs, the control last
@@ -201,13 +207,22 @@ def main(argv=None):
         load_step(model, folder / f"step_{step:07d}")
         late = losses[max(0, step - 10):step]
         checkpoints.append({"step": step, "loss": sum(late) / len(late), **follow(model, tok, records, data, batch)})
-    run = {"name": name, "seed": args.seed, "steps": args.steps, "lr": args.lr, "checkpoints": checkpoints}
-    with open(out / "onset.jsonl", "a") as f:
-        f.write(json.dumps(run) + "\n")
+    run = {"name": name, "seed": args.seed, "steps": args.steps, "lr": args.lr, "test": len(records),
+           "checkpoints": checkpoints}
+    same = lambda r: [r.get(k) for k in ("name", "seed", "steps", "lr")] == [run[k] for k in ("name", "seed", "steps", "lr")]
+    log = out / "onset.jsonl"
+    earlier = [line for line in log.read_text().splitlines() if not same(json.loads(line))] if log.exists() else []
+    log.with_suffix(".tmp").write_text("".join(line + "\n" for line in [*earlier, json.dumps(run)]))
+    log.with_suffix(".tmp").replace(log)    # a rerun replaces its earlier line: each run is listed once
     for step_dir in folder.glob("step_*"):  # 1 MB each; the export in final/ stays
         shutil.rmtree(step_dir)
     print(checkpoint_table([run]))
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:   # while following the checkpoints (recipe.run reports an interrupted training)
+        print("error: onset.py was interrupted (Ctrl-C); rerun the same command to train and follow the run again",
+              file=sys.stderr)
+        sys.exit(130)

@@ -109,7 +109,7 @@ def make_split(out: Path, split: str, n: int, seed: int):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Generate the synthetic Zoom dataset (pages of tiny digits).")
+    p = argparse.ArgumentParser(prog="python -m data.zoom.prepare", description="Generate the synthetic Zoom dataset (pages of tiny digits).")
     p.add_argument("--out", default=str(Path(__file__).parent), help="output directory (default: data/zoom)")
     p.add_argument("--train", type=int, default=4000)
     p.add_argument("--test", type=int, default=500)

@@ -3,6 +3,7 @@
 scripts run train.py and tools/eval.py (each as its own process: the command-line scripts never
 import one another).
 """
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,14 +35,35 @@ def run_dir(out, name, seed) -> Path:
     return out / f"{name.replace(' ', '_').replace('+', '')}_seed{seed}"
 
 
-def run(args):
+STOPPED = {130: "Ctrl-C", 143: "SIGTERM", -signal.SIGINT: "Ctrl-C", -signal.SIGTERM: "SIGTERM", -signal.SIGKILL: "SIGKILL"}
+
+
+def run(args, name=None, quiet=False):
     """`python ARGS...` from the repository root (`train.py ...`, `-m tools.eval ...`); a script that
-    fails has said why: stop there."""
-    print("$", "python", " ".join(args), flush=True)
-    code = subprocess.run([sys.executable, *args], cwd=ROOT).returncode
+    fails has said why: stop there, with its exit code when a signal stopped it (130, 143), so a
+    study interrupted in its training says so instead of failing later at eval. name: the script
+    as the user knows it (for `-c CODE`); quiet: keep its output, show its last line on failure.
+    A Ctrl-C reaches the child too (a terminal signals the whole group): wait for it to save and end."""
+    name = name or (args[1] if args[0] == "-m" else args[0])
+    print("$", "python", " ".join([name, *args[2 if args[0] in ("-m", "-c") else 1:]]), flush=True)
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, text=True, stdout=subprocess.DEVNULL if quiet else None,
+                            stderr=subprocess.PIPE if quiet else None)
+    try:
+        err = proc.communicate()[1]
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGTERM)   # a stop request, in case the Ctrl-C was sent to this process alone
+        err, signalled = proc.communicate()[1], True
+    else:
+        signalled = False
+    code = proc.returncode
+    if code in STOPPED or (signalled and code):
+        what = "the training (train.py)" if name == "train.py" else name
+        print(f"error: {what} was interrupted ({STOPPED.get(code, 'Ctrl-C')}): the study stops here; "
+              "rerun the same command to continue (finished runs are kept)", file=sys.stderr)
+        raise SystemExit(130 if signalled or STOPPED.get(code) == "Ctrl-C" else 143)
     if code:
-        script = args[1] if args[0] == "-m" else args[0]
-        sys.exit(f"error: {script} stopped with exit code {code} (its message is above)")
+        said = f": {err.strip().splitlines()[-1]}" if quiet and err.strip() else " (its message is above)"
+        raise SystemExit(f"error: {name} stopped with exit code {code}{said}")
 
 
 def blank_low_crops():
