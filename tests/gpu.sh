@@ -12,6 +12,9 @@
 # machine), and the tests are the suite's own; it prints their commands and runs 3 at toy size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ -z "${PYTHON:-}" ]; then  # a fresh clone: make .venv with the tests' packages, as tests/run.sh does
+    REQUIREMENTS="requirements.txt tests/requirements.txt" bash run.sh -c "" >&2
+fi
 PY="${PYTHON:-.venv/bin/python}"
 DRY=0
 [ "${1:-}" = "--dry" ] && DRY=1

@@ -182,3 +182,20 @@ def test_a_full_stdout_is_one_line(tool, args):
                            cwd=ROOT, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: cannot write to stdout (No space left on device)"], r.stderr
+
+
+def test_gpu_script_makes_the_venv_on_a_fresh_clone_when_no_python_is_given(tmp_path):
+    # what runs first on a rented H100: `bash tests/gpu.sh` with no $PYTHON and no .venv yet
+    import shutil
+    clone = tmp_path / "clone"
+    (clone / "tests").mkdir(parents=True)
+    for name in ("run.sh", "requirements.txt", "tests/gpu.sh", "tests/requirements.txt"):
+        shutil.copy(ROOT / name, clone / name)
+    fake_python = tmp_path / "python3"   # stands for the machine's python: records what run.sh asks of it
+    fake_python.write_text("#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\nexit 1\n")
+    fake_python.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    out = subprocess.run(["bash", str(clone / "tests" / "gpu.sh"), "--dry"], capture_output=True, text=True, timeout=60,
+                         env={**env, "PATH": f"{tmp_path}:{env['PATH']}"})
+    assert out.returncode != 0 and "run.sh: making" in out.stderr          # it went to make .venv first
+    assert (tmp_path / "calls").read_text().split()[:3] == ["-m", "venv", str(clone / ".venv")]
