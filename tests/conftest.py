@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 import model  # noqa: E402
 GOLDEN = ROOT / "tests" / "golden"
+# The device the golden, bf16 and int8 checks run on: cpu here; tests/gpu.sh sets
+# DRAGONFLY_TEST_DEVICE=cuda on a GPU machine, so the CUDA numerics meet the same goldens.
+DEVICE = torch.device(os.environ.get("DRAGONFLY_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # float32 means float32 there too: no TF32 in matmuls and convolutions
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def script(path: str) -> list:

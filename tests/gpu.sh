@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What only a GPU can check, in one go on one H100 (< 8 minutes):
-#   1. the tests that compare bf16 and int8 with the goldens (they run on CPU today: the suite has
-#      no CUDA-marked tests yet; pytest -m cuda runs any that get marked);
+#   1. the tests that compare float32, bf16 and int8 with the goldens, on cuda (DRAGONFLY_TEST_DEVICE,
+#      tests/conftest.py: the models and their inputs on the GPU; pytest -m cuda runs any tests marked so);
 #   2. python -m tools.bench --config full --device cuda, bf16 and int8, on random weights;
 #   3. a few FSDP2 training steps of a 2+2-block model at full width, checkpointing off and on:
 #      samples/s, MFU and peak memory, tools/plan.py's prediction beside each (tests/gpu_train.py).
@@ -21,7 +21,7 @@ DRY=0
 run() { echo "+ $*"; if [ "$DRY" = 0 ]; then "$@"; fi; }
 
 echo "== 1. golden parity in bf16 and int8 (+ any tests marked cuda)"
-run "$PY" -m pytest -q tests/test_release_bf16.py tests/test_quantize.py tests/test_golden.py
+run env DRAGONFLY_TEST_DEVICE=cuda "$PY" -m pytest -q tests/test_release_bf16.py tests/test_quantize.py tests/test_golden.py
 run "$PY" -m pytest -q -m cuda tests --no-header -p no:cacheprovider || [ $? = 5 ]  # 5: none marked yet
 echo "== 2. inference speed of the full model on random weights"
 run "$PY" -m tools.bench --config full --device cuda --dtype bfloat16

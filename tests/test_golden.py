@@ -13,7 +13,7 @@ import model
 import pool
 from lib import pretrained
 from lib import weights
-from conftest import image_token_ids, GOLDEN
+from conftest import DEVICE, GOLDEN, image_token_ids
 import tiny_checkpoints as tiny
 from lib.images import crop_image
 
@@ -25,7 +25,12 @@ def golden(name):
 
 
 def close(ours, ref, atol=ATOL):
-    np.testing.assert_allclose(ours.detach().float().numpy(), ref, atol=atol, rtol=0)
+    np.testing.assert_allclose(ours.detach().float().cpu().numpy(), ref, atol=atol, rtol=0)
+
+
+def on(array):
+    """A golden's numpy array as a tensor on the device the checks run on (conftest.DEVICE)."""
+    return torch.from_numpy(array).to(DEVICE)
 
 
 def check_fingerprint(path, g):
@@ -37,10 +42,10 @@ def check_fingerprint(path, g):
 def test_vit_hidden_states_match_hugging_face_clip(tmp_path, variant, fmt, file):
     g = golden(file)
     check_fingerprint(tiny.write_tiny_clip(tmp_path, variant, fmt), g)
-    vision = pretrained.load_clip_vision(tmp_path)
+    vision = pretrained.load_clip_vision(tmp_path, device=DEVICE)
     pixels = tiny.make_test_pixels(*g["pixel_shape"][[0, 2]], seed=int(g["pixel_seed"]))
     assert pixels.astype(np.float64).sum() == pytest.approx(float(g["pixel_sum"]))
-    x = torch.from_numpy(pixels)
+    x = on(pixels)
     with torch.no_grad():
         for layer in range(len(g["hidden_states"])):
             h = vision(x, layer=layer)
@@ -53,11 +58,11 @@ def test_vit_hidden_states_match_hugging_face_clip(tmp_path, variant, fmt, file)
 def test_llama_logits_and_greedy_ids_match_hugging_face(tmp_path, rope, file):
     g = golden(file)
     check_fingerprint(tiny.write_tiny_llama(tmp_path, rope_scaling=rope), g)
-    llm = pretrained.load_llama(tmp_path)
-    ids = torch.from_numpy(g["input_ids"])
+    llm = pretrained.load_llama(tmp_path, device=DEVICE)
+    ids = on(g["input_ids"])
     with torch.no_grad():
         close(llm(llm.embed(ids)), g["logits"])
-        close(llm(llm.embed(ids), torch.from_numpy(g["gap_positions"]).expand_as(ids)), g["logits_gap"])
+        close(llm(llm.embed(ids), on(g["gap_positions"]).expand_as(ids)), g["logits_gap"])
         seq = ids
         for _ in range(g["greedy_ids"].shape[1]):
             seq = torch.cat([seq, llm(llm.embed(seq), logits_from=-1).argmax(-1)], dim=1)
@@ -69,7 +74,7 @@ def v2(request, tmp_path_factory):
     g = golden("dragonfly_v2.npz")
     path = tiny.write_tiny_dragonfly(tmp_path_factory.mktemp("v2"), "v2", request.param, seed=int(g["checkpoint_seed"]))
     check_fingerprint(path, g)
-    return pretrained.load(path), g
+    return pretrained.load(path, device=DEVICE), g
 
 
 def test_v2_image_token_layout_matches_the_release_processor(v2):
@@ -88,7 +93,7 @@ def test_v2_crops_match_the_release_preprocessing(v2):
 
 def test_v2_image_embeddings_match(v2):
     m, g = v2
-    pixels = torch.from_numpy(crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops).pixels)[None]
+    pixels = on(crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops).pixels)[None]
     with torch.no_grad():
         close(m.vision(pixels[0, :1], layer=-2)[0, :8], g["vision_features_low_first8"])
         block = m.image_block(pixels)[0]
@@ -100,10 +105,10 @@ def test_v2_image_embeddings_match(v2):
 def test_v2_logits_and_greedy_ids_match(v2, with_image):
     m, g = v2
     pre = "" if with_image else "text_only_"
-    text = torch.from_numpy(g["text_ids"] if with_image else g["text_only_input_ids"])[None]
+    text = on(g["text_ids"] if with_image else g["text_only_input_ids"])[None]
     crops = crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops) if with_image else None
     with torch.no_grad():
-        logits, _ = m(text, None if crops is None else torch.from_numpy(crops.pixels)[None])
+        logits, _ = m(text, None if crops is None else on(crops.pixels)[None])
     step = int(g["vocab_step"])
     close(logits[0, -1], g[pre + "logits_last"])
     close(logits[0, :, ::step], g[pre + "logits_text_sub"])
@@ -116,7 +121,7 @@ def v1(tmp_path_factory):
     g = golden("dragonfly_v1.npz")
     path = tiny.write_tiny_dragonfly(tmp_path_factory.mktemp("v1"), "v1", "bin", seed=int(g["checkpoint_seed"]))
     check_fingerprint(path, g)
-    m = pretrained.load(path)
+    m = pretrained.load(path, device=DEVICE)
     return m, g, crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops)
 
 
@@ -131,7 +136,7 @@ def test_v1_checkpoint_is_recognised_from_its_vision_tower(v1):
 def test_v1_zoom_selection_matches_the_release_rule(v1, rule):
     m, g, crops = v1
     with torch.no_grad():
-        tokens = m.projection(m.vision(torch.from_numpy(crops.pixels), layer=m.cfg.vision_layer))  # (29, 50, D)
+        tokens = m.projection(m.vision(on(crops.pixels), layer=m.cfg.vision_layer))  # (29, 50, D)
     medium, high = tokens[None, 1:5], tokens[None, 5:]
     close(pool.summary(high[0]) @ pool.summary(medium[0]).T, g["summary_scores"].T, atol=1e-5)
     m.cfg.zoom_select = rule
@@ -153,9 +158,9 @@ def test_v1_spatial_regions_match_the_reference(v1):
 def test_v1_logits_and_greedy_ids_match(v1):
     m, g, crops = v1
     assert g["input_ids"].tolist() == image_token_ids(m.cfg) + g["text_ids"].tolist()
-    text = torch.from_numpy(g["text_ids"])[None]
+    text = on(g["text_ids"])[None]
     with torch.no_grad():
-        logits, _ = m(text, torch.from_numpy(crops.pixels)[None])
+        logits, _ = m(text, on(crops.pixels)[None])
     close(logits[0, -1], g["logits_last"])
     close(logits[0, :, ::int(g["vocab_step"])], g["logits_text_sub"])
     ids = [int(t[0]) for t, _ in m.generate([text[0].tolist()], [crops], max_new_tokens=len(g["greedy_ids"]))]
@@ -167,10 +172,10 @@ def test_converted_safetensors_directory_gives_identical_logits(tmp_path):
     src = tiny.write_tiny_dragonfly(tmp_path / "bin", "v2", "bin", seed=int(g["checkpoint_seed"]))
     weights.convert_to_safetensors(src, tmp_path / "st")
     assert not list((tmp_path / "st").glob("*.bin"))
-    text = torch.from_numpy(g["text_only_input_ids"])[None]
+    text = on(g["text_only_input_ids"])[None]
     with torch.no_grad():
-        a = pretrained.load(src)(text)[0]
-        b = pretrained.load(tmp_path / "st")(text)[0]
+        a = pretrained.load(src, device=DEVICE)(text)[0]
+        b = pretrained.load(tmp_path / "st", device=DEVICE)(text)[0]
     assert torch.equal(a, b)
 
 

@@ -157,6 +157,7 @@ def test_gpu_script_dry_run_takes_the_training_steps_on_cpu():
                          env=dict(os.environ, OMP_NUM_THREADS="1", PYTHON=sys.executable, MASTER_PORT=str(29100 + os.getpid() % 400)))
     assert out.returncode == 0, out.stderr[-2000:]
     assert "-m tools.bench --config full --device cuda --dtype bfloat16 --quantize int8" in out.stdout
+    assert "env DRAGONFLY_TEST_DEVICE=cuda" in out.stdout  # step 1: the goldens checked on the GPU itself
     steps = [x for x in out.stdout.splitlines() if x.startswith("checkpointing")]
     assert len(steps) == 2 and all("samples/s (plan " in x and "GiB (plan " in x for x in steps)
 

@@ -13,7 +13,7 @@ import torch
 import llama
 import model
 from lib import pretrained
-from conftest import GOLDEN
+from conftest import DEVICE, GOLDEN
 import tiny_checkpoints as tiny
 from lib.images import crop_image
 
@@ -108,7 +108,7 @@ def load_release(version, tmp):
     g = load_golden(version)
     path = tiny.write_tiny_dragonfly(tmp / version, version, "bin", seed=int(g["checkpoint_seed"]), llm=tiny.LLM_HEAD128)
     assert tiny.fingerprint(path) == pytest.approx(float(g["weights_fingerprint"]), rel=1e-9)
-    m = pretrained.load(path, dtype=torch.bfloat16)
+    m = pretrained.load(path, dtype=torch.bfloat16, device=DEVICE)
     crops = crop_image(GOLDEN / str(g["image_file"]), m.cfg.crops)
     np.testing.assert_allclose(crops.pixels.mean(axis=(2, 3)), g["crop_pixel_mean"], atol=1e-5)
     assert model.image_positions(m.cfg) == int(g["image_positions"])
@@ -136,7 +136,8 @@ KERNEL_ULPS = 16
 def first_token_ulps(m, g, crops):
     """max |our first-token logits - the golden's|, in bf16 ulps of the golden's largest |logit|."""
     with torch.no_grad():
-        first = m(torch.from_numpy(g["text_ids"])[None], torch.from_numpy(crops.pixels)[None])[0][0, -1].float()
+        first = m(torch.from_numpy(g["text_ids"]).to(DEVICE)[None],
+                  torch.from_numpy(crops.pixels).to(DEVICE)[None])[0][0, -1].float().cpu()
     ref = torch.from_numpy(g["first_logits_sub"])
     diff = max((first[::int(g["vocab_step"])] - ref).abs().max(),
                (first[torch.from_numpy(g["first_top_ids"])] - torch.from_numpy(g["first_top_logits"])).abs().max())
@@ -154,7 +155,7 @@ def greedy_ulps_behind(m, g, crops):
         logits = logits[0].float()
         top = logits.max()
         behind.append(float((top - logits[golden[len(behind)]]) / bf16_ulp(top)))
-        return torch.tensor([golden[len(behind) - 1]])
+        return torch.tensor([golden[len(behind) - 1]], device=logits.device)
     with mock.patch.object(model, "sample", take_golden):
         for _ in m.generate([g["text_ids"].tolist()], [crops], max_new_tokens=len(golden)):
             pass
@@ -169,7 +170,7 @@ def test_bf16_greedy_ids_match_the_release_for_12_tokens(release):
     m, g, crops = release
     if "selected" in g.files:  # v1: the release's zoom-in picks
         with torch.no_grad():
-            pixels = torch.from_numpy(crops.pixels)[None]
+            pixels = torch.from_numpy(crops.pixels).to(DEVICE)[None]
             medium, high = m.encode(pixels)[1:]
             assert m.select_high(medium, high)[0].tolist() == g["selected"].tolist()
     behind = greedy_ulps_behind(m, g, crops)
