@@ -11,6 +11,7 @@ Greedy with --temperature 0 (the default), so the answer is the released model's
 The image is encoded once per conversation (lib/conversation.py).
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -108,11 +109,10 @@ def not_the_show_file(show):
         return None
 
     def check(path):
-        try:
-            weights.refuse_overwrite(show, [path], "--show")
-        except ValueError:
+        p, drawn = weights.resolved(path, "/image"), weights.resolved(show, "--show")
+        if p == drawn or (p.exists() and drawn.exists() and os.path.samefile(p, drawn)):
             raise ValueError(f"/image {path} is the --show file {show}, which the drawing of the answer "
-                             "would replace; copy the picture elsewhere or restart with another --show") from None
+                             "would replace; copy the picture elsewhere or restart with another --show")
     return check
 
 

@@ -282,7 +282,11 @@ def _next_sigterm_ends(signum, frame):
 def check_out(out: Path, inputs: dict):
     """Refuse, before anything is written, an --out that cannot hold a run or would write over
     an input. inputs: flag -> (path, whether an --out inside it is refused too: a model folder)."""
-    where = out.resolve()
+    try:
+        where = out.resolve()
+    except RuntimeError:  # a symbolic link loop (Python < 3.13)
+        raise SystemExit(f"error: --out {out}: a loop of symbolic links (a link that leads back to itself); "
+                         "give a real path") from None
     for flag, (path, inside) in inputs.items():
         p = Path(path).resolve()
         how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""

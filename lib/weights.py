@@ -16,6 +16,7 @@ file it came from.
 folder DST (`--force` replaces a non-empty one).
 """
 import ctypes
+import errno
 import hashlib
 import json
 import mmap
@@ -324,12 +325,24 @@ def _write_hash_cache(cache: dict):
         pass
 
 
+def resolved(path, flag: str) -> Path:
+    """Path(path).resolve(), with a loop of symbolic links (which some Pythons' resolve raises
+    RuntimeError for, others OSError ELOOP) as a CheckpointError naming `flag` and the path."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise
+        raise CheckpointError(f"{flag} {path}: a loop of symbolic links (a link that leads back to itself); "
+                              "give a real path") from None
+
+
 def refuse_overwrite(out, inputs, flag: str):
     """Raise CheckpointError when output path `out` (named by `flag`) is one of `inputs`, lies inside
     one, or holds one: writing there would destroy what is being read. Links are followed."""
-    o = Path(out).resolve()
+    o = resolved(out, flag)
     for i in inputs:
-        i = Path(i).resolve()
+        i = resolved(i, "the input")
         same = o == i or (o.exists() and i.exists() and os.path.samefile(o, i))  # also a hard link
         if same or i in o.parents or o in i.parents:
             how = "is" if same else "is inside" if i in o.parents else "holds"
@@ -340,7 +353,7 @@ def require_writable(out, flag: str, parents: bool = True):
     """CheckpointError, before any slow work, when nothing can be created at `out` (named by
     `flag`): its nearest existing folder (with parents=False, its own folder, which must exist)
     must take a new entry (tried, not guessed: a read-only filesystem refuses even root)."""
-    folder = Path(out).resolve().parent
+    folder = resolved(out, flag).parent
     if not parents and not folder.is_dir():
         raise CheckpointError(f"{flag} {out}: the folder {folder} does not exist; create it or choose another path")
     while not folder.exists():
@@ -383,7 +396,7 @@ def staged(dst):
     """A new checkpoint directory written in a temporary sibling folder (yielded) that replaces
     `dst` only once everything is in it: `dst` is never half-written nor a mix of old and new
     files, and an error or a kill leaves at most the temporary folder, removed by the next run."""
-    dst = Path(dst).resolve()
+    dst = resolved(dst, "the output")
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.exists():  # left by an interrupted run
         shutil.rmtree(tmp)
