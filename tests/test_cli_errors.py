@@ -265,6 +265,8 @@ ROWS = [
      r"error: --out .*/loop: a loop of symbolic links .*"),
     ("sample.py", "--show is a symlink loop", ["--image", str(IMAGE), "--prompt", "hi", "--show", "{tmp}/loop"], 1,
      r"error: --show .*/loop: a loop of symbolic links .*"),
+    ("tools/bench.py", "--write-checkpoint into a read-only folder", ["--write-checkpoint", "/sys/dfnano-bench"], 1,
+     r"error: --write-checkpoint /sys/dfnano-bench: cannot write in /sys \(.*\); choose another place"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
