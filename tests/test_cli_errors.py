@@ -267,6 +267,9 @@ ROWS = [
      r"error: --show .*/loop: a loop of symbolic links .*"),
     ("tools/bench.py", "--write-checkpoint into a read-only folder", ["--write-checkpoint", "/sys/dfnano-bench"], 1,
      r"error: --write-checkpoint /sys/dfnano-bench: cannot write in /sys \(.*\); choose another place"),
+    ("tools/eval.py", "--show-dir in a read-only folder", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_show",
+                                                          "--show-dir", "/sys/dfnano-show"], 1,
+     r"error: --show-dir /sys/dfnano-show: cannot write in /sys \(.*\); choose another place"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
