@@ -84,13 +84,25 @@ def iter_file(file: Path):
         except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
             state, mapped = torch.load(file, map_location="cpu", weights_only=True), False
     except Exception as e:
-        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
     for k, t in state.items():
         yield k, t
         if mapped:  # the caller is done with t: without this the whole shard stays resident
             drop_pages(t)
+
+
+def one_line(error) -> str:
+    """A torch.load error in one line. weights_only's refusal of a pickle that would run code is
+    paragraphs: its warning is kept through "arbitrary code execution", then the object refused
+    ("Trying to load unsupported GLOBAL posix.system ..."); the pointer to the docs is dropped."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Check the documentation of torch.load")]
+    mark = "arbitrary code execution"
+    if lines and mark in lines[0]:
+        lines[0] = lines[0][:lines[0].index(mark) + len(mark)] + "."
+    return " ".join(lines)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None

@@ -146,3 +146,17 @@ def test_a_copied_checkpoint_has_the_same_fingerprint(tmp_path):
     shutil.copytree(TINY, tmp_path / "a")
     shutil.copytree(TINY, tmp_path / "b", copy_function=shutil.copy)   # `cp -r`: new inodes and times, same bytes
     assert weights.fingerprint(tmp_path / "a") == weights.fingerprint(tmp_path / "b")
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("echo planted code ran",))
+
+
+def test_a_bin_with_a_planted_pickle_is_refused_in_one_line_with_torchs_warning(tmp_path):
+    torch.save({"x": _Planted()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(weights.CheckpointError) as e:
+        list(weights.iter_file(tmp_path / "pytorch_model.bin"))
+    line = str(e.value)
+    assert "\n" not in line and "Weights only load failed" in line
+    assert "it can result in arbitrary code execution." in line and "system" in line
