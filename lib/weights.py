@@ -201,17 +201,56 @@ def materialize(model, device):
     return model
 
 
-def ensure_memory(nbytes: int, headroom: float = 1.1):
-    """Raise CheckpointError, one line, when `nbytes` of weights (+10% for activations and the KV
-    cache) exceed the memory Linux says is available: better than swapping or the OOM killer."""
+def memory_limit():
+    """(bytes, what) of the least memory this process may use, or None when nothing says: Linux's
+    MemAvailable, the cgroup's memory.max less what the cgroup uses (a container's limit; 'max'
+    is none), and RLIMIT_AS less this process's address space (`ulimit -v`)."""
+    limits = []
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
+            limits.append((next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")),
+                           "available"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        cap = Path(CGROUP, "memory.max").read_text().strip()
+        if cap != "max":
+            try:
+                used = int(Path(CGROUP, "memory.current").read_text())
+            except (OSError, ValueError):
+                used = 0
+            limits.append((max(0, int(cap) - used), "free under the cgroup's memory.max"))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            try:
+                with open("/proc/self/statm") as f:
+                    mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                mapped = 0
+            limits.append((max(0, soft - mapped), "free under the address-space limit (ulimit -v)"))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+CGROUP = "/sys/fs/cgroup"  # cgroup v2, as a container sees its own
+
+
+def ensure_memory(nbytes: int, headroom: float = 1.1):
+    """Raise CheckpointError, one line, when `nbytes` of weights (+10% for activations and the KV
+    cache) exceed the memory this process may use (memory_limit: MemAvailable, the cgroup's
+    limit, RLIMIT_AS): better than swapping, the OOM killer or a MemoryError midway."""
+    limit = memory_limit()
+    if limit is None:
         return
+    available, what = limit
     if nbytes * headroom > available:
         raise CheckpointError(f"the model needs {nbytes / 2**30:.1f} GiB of memory (+10%), {available / 2**30:.1f} GiB "
-                              f"are available: try --dtype bfloat16 or --quantize int8")
+                              f"are {what}: try --dtype bfloat16 or --quantize int8")
 
 
 def save(state: dict, path, max_shard_bytes: int = 5 * 2**30):

@@ -160,3 +160,25 @@ def test_a_bin_with_a_planted_pickle_is_refused_in_one_line_with_torchs_warning(
     line = str(e.value)
     assert "\n" not in line and "Weights only load failed" in line
     assert "it can result in arbitrary code execution." in line and "system" in line
+
+
+def test_ensure_memory_counts_the_address_space_limit_and_the_cgroup_limit(tmp_path, monkeypatch):
+    # MemAvailable is the machine's; `ulimit -v` and a container's memory.max can allow far less
+    import resource
+    monkeypatch.setattr(weights, "CGROUP", str(tmp_path))           # no cgroup files: no cgroup limit
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    weights.ensure_memory(2**20)
+    (tmp_path / "memory.max").write_text("max\n")
+    weights.ensure_memory(2**20)
+    (tmp_path / "memory.max").write_text(f"{3 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**30}\n")
+    with pytest.raises(weights.CheckpointError, match=r"needs 2\.0 GiB .*, 2\.0 GiB are free under the cgroup's memory\.max"):
+        weights.ensure_memory(2 * 2**30)
+    (tmp_path / "memory.max").write_text("max\n")
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (mapped + 2**30, resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with pytest.raises(weights.CheckpointError, match=r"are free under the address-space limit \(ulimit -v\)"):
+        weights.ensure_memory(2 * 2**30)
+    weights.ensure_memory(2**20)
