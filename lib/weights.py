@@ -29,7 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _save_file
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -251,6 +252,15 @@ def ensure_memory(nbytes: int, headroom: float = 1.1):
     if nbytes * headroom > available:
         raise CheckpointError(f"the model needs {nbytes / 2**30:.1f} GiB of memory (+10%), {available / 2**30:.1f} GiB "
                               f"are {what}: try --dtype bfloat16 or --quantize int8")
+
+
+def save_file(state: dict, file, metadata=None):
+    """safetensors' save_file, with a write that fails (a full disk, a file past `ulimit -f`) as
+    an OSError naming the file: safetensors raises its own error type for them."""
+    try:
+        _save_file(state, file, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"{file}: cannot write ({str(e).removeprefix('Error while serializing: ')})") from None
 
 
 def save(state: dict, path, max_shard_bytes: int = 5 * 2**30):

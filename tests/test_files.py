@@ -182,3 +182,22 @@ def test_ensure_memory_counts_the_address_space_limit_and_the_cgroup_limit(tmp_p
     with pytest.raises(weights.CheckpointError, match=r"are free under the address-space limit \(ulimit -v\)"):
         weights.ensure_memory(2 * 2**30)
     weights.ensure_memory(2**20)
+
+
+def _small_file_limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))   # `ulimit -f`: files of 2 MB at most
+
+
+@pytest.mark.parametrize("tool", ["tools.convert_weights", "tools.quantize"])
+def test_a_write_past_the_file_size_limit_is_one_error_line(tool, tmp_path):
+    # RLIMIT_FSIZE: SIGXFSZ killed the tool (core dump); ignored, the write fails with EFBIG,
+    # which safetensors raises as its own error: now `error: ...`, exit 1, DST left as it was
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", tool, str(TINY), str(tmp_path / "dst")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, preexec_fn=_small_file_limit)
+    lines = [x for x in r.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("error: ") and "File too large" in lines[-1], r.stderr
+    assert os.listdir(tmp_path) == []
