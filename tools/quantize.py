@@ -95,7 +95,6 @@ if __name__ == "__main__":
     p.add_argument("--compare", action="store_true", help="print int8's and bf16's agreement with float32 on src")
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "data" / "zoom" / "example.png"))
     args = p.parse_args()
-    from lib import first_run
     first_run.file_size_limit_as_error()  # past `ulimit -f`: an OSError, one line
     try:
         if args.compare:
