@@ -11,6 +11,7 @@ Greedy with --temperature 0 (the default), so the answer is the released model's
 The image is encoded once per conversation (lib/conversation.py).
 """
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,20 @@ def load(args, device, dtype):
     return tok, image, model
 
 
+def not_the_show_file(show):
+    """The chat's check of an /image FILE: with --show, the drawing of the first answer would
+    replace FILE when FILE is the --show path (or a link to it): refused, the chat goes on."""
+    if not show:
+        return None
+
+    def check(path):
+        p, drawn = weights.resolved(path, "/image"), weights.resolved(show, "--show")
+        if p == drawn or (p.exists() and drawn.exists() and os.path.samefile(p, drawn)):
+            raise ValueError(f"/image {path} is the --show file {show}, which the drawing of the answer "
+                             "would replace; copy the picture elsewhere or restart with another --show")
+    return check
+
+
 def ask(conv, args, asked_length, show, sampling):
     """Each --prompt as a turn of one conversation; --show draws the first answer's attention."""
     for i, question in enumerate(args.prompt):
@@ -136,7 +151,8 @@ def main(argv=None):
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                     generator=torch.Generator(device=device).manual_seed(args.seed))
     if interactive:
-        return chat(conv, args.json, on_first_answer=show if args.show else None, **sampling)
+        return chat(conv, args.json, on_first_answer=show if args.show else None,
+                    check_image=not_the_show_file(args.show), **sampling)
     ask(conv, args, asked_length, show, sampling)
 
 

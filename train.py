@@ -363,9 +363,10 @@ def finish(cfg: TrainConfig, data: Path, model, tok_path: Path, health, step, sa
 
 
 if __name__ == "__main__":
+    first_run.file_size_limit_as_error()  # a save past `ulimit -f`: an OSError, one line, not SIGXFSZ
     try:
         main()
-    except weights.CheckpointError as e:  # a wrong --init, --clip or --llama: one line, not a traceback
+    except (weights.CheckpointError, OSError) as e:  # a wrong --init, --clip or --llama, a failed write: one line
         sys.exit(f"error: {e}")
     except KeyboardInterrupt:             # a second Ctrl-C in the loop (the first saves), or one before it
         print("aborted by Ctrl-C: nothing saved since the newest checkpoint", file=sys.stderr)

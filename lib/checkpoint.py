@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
@@ -106,9 +107,17 @@ def save(out: Path, step, model, optim, scheduler, sampler_state, rank, run_id="
         shutil.rmtree(tmp)
     barrier()
     msd, osd = get_state_dict(model, optim)
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
-    extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
-    torch.save(extra, tmp / f"extra_rank{rank}.pt")
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
+        torch.save(extra, tmp / f"extra_rank{rank}.pt")
+    except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, a file past `ulimit -f` (torch's
+        shutil.rmtree(tmp, ignore_errors=True)  # zip writer says only "unexpected pos"): one line, no half-written step
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # DCP's: each rank's traceback
+        why = e.strerror if isinstance(e, OSError) and e.strerror else (lines or [type(e).__name__])[-1][:200]
+        raise SystemExit(f"error: cannot write the checkpoint of step {step} in {out} ({why}): is the disk full, "
+                         f"or a file size limit (ulimit -f) reached? Free space, then --resume continues from "
+                         f"the newest checkpoint") from None
     barrier()
     mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
             for p in sorted(tmp.iterdir()) if p.is_file() and writer(p.name, world) == rank}
@@ -282,7 +291,11 @@ def _next_sigterm_ends(signum, frame):
 def check_out(out: Path, inputs: dict):
     """Refuse, before anything is written, an --out that cannot hold a run or would write over
     an input. inputs: flag -> (path, whether an --out inside it is refused too: a model folder)."""
-    where = out.resolve()
+    try:
+        where = out.resolve()
+    except RuntimeError:  # a symbolic link loop (Python < 3.13)
+        raise SystemExit(f"error: --out {out}: a loop of symbolic links (a link that leads back to itself); "
+                         "give a real path") from None
     for flag, (path, inside) in inputs.items():
         p = Path(path).resolve()
         how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""

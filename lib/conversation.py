@@ -204,9 +204,11 @@ def answer(conv, question, as_json=False, out=sys.stdout, **sampling) -> dict:
 HELP = "/image FILE: another image (starts over)   /reset: start over   /quit or Ctrl-D: quit   Ctrl-C: stop an answer"
 
 
-def chat(conv, as_json=False, on_first_answer=None, **sampling):
+def chat(conv, as_json=False, on_first_answer=None, check_image=None, **sampling):
     """The interactive loop on a terminal (`/image FILE` crops FILE for the model);
-    on_first_answer(question, result): called after the first answer about each image."""
+    on_first_answer(question, result): called after the first answer about each image;
+    check_image(path): raises ValueError for an /image FILE to refuse (sample.py: the --show
+    file, which the first answer's drawing would replace)."""
     try:
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     except ImportError:  # not on every platform; the chat works without it
@@ -230,6 +232,8 @@ def chat(conv, as_json=False, on_first_answer=None, **sampling):
             continue
         if command == "/image" and arg:
             try:
+                if check_image is not None:
+                    check_image(arg)
                 conv.set_image(crop_image(arg, conv.model.cfg.crops))
             except (ValueError, OSError) as e:  # the conversation goes on about the old image
                 print(f"error: {e}", file=sys.stderr)

@@ -51,10 +51,20 @@ def write_stdout(text: str):
         raise OSError(f"cannot write to stdout ({e.strerror or e})") from None
 
 
+def file_size_limit_as_error():
+    """A write past `ulimit -f` (RLIMIT_FSIZE) is an OSError (EFBIG, "File too large") that the
+    script reports in one line, instead of SIGXFSZ killing the process with a core dump and
+    leaving a half-written file; a full disk (ENOSPC) already is one."""
+    import signal
+    if hasattr(signal, "SIGXFSZ"):
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
 def run(main):
     """A script's main() with the errors a user causes as one line: a bad input (ValueError) or a
     file that cannot be read or written (OSError) is `error: ...` with exit status 1, Ctrl-C is
     exit status 130, with no traceback either way."""
+    file_size_limit_as_error()
     try:
         return main()
     except (ValueError, OSError) as e:

@@ -146,6 +146,14 @@ class Tokenizer:
             return cls._from_hf_json(data, path)
         ranks = _parse_tiktoken(data)
         if ranks is not None:
+            # Meta's file holds ranks 0..127999 and the code uses ids 128000..128255 (SPECIAL_TOKENS,
+            # bos/eos/eot, the image and separator tokens): a file cut short would move them all
+            # and the checkpoint's ids would fail to decode mid-answer (KeyError 128009)
+            base = 128000
+            if len(ranks) != base or min(ranks.values()) != 0 or max(ranks.values()) != base - 1:
+                raise ValueError(f"{path}: cut short or damaged: it holds {len(ranks)} tokens (ranks "
+                                 f"{min(ranks.values())}..{max(ranks.values())}), Meta's Llama-3 tokenizer.model "
+                                 f"holds 128000 (0..127999), followed by the special tokens the model uses")
             return cls(ranks, name=path.name)
         try:
             if data:  # sentencepiece reads b"" as a model with no pieces
@@ -167,6 +175,12 @@ class Tokenizer:
             specials = {t["content"]: t["id"] for t in spec.get("added_tokens", []) if t.get("special", True)}
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: not a Llama-3 byte-level BPE tokenizer.json") from e
+        n = len(ranks) + len(specials)
+        used = {t: specials.get(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>")}
+        bad = {t: i for t, i in {**used, **specials}.items() if i is not None and not 0 <= i < n}
+        if bad or set(ranks.values()) & set(specials.values()):
+            raise ValueError(f"{path}: damaged: special token ids {bad or 'that are also base tokens'} are outside "
+                             f"its {n} tokens")
         return cls(ranks, specials, name=path.name)
 
     def encode(self, text: str, bos: bool = False, eos: bool = False,

@@ -16,6 +16,7 @@ file it came from.
 folder DST (`--force` replaces a non-empty one).
 """
 import ctypes
+import errno
 import hashlib
 import json
 import mmap
@@ -28,7 +29,8 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import save_file as _save_file
 
 INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 SINGLE_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -83,13 +85,25 @@ def iter_file(file: Path):
         except RuntimeError:  # legacy (non-zip) pickles cannot be memory-mapped
             state, mapped = torch.load(file, map_location="cpu", weights_only=True), False
     except Exception as e:
-        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {e})") from None
+        raise CheckpointError(f"{file}: cannot read weights ({type(e).__name__}: {one_line(e)})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{file}: expected a dict of tensors, found {type(state).__name__}")
     for k, t in state.items():
         yield k, t
         if mapped:  # the caller is done with t: without this the whole shard stays resident
             drop_pages(t)
+
+
+def one_line(error) -> str:
+    """A torch.load error in one line. weights_only's refusal of a pickle that would run code is
+    paragraphs: its warning is kept through "arbitrary code execution", then the object refused
+    ("Trying to load unsupported GLOBAL posix.system ..."); the pointer to the docs is dropped."""
+    lines = [" ".join(line.split()) for line in str(error).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith("Check the documentation of torch.load")]
+    mark = "arbitrary code execution"
+    if lines and mark in lines[0]:
+        lines[0] = lines[0][:lines[0].index(mark) + len(mark)] + "."
+    return " ".join(lines)
 
 
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -188,17 +202,65 @@ def materialize(model, device):
     return model
 
 
-def ensure_memory(nbytes: int, headroom: float = 1.1):
-    """Raise CheckpointError, one line, when `nbytes` of weights (+10% for activations and the KV
-    cache) exceed the memory Linux says is available: better than swapping or the OOM killer."""
+def memory_limit():
+    """(bytes, what) of the least memory this process may use, or None when nothing says: Linux's
+    MemAvailable, the cgroup's memory.max less what the cgroup uses (a container's limit; 'max'
+    is none), and RLIMIT_AS less this process's address space (`ulimit -v`)."""
+    limits = []
     try:
         with open("/proc/meminfo") as f:
-            available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
-    except (OSError, StopIteration):
+            limits.append((next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")),
+                           "available"))
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        cap = Path(CGROUP, "memory.max").read_text().strip()
+        if cap != "max":
+            try:
+                used = int(Path(CGROUP, "memory.current").read_text())
+            except (OSError, ValueError):
+                used = 0
+            limits.append((max(0, int(cap) - used), "free under the cgroup's memory.max"))
+    except (OSError, ValueError):
+        pass
+    try:
+        import resource
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            try:
+                with open("/proc/self/statm") as f:
+                    mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+            except (OSError, ValueError, IndexError):
+                mapped = 0
+            limits.append((max(0, soft - mapped), "free under the address-space limit (ulimit -v)"))
+    except (ImportError, OSError, ValueError):
+        pass
+    return min(limits) if limits else None
+
+
+CGROUP = "/sys/fs/cgroup"  # cgroup v2, as a container sees its own
+
+
+def ensure_memory(nbytes: int, headroom: float = 1.1):
+    """Raise CheckpointError, one line, when `nbytes` of weights (+10% for activations and the KV
+    cache) exceed the memory this process may use (memory_limit: MemAvailable, the cgroup's
+    limit, RLIMIT_AS): better than swapping, the OOM killer or a MemoryError midway."""
+    limit = memory_limit()
+    if limit is None:
         return
+    available, what = limit
     if nbytes * headroom > available:
         raise CheckpointError(f"the model needs {nbytes / 2**30:.1f} GiB of memory (+10%), {available / 2**30:.1f} GiB "
-                              f"are available: try --dtype bfloat16 or --quantize int8")
+                              f"are {what}: try --dtype bfloat16 or --quantize int8")
+
+
+def save_file(state: dict, file, metadata=None):
+    """safetensors' save_file, with a write that fails (a full disk, a file past `ulimit -f`) as
+    an OSError naming the file: safetensors raises its own error type for them."""
+    try:
+        _save_file(state, file, metadata=metadata)
+    except SafetensorError as e:
+        raise OSError(f"{file}: cannot write ({str(e).removeprefix('Error while serializing: ')})") from None
 
 
 def save(state: dict, path, max_shard_bytes: int = 5 * 2**30):
@@ -324,12 +386,24 @@ def _write_hash_cache(cache: dict):
         pass
 
 
+def resolved(path, flag: str) -> Path:
+    """Path(path).resolve(), with a loop of symbolic links (which some Pythons' resolve raises
+    RuntimeError for, others OSError ELOOP) as a CheckpointError naming `flag` and the path."""
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno != errno.ELOOP:
+            raise
+        raise CheckpointError(f"{flag} {path}: a loop of symbolic links (a link that leads back to itself); "
+                              "give a real path") from None
+
+
 def refuse_overwrite(out, inputs, flag: str):
     """Raise CheckpointError when output path `out` (named by `flag`) is one of `inputs`, lies inside
     one, or holds one: writing there would destroy what is being read. Links are followed."""
-    o = Path(out).resolve()
+    o = resolved(out, flag)
     for i in inputs:
-        i = Path(i).resolve()
+        i = resolved(i, "the input")
         same = o == i or (o.exists() and i.exists() and os.path.samefile(o, i))  # also a hard link
         if same or i in o.parents or o in i.parents:
             how = "is" if same else "is inside" if i in o.parents else "holds"
@@ -340,7 +414,7 @@ def require_writable(out, flag: str, parents: bool = True):
     """CheckpointError, before any slow work, when nothing can be created at `out` (named by
     `flag`): its nearest existing folder (with parents=False, its own folder, which must exist)
     must take a new entry (tried, not guessed: a read-only filesystem refuses even root)."""
-    folder = Path(out).resolve().parent
+    folder = resolved(out, flag).parent
     if not parents and not folder.is_dir():
         raise CheckpointError(f"{flag} {out}: the folder {folder} does not exist; create it or choose another path")
     while not folder.exists():
@@ -383,7 +457,7 @@ def staged(dst):
     """A new checkpoint directory written in a temporary sibling folder (yielded) that replaces
     `dst` only once everything is in it: `dst` is never half-written nor a mix of old and new
     files, and an error or a kill leaves at most the temporary folder, removed by the next run."""
-    dst = Path(dst).resolve()
+    dst = resolved(dst, "the output")
     tmp = dst.with_name(f".{dst.name}.tmp")
     if tmp.exists():  # left by an interrupted run
         shutil.rmtree(tmp)

@@ -256,6 +256,20 @@ ROWS = [
     ("tools/plan.py", "--model tiny", ["--model", "tiny"], 1,
      r"error: --model tiny: plan\.py plans the paper's models from their presets .*; drop the flag"),
     ("tools/plan.py", "--init", ["--init", str(TINY)], 1, r"error: --init: plan\.py plans .*; drop the flag"),
+    # issue 24: a symbolic link loop as the output path
+    ("train.py", "--out is a symlink loop", [*TINY_RUN, "--out", "{tmp}/loop"], 1,
+     r"error: --out .*/loop: a loop of symbolic links .*"),
+    ("tools/eval.py", "--out is a symlink loop", ["--checkpoint", str(TINY), *EVAL, "{tmp}/loop"], 1,
+     r"error: --out .*/loop: a loop of symbolic links .*"),
+    ("tools/draw_crops.py", "--out is a symlink loop", [str(IMAGE), "--out", "{tmp}/loop"], 1,
+     r"error: --out .*/loop: a loop of symbolic links .*"),
+    ("sample.py", "--show is a symlink loop", ["--image", str(IMAGE), "--prompt", "hi", "--show", "{tmp}/loop"], 1,
+     r"error: --show .*/loop: a loop of symbolic links .*"),
+    ("tools/bench.py", "--write-checkpoint into a read-only folder", ["--write-checkpoint", "/sys/dfnano-bench"], 1,
+     r"error: --write-checkpoint /sys/dfnano-bench: cannot write in /sys \(.*\); choose another place"),
+    ("tools/eval.py", "--show-dir in a read-only folder", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_show",
+                                                          "--show-dir", "/sys/dfnano-show"], 1,
+     r"error: --show-dir /sys/dfnano-show: cannot write in /sys \(.*\); choose another place"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong
@@ -380,6 +394,7 @@ def make_fixtures_24(tmp: Path):
     cfg = train_config.parse_config([*TINY_RUN, "--out", str(tmp / "finished")])
     (tmp / "finished" / "final").mkdir(parents=True)
     (tmp / "finished" / "run.json").write_text(json.dumps({"run_id": "0" * 32, "identity": train_config.run_identity(cfg, RECORDS, 1)}))
+    (tmp / "loop").symlink_to(tmp / "loop")                          # a symbolic link to itself
 
 
 # ---- checks on the files a row leaves behind -------------------------------------------------

@@ -227,3 +227,22 @@ def test_chat_image_that_is_a_fifo_is_refused_without_blocking(tiny_v2, tok, cro
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     assert "pipe.png is not a regular file (a folder, FIFO or device)" in capsys.readouterr().err
+
+
+def test_chat_refuses_an_image_that_is_the_show_file(tiny_v2, tok, crops, tmp_path, monkeypatch, capsys):
+    # sample.py --image a.png --show C.png, then `/image C.png`: the first answer's drawing would
+    # replace the picture being asked about; one line in the chat, which goes on about the old image
+    import sample
+    from lib.conversation import chat
+    (tmp_path / "C.png").write_bytes(b"png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "C.png")
+    lines = iter([f"/image {tmp_path / 'C.png'}", f"/image {tmp_path / 'link.png'}", "/image other.png", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    opened = []
+    monkeypatch.setattr("lib.conversation.crop_image", lambda path, cfg: opened.append(path) or crops)
+    chat(Conversation(tiny_v2, tok, crops), check_image=sample.not_the_show_file(str(tmp_path / "C.png")),
+         max_new_tokens=1)
+    err = capsys.readouterr().err
+    assert err.count("is the --show file") == 2 and "Traceback" not in err
+    assert opened == ["other.png"]
+    assert sample.not_the_show_file(None) is None

@@ -120,3 +120,12 @@ def test_cli_refuses_a_bad_pickle_in_one_line(tmp_path):
                         str(tmp_path / "out.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         "error: unexpected object builtins.print in a PathVQA pickle"]
+
+
+@pytest.mark.parametrize("field", ["image", "question", "answer"])
+def test_pathvqa_names_a_field_holding_a_number_too_long_for_text(tmp_path, field):
+    # str() of a 100000-digit int raises Python's int/str conversion ValueError deep inside
+    q = {"image": "test_0001", "question": "What is shown?", "answer": "yes", field: 10 ** 100000}
+    (tmp_path / "big.pkl").write_bytes(pickle.dumps([q]))
+    with pytest.raises(ValueError, match=rf"big\.pkl: record 0's {field} is a number too long to write as text"):
+        convert.pathvqa(tmp_path / "big.pkl")

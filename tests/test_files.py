@@ -146,3 +146,58 @@ def test_a_copied_checkpoint_has_the_same_fingerprint(tmp_path):
     shutil.copytree(TINY, tmp_path / "a")
     shutil.copytree(TINY, tmp_path / "b", copy_function=shutil.copy)   # `cp -r`: new inodes and times, same bytes
     assert weights.fingerprint(tmp_path / "a") == weights.fingerprint(tmp_path / "b")
+
+
+class _Planted:
+    def __reduce__(self):
+        return (os.system, ("echo planted code ran",))
+
+
+def test_a_bin_with_a_planted_pickle_is_refused_in_one_line_with_torchs_warning(tmp_path):
+    torch.save({"x": _Planted()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(weights.CheckpointError) as e:
+        list(weights.iter_file(tmp_path / "pytorch_model.bin"))
+    line = str(e.value)
+    assert "\n" not in line and "Weights only load failed" in line
+    assert "it can result in arbitrary code execution." in line and "system" in line
+
+
+def test_ensure_memory_counts_the_address_space_limit_and_the_cgroup_limit(tmp_path, monkeypatch):
+    # MemAvailable is the machine's; `ulimit -v` and a container's memory.max can allow far less
+    import resource
+    monkeypatch.setattr(weights, "CGROUP", str(tmp_path))           # no cgroup files: no cgroup limit
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    weights.ensure_memory(2**20)
+    (tmp_path / "memory.max").write_text("max\n")
+    weights.ensure_memory(2**20)
+    (tmp_path / "memory.max").write_text(f"{3 * 2**30}\n")
+    (tmp_path / "memory.current").write_text(f"{2**30}\n")
+    with pytest.raises(weights.CheckpointError, match=r"needs 2\.0 GiB .*, 2\.0 GiB are free under the cgroup's memory\.max"):
+        weights.ensure_memory(2 * 2**30)
+    (tmp_path / "memory.max").write_text("max\n")
+    with open("/proc/self/statm") as f:
+        mapped = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (mapped + 2**30, resource.RLIM_INFINITY)
+                        if which == resource.RLIMIT_AS else (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    with pytest.raises(weights.CheckpointError, match=r"are free under the address-space limit \(ulimit -v\)"):
+        weights.ensure_memory(2 * 2**30)
+    weights.ensure_memory(2**20)
+
+
+def _small_file_limit():
+    import resource
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2_000_000, 2_000_000))   # `ulimit -f`: files of 2 MB at most
+
+
+@pytest.mark.parametrize("tool", ["tools.convert_weights", "tools.quantize"])
+def test_a_write_past_the_file_size_limit_is_one_error_line(tool, tmp_path):
+    # RLIMIT_FSIZE: SIGXFSZ killed the tool (core dump); ignored, the write fails with EFBIG,
+    # which safetensors raises as its own error: now `error: ...`, exit 1, DST left as it was
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", tool, str(TINY), str(tmp_path / "dst")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, preexec_fn=_small_file_limit)
+    lines = [x for x in r.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[-1].startswith("error: ") and "File too large" in lines[-1], r.stderr
+    assert os.listdir(tmp_path) == []

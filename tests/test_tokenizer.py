@@ -269,3 +269,18 @@ def test_questions_without_special_strings_encode_as_the_release_does(tok, quest
 def test_encode_text_and_encode_with_specials(tok):
     assert tok.encode_with_specials("<|eot_id|>") == [tok.eot_id]
     assert tok.eot_id not in tok.encode_text("<|eot_id|>") and tok.decode(tok.encode_text("<|eot_id|>")) == "<|eot_id|>"
+
+
+def test_tokenizer_model_cut_short_is_refused_at_load(tmp_path):
+    # a truncated tokenizer.model moved every special token (bos 32000 instead of 128000): the
+    # checkpoint's ids then failed to decode mid-answer (KeyError 128009); now one ValueError at load
+    lines = META_MODEL.read_bytes().splitlines(keepends=True)
+    path = tmp_path / "tokenizer.model"
+    path.write_bytes(b"".join(lines[:32000]))
+    with pytest.raises(ValueError, match=r"tokenizer\.model: cut short or damaged: it holds 32000 tokens"):
+        Tokenizer.from_file(path)
+    path.write_bytes(b"".join(lines[:-1]))
+    with pytest.raises(ValueError, match="cut short"):
+        Tokenizer.from_file(tmp_path)
+    path.write_bytes(b"".join(lines))
+    assert Tokenizer.from_file(path).special_tokens["<|eot_id|>"] == 128009

@@ -583,3 +583,17 @@ def test_sigterm_to_torchrun_saves_every_rank_at_one_step(zoom_data, tmp_path):
     assert (tmp_path / "out" / "latest").read_text() == f"step_{steps:07d}"
     saved = tmp_path / "out" / f"step_{steps:07d}"
     assert sorted(p.name for p in saved.glob("extra_rank*")) == ["extra_rank0.pt", "extra_rank1.pt"]
+
+
+def test_a_save_past_the_file_size_limit_is_one_error_line(zoom_data, tmp_path):
+    # `ulimit -f` (RLIMIT_FSIZE): SIGXFSZ killed train.py; ignored, the save fails: one line, no step_*.tmp
+    import resource
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))
+    r = subprocess.run([sys.executable, "train.py", *COMMON, "--data", str(zoom_data / "train.jsonl"),
+                        "--out", str(tmp_path), "--max-steps", "1"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=600, preexec_fn=small_files)
+    lines = [x for x in r.stderr.replace("\r", "\n").splitlines() if x.strip()]
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert re.fullmatch(r"error: cannot write the checkpoint of step 1 in .*ulimit -f.*", lines[-1]), lines[-1]
+    assert not list(tmp_path.glob("step_*"))

@@ -202,6 +202,11 @@ def check_args(args):
     try:
         if args.json:
             weights.require_writable(args.json, "--json", parents=False)
+        if args.write_checkpoint:  # before the model is built and its shards filled
+            out = Path(args.write_checkpoint)
+            if out.exists() and not out.is_dir():
+                raise ValueError(f"--write-checkpoint {out} is a file; give a folder")
+            weights.require_writable(out / "config.json" if out.is_dir() else out, "--write-checkpoint")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
 

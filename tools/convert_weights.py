@@ -10,6 +10,7 @@ if __name__ == "__main__":  # as a script: a missing package is one line naming 
     from lib import first_run
     first_run.one_line_for_missing_packages()
 
+from lib import first_run
 from lib.weights import CheckpointError, convert_to_safetensors
 
 
@@ -20,6 +21,7 @@ def main(argv=None):
     p.add_argument("dst", help="new directory to write (must not exist or be empty)")
     p.add_argument("--force", action="store_true", help="replace a non-empty DST")
     args = p.parse_args(argv)
+    first_run.file_size_limit_as_error()  # past `ulimit -f`: an OSError, one line
     try:
         convert_to_safetensors(args.src, args.dst, force=args.force)
     except (CheckpointError, OSError) as e:

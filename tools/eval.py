@@ -338,6 +338,10 @@ def main(argv=None) -> dict:
     out = Path(args.out or Path("results") / args.task)
     if args.show_dir:  # a picture named after a question id must not land on an image or the checkpoint
         weights.refuse_overwrite(args.show_dir, [image_root, args.checkpoint, data], "--show-dir")
+        show_dir = Path(args.show_dir)  # and it must take the pictures: said before any question is answered
+        if show_dir.exists() and not show_dir.is_dir():
+            raise ValueError(f"--show-dir {show_dir} is a file; give a folder for the pictures")
+        weights.require_writable(show_dir / "picture.png" if show_dir.is_dir() else show_dir, "--show-dir")
     results.check_out(out, {"--checkpoint": (args.checkpoint, True), "--data": (data, False),
                             "--images": (image_root, False)})
     out.mkdir(parents=True, exist_ok=True)

@@ -95,6 +95,7 @@ if __name__ == "__main__":
     p.add_argument("--compare", action="store_true", help="print int8's and bf16's agreement with float32 on src")
     p.add_argument("--image", default=str(Path(__file__).resolve().parents[1] / "data" / "zoom" / "example.png"))
     args = p.parse_args()
+    first_run.file_size_limit_as_error()  # past `ulimit -f`: an OSError, one line
     try:
         if args.compare:
             prompt = [128000, 128006, 882, 128007, 271, 3923, 374, 420, 30, 128009, 128006, 78191, 128007, 271]

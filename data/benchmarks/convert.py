@@ -127,7 +127,10 @@ def pathvqa(src) -> list:
     two bytes each (10 KB of shared references grew to 20 GB as text), so the text converted is
     bounded by the file's size: the real file holds each record once, well under the bound."""
     with open(src, "rb") as f:
-        data = _PlainUnpickler(f).load()
+        try:
+            data = _PlainUnpickler(f).load()
+        except ValueError as e:  # e.g. a protocol-0 int past Python's limit on digits read from text
+            raise ValueError(f"{src}: not a readable PathVQA pickle ({e})") from None
     if not isinstance(data, list):
         raise ValueError(f"{src}: expected a list of records, found {type(data).__name__}")
     budget = 16 * Path(src).stat().st_size + 2**20  # characters
@@ -135,12 +138,19 @@ def pathvqa(src) -> list:
     for i, q in enumerate(data):
         if not isinstance(q, dict) or not all(isinstance(q.get(k), (str, int, float)) for k in ("image", "question", "answer")):
             raise ValueError(f"{src}: record {i} is not {{image, question, answer}} of plain text")
-        budget -= sum(len(str(q[k])) for k in ("image", "question", "answer"))
+        text = {}
+        for k in ("image", "question", "answer"):
+            try:  # an int past Python's limit on digits converted to text (4300) is a ValueError
+                text[k] = str(q[k])
+            except ValueError:
+                raise ValueError(f"{src}: record {i}'s {k} is a number too long to write as text "
+                                 f"(over {sys.get_int_max_str_digits()} digits)") from None
+        budget -= sum(len(t) for t in text.values())
         if budget < 0:
             raise ValueError(f"{src}: its records expand to more than 16 times the file's size by record {i}: "
                              "objects listed many times over, not the PathVQA release")
-        answer = str(q["answer"]).strip()
-        out.append(record(i, f"{q['image']}.jpg", str(q["question"]), [answer],
+        answer = text["answer"].strip()
+        out.append(record(i, f"{text['image']}.jpg", text["question"], [answer],
                           type="closed" if answer.lower() in ("yes", "no") else "open"))
     return out
 
