@@ -68,7 +68,7 @@ def test_biomedical_splits_closed_accuracy_from_open_token_f1():
 def test_captioning_scores_a_perfect_caption_fully_and_skips_meteor_without_java(monkeypatch):
     def no_java(*_):
         raise RuntimeError("metrics.meteor: needs `java` on PATH")
-    monkeypatch.setattr(ev.M, "meteor", no_java)
+    monkeypatch.setattr(ev.metrics, "meteor", no_java)
     rs = recs({"answers": ["a dog runs on the grass", "a brown dog running"]},
               {"answers": ["two cats sleep on a sofa", "cats sleeping"]})
     out = ev.score("coco", rs, {"0": "a dog runs on the grass", "1": "two cats sleep on a sofa"})

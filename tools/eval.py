@@ -104,7 +104,7 @@ def _biomedical(rs, ps):
     closed = [(r, p) for r, p in zip(rs, ps) if r.get("type") == "closed"]
     open_ = [(r, p) for r, p in zip(rs, ps) if r.get("type") != "closed"]
     return {"closed_accuracy": _mean([metrics.closed_accuracy(p, r["answers"][0]) for r, p in closed]),
-            "open_token_f1": _mean([max(M.token_f1(p, a) for a in r["answers"]) for r, p in open_]),
+            "open_token_f1": _mean([max(metrics.token_f1(p, a) for a in r["answers"]) for r, p in open_]),
             "n_closed": len(closed), "n_open": len(open_)}
 
 
