@@ -91,10 +91,10 @@ def show(value) -> str:
     return (" ".join(value) if isinstance(value, tuple) else str(value)) or "none"
 
 
-def parse_config(argv=None, description=None) -> TrainConfig:
+def parse_config(argv=None, description=None, prog=None) -> TrainConfig:
     """Stage defaults first, then every field overridable from the command line; a value outside
     its field's range (`valid`) is a one-line error."""
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         by_stage = {stage: d[f.name] for stage, d in STAGES.items() if f.name in d}
         default = ", ".join(f"{stage} {show(v)}" for stage, v in by_stage.items()) if by_stage else show(f.default)

@@ -270,6 +270,8 @@ ROWS = [
     ("tools/eval.py", "--show-dir in a read-only folder", ["--checkpoint", str(TINY), *EVAL, "{tmp}/eval_show",
                                                           "--show-dir", "/sys/dfnano-show"], 1,
      r"error: --show-dir /sys/dfnano-show: cannot write in /sys \(.*\); choose another place"),
+    # issue 24's own probes, from a fresh clone
+    ("tools/looked.py", "--pages 0", ["--pages", "0"], 1, r"error: --pages 0: give 1 or more held-out pages"),
 ]
 
 # lines a tool prints on every run, before whatever goes wrong

@@ -41,6 +41,8 @@ def main(argv=None):
     p.add_argument("--checkpoint", default=str(Path(__file__).resolve().parents[1] / "checkpoints" / "zoom-tiny"))
     p.add_argument("--pages", type=int, default=50, help="held-out pages of data/zoom/prepare.py (seed 0)")
     args = p.parse_args(argv)
+    if args.pages < 1:
+        raise ValueError(f"--pages {args.pages}: give 1 or more held-out pages")
     model, tok = pretrained.load(args.checkpoint), Tokenizer.from_file(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "images").mkdir()

@@ -282,7 +282,7 @@ def main(argv=None):
     p.add_argument("--samples", type=int, help="samples in the stage (default: the paper's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args, rest = p.parse_known_args(argv)
-    cfg = parse_config(rest)
+    cfg = parse_config(rest, prog="python -m tools.plan")
     try:
         gpus = tuple(int(n) for n in args.gpus.split(","))
         assert gpus and min(gpus) >= 1 and max(gpus) <= 100_000
