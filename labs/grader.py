@@ -203,16 +203,16 @@ def impl_name(path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def run(lab: Lab, path=None, full: bool = False, say=print) -> dict:
+def run(lab: Lab, path=None, full: bool = False, say=print, out: Path = OUT) -> dict:
     """Run the lab's checks with the implementation in `path` (None: the project's); print one
-    line per check with `say`; return the results (also written to out/labs/)."""
+    line per check with `say`; return the results (also written to out/labs/NN-slug/IMPL.json)."""
     name = impl_name(path)
     tag = "project" if path is None else Path(path).stem
-    r = Run(lab, name, path, full, OUT / lab.slug / (tag + ("-full" if full else "")))
+    r = Run(lab, name, path, full, out / lab.slug / (tag + ("-full" if full else "")))
     r.out.mkdir(parents=True, exist_ok=True)
     say(f"lab {lab.number}: {lab.module.TITLE} ({lab.module.PAPER}); implementation: {name}"
         + (" (full form)" if full else ""))
-    t0, results, failed = time.time(), {}, False
+    t0, load, results, failed = time.time(), os.getloadavg()[0], {}, False
     with swapped(implementation(lab, path)):
         for fn in lab.checks():
             if fn.after_pass and failed:
@@ -227,7 +227,8 @@ def run(lab: Lab, path=None, full: bool = False, say=print) -> dict:
         + ("" if not n_bad else f"; {n_bad} failed"))
     result = dict(lab=lab.number, impl=name, mode="full" if full else "run", ok=not n_bad, seconds=seconds,
                   checks=results, values=r.values, stable=r.stable, torch=torch.__version__,
-                  cpu_kind=devices.cpu_kind(), cores=os.cpu_count(), when=time.strftime("%Y-%m-%d"))
+                  cpu_kind=devices.cpu_kind(), cores=os.cpu_count(), when=time.strftime("%Y-%m-%d"),
+                  load=[round(load, 1), round(os.getloadavg()[0], 1)])  # other work on a shared CPU slows a run
     (r.out.parent / f"{tag}{'-full' if full else ''}.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
 
@@ -259,8 +260,10 @@ def reference(lab: Lab) -> dict:
 
 def provenance(result: dict, number: str) -> str:
     flag = "--full " if result["mode"] == "full" else ""
+    load = result.get("load", ["?", "?"])
     return (f"`bash labs/check.sh --record {flag}{number}` took {result['seconds']:.0f} s ({result['seconds'] / 60:.1f} min) on "
-            f"{result['cores']} cores, {result['cpu_kind']}, torch {result['torch']} ({result['when']})")
+            f"{result['cores']} cores, {result['cpu_kind']}, torch {result['torch']}, load average {load[0]} at the "
+            f"start and {load[1]} at the end ({result['when']})")
 
 
 def observe_block(lab: Lab, ref: dict) -> str:

@@ -51,14 +51,19 @@ def pages(folder: Path, n_test: int, n_train: int = 0) -> list:
     return [json.loads(line) for line in (folder / "test.jsonl").read_text().splitlines()]
 
 
-def score(model, tok, records, root: Path) -> tuple:
-    """(accuracy in %, answers) over the records, scored as `eval.py --task zoom` scores them."""
-    answers = []
+def answer_ids(model, tok, records, root: Path) -> list:
+    """Greedy answers (token ids) to the records' questions, 16 pages a batch, 4 tokens at most."""
+    ids = []
     for i in range(0, len(records), 16):
         batch = records[i:i + 16]
-        ids = M.greedy_ids(model, [tok.encode_prompt(r["question"]) for r in batch],
-                           [crop_image(root / r["image"], model.cfg.crops) for r in batch], 4, tok.stop_ids)
-        answers += [tok.decode(x).strip() for x in ids]
+        ids += M.greedy_ids(model, [tok.encode_prompt(r["question"]) for r in batch],
+                            [crop_image(root / r["image"], model.cfg.crops) for r in batch], 4, tok.stop_ids)
+    return ids
+
+
+def score(model, tok, records, root: Path) -> tuple:
+    """(accuracy in %, answers) over the records, scored as `eval.py --task zoom` scores them."""
+    answers = [tok.decode(x).strip() for x in answer_ids(model, tok, records, root)]
     right = [metrics.normalize_vqa_answer(a) in {metrics.normalize_vqa_answer(x) for x in r["answers"]}
              for a, r in zip(answers, records)]
     return 100 * sum(right) / len(records), answers

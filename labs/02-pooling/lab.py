@@ -88,6 +88,9 @@ def the_block_is_2016_tokens_2098_positions(run):
     run.record("paper_tokens", counts["paper"])
     run.record("positions", counts["positions"])
     run.record("tflops_paper", round(tflops, 2))
+    parts = presets.flops_parts(presets.V2)
+    run.record("tflops_vit", round(parts["vision"] / 1e12, 2))
+    run.record("tflops_llm", round(parts["llm"] / 1e12, 2))
     run.record("tflops_as_built", round(presets.flops(presets.V2, paper=False) / 1e12, 2))
     run.record("tflops_llava_hd", round(presets.flops(presets.PRESETS["llava-1.5-hd"]) / 1e12, 2))
     run.record("tflops_star", round(presets.flops(presets.PRESETS["dragonfly-star"]) / 1e12, 2))
@@ -118,6 +121,7 @@ def observe(ref) -> str:
         f"| paper image tokens (576 + 4x36 + 36x36, no CLS, no separators) | {v['paper_tokens']} |",
         f"| release image positions (CLS kept, a separator after each crop) | {v['positions']} |",
         f"| TFLOPs, appendix F over the paper's tokens (Table 11: 41.65) | {v['tflops_paper']} |",
+        f"| of which the ViT over 41 crops / the LLM over the tokens | {v['tflops_vit']} / {v['tflops_llm']} |",
         f"| TFLOPs as built (ViT to its feature layer, 2098 positions, grouped-query K/V, SwiGLU) | {v['tflops_as_built']} |",
         f"| LLaVA-1.5-HD, 2880 tokens (Table 11: 40.33) | {v['tflops_llava_hd']} |",
         f"| Dragonfly*, {v['star_tokens']} tokens (Table 11 prints 25.10) | {v['tflops_star']} |",
