@@ -89,10 +89,12 @@ def load_file(path: Path, name: str):
 
 
 def find(number: str) -> Lab:
-    found = labs()
-    if number.zfill(2) not in found:
-        raise ValueError(f"no lab {number}; the labs are {', '.join(found)} (labs/README.md)")
-    return found[number.zfill(2)]
+    """Lab `number`, loading only its own lab.py."""
+    folders = [p for p in sorted(LABS.glob("[0-9][0-9]-*")) if (p / "lab.py").is_file()]
+    chosen = [p for p in folders if p.name[:2] == number.zfill(2)]
+    if not chosen:
+        raise ValueError(f"no lab {number}; the labs are {', '.join(p.name[:2] for p in folders)} (labs/README.md)")
+    return load_lab(chosen[0])
 
 
 def check(fn=None, *, after_pass=False):
@@ -273,13 +275,13 @@ def observe_block(lab: Lab, ref: dict) -> str:
 
 
 def labs_table() -> str:
-    rows = ["| lab | paper | minutes to do | check run (this CPU) | command |", "|---|---|---:|---|---|"]
+    rows = ["| lab | paper | minutes to do | check run (recorded) | commands |", "|---|---|---:|---|---|"]
     for number, lab in labs().items():
         ref, m = reference(lab), lab.module
         run_s = f"{ref['run']['seconds']:.0f} s" if "run" in ref else "not recorded"
         full = f"; `--full` {ref['full']['seconds'] / 60:.1f} min" if "full" in ref else ""
-        rows.append(f"| [{number} {m.TITLE}]({lab.slug}/README.md) | {m.PAPER} | {m.MINUTES} | {run_s}{full} "
-                    f"| `bash labs/check.sh {'[--full] ' if getattr(m, 'FULL', False) else ''}{number}` |")
+        commands = f"`bash labs/check.sh {number}`" + (f", `bash labs/check.sh --full {number}`" if getattr(m, "FULL", False) else "")
+        rows.append(f"| [{number} {m.TITLE}]({lab.slug}/README.md) | {m.PAPER} | {m.MINUTES} | {run_s}{full} | {commands} |")
     kinds = sorted({r["cpu_kind"] for lab in labs().values() for r in reference(lab).values()})
     rows += ["", f"Check runs recorded on: {'; '.join(kinds)}."]
     return ("<!-- labs:begin: written by `bash labs/check.sh --record` from each lab's reference.json -->\n"

@@ -87,7 +87,7 @@ def train_rows(run, rows: dict, steps: int, n_train: int, n_test: int) -> dict:
     name -> positions, losses, step seconds (median), accuracy, answers."""
     data = run.out.parent / f"pages-{n_train}-{n_test}"
     records = pages(data, n_test, n_train)
-    argvs = [[*TRAIN, *flags, "--seed", "0", "--max-steps", str(steps), "--force", "--data",
+    argvs = [[*TRAIN, *flags, "--max-steps", str(steps), "--force", "--data",
               str(data / "train.jsonl"), "--out", str(run.out / name.replace(" ", "_").replace("+", ""))]
              for name, flags in rows.items()]
     code = TRAIN_SCRIPT.format(root=str(ROOT), lab=run.lab.number, train=str(ROOT / "train.py"), argvs=argvs,

@@ -114,16 +114,20 @@ def test_handouts_quote_only_recorded_numbers():
 
 SPAN = re.compile(r"`([^`\n]+)`")
 PROJECT = ("crops", "pool", "llama", "vit", "model", "lib", "tools", "data", "labs")
+FILE = re.compile(r"[\w./*-]+\.(py|md|sh|json|png|npz|txt)")
+MADE_BY_A_RUN = re.compile(r"^out/|starter\.py$|NN|IMPL")  # written by a run, or a placeholder
 
 
 def named(text: str):
-    """(kind, span) for each command or dotted project name in backquotes."""
+    """(kind, span) for each command, project file or dotted project name in backquotes."""
     for span in SPAN.findall(text):
         words = span.split()
         while words and re.fullmatch(r"[A-Z_]+=\S*", words[0]):  # LAB_IMPL=starter ...
             words = words[1:]
         if words and words[0] in ("bash", "python"):
             yield "command", words
+        elif FILE.fullmatch(span) and "/" in span:
+            yield "file", span
         elif re.fullmatch(r"[a-z_]+(\.[A-Za-z_]\w*)+(\(.*\))?", span) and span.split(".")[0] in PROJECT:
             yield "name", span.split("(")[0]
 
@@ -146,6 +150,8 @@ def command_problem(words) -> str:
     """What is wrong with a handout's command, or ''."""
     if words[:2] == ["bash", "run.sh"]:
         words = ["python"] + words[2:]
+    if len(words) < 2:
+        return ""
     if words[0] == "bash":
         script = ROOT / words[1]
         if not script.is_file():
@@ -173,7 +179,12 @@ def test_handouts_name_only_commands_and_functions_that_exist():
     for page in pages:
         for kind, what in named(page.read_text()):
             counted += 1
-            problem = command_problem(what) if kind == "command" else ("" if resolve(what) is not None else "not found")
+            if kind == "command":
+                problem = command_problem(what)
+            elif kind == "file":
+                problem = "" if MADE_BY_A_RUN.search(what) or list(ROOT.glob(what)) else "no such file"
+            else:
+                problem = "" if resolve(what) is not None else "not found"
             if problem:
-                problems.append(f"{page.relative_to(ROOT)}: `{what if kind == 'name' else ' '.join(what)}`: {problem}")
+                problems.append(f"{page.relative_to(ROOT)}: `{' '.join(what) if kind == 'command' else what}`: {problem}")
     assert counted > 40 and problems == []

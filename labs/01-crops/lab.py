@@ -84,7 +84,7 @@ def grids_match_the_release_pipeline(run):
     return f"{len(found)} images (tests/golden/crops_tiles_*.npz): medium and high grids as the release's"
 
 
-@check
+@check(after_pass=True)
 def the_toy_still_reads_its_page(run):
     model, tok = toy.trained()
     said = toy.answer(model, tok)
@@ -93,7 +93,7 @@ def the_toy_still_reads_its_page(run):
     return "checkpoints/zoom-tiny answers '7' about data/zoom/example.png"
 
 
-@check
+@check(after_pass=True)
 def draw_the_crops(run):
     source = Image.open(GOLDEN / "dragonfly_image.png").convert("RGB")
     grids = {}

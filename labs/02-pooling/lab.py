@@ -67,7 +67,7 @@ def paper_budgets_per_crop(run):
     return "3x3, 4x4, 6x6, 12x12, 24x24 -> 9, 16, 36, 144, 576 tokens (v2 Tables 7, 8); 24x24 is the identity"
 
 
-@check
+@check(after_pass=True)
 def the_block_is_2016_tokens_2098_positions(run):
     """A random model at the release's geometry (presets.tiny: 41 crops, 24x24 patches of one
     pixel) builds its image block with your pooling: count it, with and without CLS and separators."""

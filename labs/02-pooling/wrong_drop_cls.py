@@ -1,6 +1,6 @@
 """A known mistake for lab 02: the CLS token is dropped whatever keep_cls says (the paper's
 count has no CLS; the release keeps it, and its weights were trained so).
-Caught by: cls_first_then_block_means release_pooling_is_24x24_to_6x6 the_block_is_2016_tokens_2098_positions
+Caught by: cls_first_then_block_means release_pooling_is_24x24_to_6x6
 """
 import math
 

@@ -78,6 +78,9 @@ def pixels_match_the_release_pipeline(run):
         img = test_crops.synthetic_image(int(g["w"]), int(g["h"]), str(g["mode"]))
         cfg = dataclasses.replace(crops.V1 if str(g["version"]) == "v1" else crops.V2, size=int(g["size"]))
         out = images.crop_image(img, cfg)
+        (mc, mr), (hc, hr) = g["medium_grid"].tolist(), g["high_grid"].tolist()
+        assert len(out.pixels) == 1 + mc * mr + hc * hr, (
+            f"{path.name}: {len(out.pixels)} crops, the release cuts 1 + {mc}x{mr} + {hc}x{hr} = {1 + mc * mr + hc * hr}")
         step = int(g["step"])
         grader.assert_close(out.pixels[g["index"]][..., ::step, ::step], test_crops.expected_pixels(g),
                             f"{path.name}: the crops' pixels vs the release's")
@@ -93,7 +96,7 @@ def table_3_medium_from_low(run):
     return "from_low=True: the 4 medium tiles zoom into the low crop, not the original (v2 Table 3)"
 
 
-@check
+@check(after_pass=True)
 def the_toy_still_reads_its_page(run):
     model, tok = toy.trained()
     said = toy.answer(model, tok)

@@ -1,6 +1,6 @@
 """A known mistake for lab 03: the tiles are cut down the columns first (column-major), so the
 second medium tile is the bottom-left one, not the top-right one the release puts there.
-Caught by: pixels_match_the_release_pipeline
+Caught by: pixels_match_the_release_pipeline table_3_medium_from_low
 """
 import numpy as np
 from PIL import Image

@@ -77,7 +77,7 @@ def adaptive_windows_for_every_side(run):
     return "8x8 -> 3x3, 5x5, 6x6, 7x7 and 24x24 -> 5x5: each cell its floor..ceil window"
 
 
-@check
+@check(after_pass=True)
 def positions_and_cost_per_side(run):
     """The toy's image block built with your pooling at each side, and the paper's at the same
     budget (presets.py)."""
@@ -97,7 +97,7 @@ def positions_and_cost_per_side(run):
                      for s, c in cost.items())
 
 
-@check
+@check(after_pass=True)
 def the_toy_still_reads_its_page(run):
     model, tok = toy.trained()
     said = toy.answer(model, tok)

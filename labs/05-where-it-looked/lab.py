@@ -66,7 +66,7 @@ def weights_times_values_is_sdpa(run):
     return "weights @ values equals scaled_dot_product_attention at the answer's rows (1e-5)"
 
 
-@check
+@check(after_pass=True)
 def the_toy_looks_at_its_high_crops(run):
     model, tok = toy.trained()
     crops = crop_image(toy.EXAMPLE, model.cfg.crops)
