@@ -135,10 +135,12 @@ def original(dotted: str):
 
 
 def project_modules():
-    """Loaded modules from the project's files, the labs' own excepted."""
+    """Loaded modules from the project's files: not the labs' own, not the packages of a .venv
+    inside the repository."""
     for module in list(sys.modules.values()):
         file = getattr(module, "__file__", None)
-        if file and Path(file).resolve().is_relative_to(ROOT) and not Path(file).resolve().is_relative_to(LABS):
+        path = Path(file).resolve() if file else None
+        if path and path.is_relative_to(ROOT) and not path.is_relative_to(LABS) and "site-packages" not in path.parts:
             yield module
 
 
@@ -164,11 +166,15 @@ def swapped(functions: dict):
             setattr(module, name, old)
 
 
+INSTALLED = []  # install()'s swaps: a swap left unreferenced would be closed, and undone, by the garbage collector
+
+
 def install(number: str, path):
     """The swap for the rest of this process: train.py run by a lab (labs/toy.py) starts so, and
     its DataLoader workers fork from it with the student's functions in place."""
-    lab = find(number)
-    swapped(implementation(lab, path)).__enter__()
+    swap = swapped(implementation(find(number), path))
+    swap.__enter__()
+    INSTALLED.append(swap)
 
 
 def assert_close(got, want, what: str, atol: float = 1e-5):
@@ -198,11 +204,14 @@ class Run:
             self.stable.append(key)
 
 
-def impl_name(path) -> str:
-    if path is None:
-        return "project"
+def shown(path) -> str:
+    """A path as a line says it: from the repository root when it is inside."""
     path = Path(path).resolve()
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def impl_name(path) -> str:
+    return "project" if path is None else shown(path)
 
 
 def run(lab: Lab, path=None, full: bool = False, say=print, out: Path = OUT) -> dict:
@@ -294,7 +303,7 @@ def write_record(lab: Lab, result: dict):
     if result["impl"] != "project" or not result["ok"]:
         raise ValueError("--record keeps only a passing run of the project's own implementation")
     ref = reference(lab)
-    ref[result["mode"]] = result
+    ref[result["mode"]] = json.loads(json.dumps(result))  # as it will be read back: JSON keys are strings
     (lab.dir / "reference.json").write_text(json.dumps(ref, indent=1) + "\n")
     handout = lab.dir / "README.md"
     handout.write_text(OBSERVE.sub(lambda _: observe_block(lab, ref), handout.read_text()))

@@ -90,6 +90,19 @@ def test_a_swap_reaches_names_imported_elsewhere_and_is_undone():
     assert crops.make_crops is draw_crops.make_crops is not fake
 
 
+def test_an_installed_swap_lasts_until_it_is_closed():
+    # train.py run by labs 03 and 04 starts with install(): its DataLoader workers must see the swap
+    import gc
+    import crops
+    grader.install("01", LABS["01"].dir / "wrong_tie_last.py")
+    try:
+        gc.collect()
+        assert crops.select_best_resolution.__module__ == "labimpl_01_wrong_tie_last"
+    finally:
+        grader.INSTALLED.pop().__exit__(None, None, None)
+    assert crops.select_best_resolution is grader.original("crops.select_best_resolution")
+
+
 # ---- the command and the handouts ----------------------------------------------------------------
 def test_check_sh_prints_a_line_per_check_and_exits_1_on_a_mistake():
     env = {**os.environ, "PYTHON": sys.executable}

@@ -104,7 +104,7 @@ def draw_the_crops(run):
         grids[shape] = dict(medium=list(c.medium_grid), high=list(c.high_grid), crops=list(c.counts))
         assert sum(c.counts) == 41, f"{shape}: {c.counts} crops, Figure 1 has 1 + 4 + 36 = 41"
     run.record("grids", grids)
-    return f"wrote {', '.join(s + '.png' for s in grids)} in {run.out.relative_to(grader.ROOT)}"
+    return f"wrote {', '.join(s + '.png' for s in grids)} in {grader.shown(run.out)}"
 
 
 def observe(ref) -> str:
@@ -113,6 +113,7 @@ def observe(ref) -> str:
     for shape, g in v["grids"].items():
         w, h = SHAPES[shape]
         rows.append(f"| {shape} {w}x{h} | {tuple(g['medium'])} | {tuple(g['high'])} | {' + '.join(map(str, g['crops']))} |")
-    return "\n".join(rows + ["", f"The 300x75 strip gets {tuple(v['strip'])}; the toy answers {v['toy_answer']!r}. "
+    strip = tuple(v["strip"])
+    return "\n".join(rows + ["", f"The 300x75 strip gets {strip}, a {strip[0] // 336}x{strip[1] // 336} grid; the toy answers {v['toy_answer']!r}. "
                                  "Pictures: `out/labs/01-crops/project/square.png`, `tall.png`, `wide.png` "
                                  "(yours: `out/labs/01-crops/starter/`)."])

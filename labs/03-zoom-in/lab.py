@@ -117,7 +117,7 @@ def train_l_lm_lh(run):
     positions = {name: r["positions"] for name, r in rows.items()}
     assert positions == {"L": 18, "L+M": 42, "L+H": 234}, f"image positions {positions}; the toy's L, L+M, L+H have 18, 42, 234"
     if not run.full:
-        return f"{budget['steps']} steps of each row trained with your crops; positions {positions}"
+        return f"{budget['steps']} training step(s) of each row with your crops; positions {positions}"
     acc = {name: r["accuracy"] for name, r in rows.items()}
     assert acc["L+H"] >= 90, f"L+H scores {acc['L+H']:.1f}% after 150 steps; the study's L+H scores 100"
     assert acc["L"] <= 25, f"L scores {acc['L']:.1f}%; the low crop alone cannot see the digits (chance is about 10%)"
@@ -135,6 +135,6 @@ def observe(ref) -> str:
             continue
         top = f"{r['top_answer'] or '(empty)'} ({r['top_share']}%)" if "top_answer" in r else "-"
         lines.append(f"| {name} | {r['positions']} | {r['accuracy']:.1f} | {top} | {PAPER_TEXTVQA[name]} | {r['step_s']} |")
-    return "\n".join(lines + ["", f"The toy answers {ref['run']['values']['toy_answer']!r} with these crops. "
+    return "\n".join(lines + ["", f"The toy answers {(ref.get('run') or ref['full'])['values']['toy_answer']!r} with these crops. "
                                   f"Full form: {STUDY['steps']} steps of 16 on {STUDY['n_train']} pages, seed 0, scored on "
                                   f"{STUDY['n_test']} held-out pages."])

@@ -30,6 +30,7 @@ PAPER_ROWS = {3: "v2-LH-9", 4: "v2-LH-16", 6: "v2-LH", 8: "v2-LH-64"}
 PAPER_TEXTVQA = {3: 59.1, 4: 64.6, 6: 65.2, 8: 66.8}  # v2 Table 8 (9, 16, 36, 64 tokens per high crop)
 ROWS = ("L+H 3x3", "L+H 8x8")
 SMOKE = dict(steps=1, n_train=16, n_test=8)
+TEXT = 24                                             # text tokens of a zoom sample, about (the question and answer)
 STUDY = dict(steps=150, n_train=4000, n_test=200)
 
 
@@ -56,6 +57,16 @@ def divisible_sides_still_average_blocks(run):
     x = torch.randn(2, 65, 3, generator=torch.Generator().manual_seed(0))
     grader.assert_close(pool.mean_pool(x, 2), windows(x, 2), "8x8 pooled to 2x2 (the toy's medium and high crops)")
     return "2x2 of 4x4 and of 8x8: block means, as in lab 02"
+
+
+@check
+def a_side_that_does_not_divide_needs_adaptive(run):
+    try:
+        pool.mean_pool(torch.randn(1, 65, 2), 3)
+    except ValueError:
+        return "8x8 to 3x3 without adaptive=True raises ValueError, as the release's fixed kernel cannot do it"
+    raise AssertionError("8x8 pooled to 3x3 without adaptive=True returned a result; it must raise ValueError "
+                         "(a kernel of 8 / 3 patches does not exist; say so instead of guessing)")
 
 
 @check
@@ -90,9 +101,12 @@ def positions_and_cost_per_side(run):
             block = m.image_block(torch.randn(1, 37, 3, 56, 56))
         assert block.shape[1] == M.image_positions(cfg), f"high {side}x{side}: {block.shape[1]} positions, the config says {M.image_positions(cfg)}"
         paper = presets.PRESETS[PAPER_ROWS[side]]
-        cost[side] = dict(toy_positions=block.shape[1], paper_tokens=presets.image_tokens_paper(paper),
+        cost[side] = dict(toy_positions=block.shape[1], toy_gflops=round(presets.train_flops_per_sample(cfg, TEXT) / 1e9, 2),
+                          paper_tokens=presets.image_tokens_paper(paper),
                           paper_positions=M.image_positions(paper), paper_tflops=round(presets.flops(paper) / 1e12, 2))
     run.record("cost", cost)
+    flops = [cost[side]["toy_gflops"] for side in SIDES]
+    assert flops == sorted(flops), f"the toy's training FLOPs per sample by side {SIDES}: {flops}; more tokens cost more"
     return ", ".join(f"{s}x{s}: toy {c['toy_positions']} positions, paper {c['paper_tokens']} tokens {c['paper_tflops']} TFLOPs"
                      for s, c in cost.items())
 
@@ -116,24 +130,27 @@ def train_high_3x3_and_8x8(run):
     three, eight = rows["L+H 3x3"], rows["L+H 8x8"]
     assert (three["positions"], eight["positions"]) == (414, 2394), f"positions {three['positions']}, {eight['positions']}; want 414, 2394"
     if not run.full:
-        return f"{budget['steps']} step of each trained with your pooling: 414 and 2394 positions"
+        return f"{budget['steps']} training step(s) of each with your pooling: 414 and 2394 positions"
     assert min(three["accuracy"], eight["accuracy"]) >= 90, (
         f"held-out accuracy 3x3 {three['accuracy']:.1f}%, 8x8 {eight['accuracy']:.1f}%; the study's are 100 and 100")
-    slower = eight["step_s"] / three["step_s"]
-    assert slower > 1.3, f"a training step at 8x8 took {slower:.2f}x one at 3x3; 5.8x the positions should cost more"
+    # The time per step is recorded, not asserted: on a shared CPU another job's load moves it more
+    # than the 2.9x the FLOPs say (positions_and_cost_per_side asserts the cost instead).
     return (f"3x3 {three['accuracy']:.1f}% at {three['step_s']} s/step, 8x8 {eight['accuracy']:.1f}% at "
-            f"{eight['step_s']} s/step ({slower:.1f}x)")
+            f"{eight['step_s']} s/step")
 
 
 def observe(ref) -> str:
-    v, full = ref["run"]["values"], ref.get("full", {}).get("values", {})
-    lines = ["| high crops pooled to | toy positions | toy accuracy, 150 steps | toy s/step | paper tokens | paper TFLOPs "
-             "| paper TextVQA (Table 8) |", "|---|---:|---:|---:|---:|---:|---:|"]
+    v, full = (ref.get("run") or ref["full"])["values"], ref.get("full", {}).get("values", {})
+    lines = ["| high crops pooled to | toy positions | toy training GFLOPs per sample | toy accuracy, 150 steps "
+             "| toy s per step | paper tokens | paper TFLOPs | paper TextVQA (Table 8) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for side in SIDES:
         c, r = v["cost"][str(side)], full.get(f"L+H {side}x{side}")
         acc, step = (f"{r['accuracy']:.1f}", r["step_s"]) if r else ("-", "-")
-        lines.append(f"| {side}x{side} | {c['toy_positions']} | {acc} | {step} | {c['paper_tokens']} | {c['paper_tflops']} "
-                     f"| {PAPER_TEXTVQA[side]} |")
+        lines.append(f"| {side}x{side} | {c['toy_positions']} | {c['toy_gflops']} | {acc} | {step} | {c['paper_tokens']} "
+                     f"| {c['paper_tflops']} | {PAPER_TEXTVQA[side]} |")
     return "\n".join(lines + ["", f"Trained with --full: 3x3 and 8x8 only ({STUDY['steps']} steps of 16, "
                                   f"{STUDY['n_train']} pages, seed 0, {STUDY['n_test']} held-out pages); 4x4 and 6x6: "
-                                  "data/zoom/ablations.md."])
+                                  "data/zoom/ablations.md. Training FLOPs: `lib.presets.train_flops_per_sample` with "
+                                  f"{TEXT} text tokens. The seconds per step are wall time on a shared CPU (see the load "
+                                  "averages below)."])

@@ -77,7 +77,7 @@ def the_toy_looks_at_its_high_crops(run):
     run.record("example", shares)
     assert tok.decode(answer).strip() == "7", f"the toy answered {tok.decode(answer)!r}, not '7'"
     assert shares["high"] > 50, f"the answer gives its high crops {shares['high']}% of its attention; the project's weights give most of it to them (handout, Observe)"
-    return f"example page: {looked.summary(look)}; wrote {(run.out / 'looked.png').relative_to(grader.ROOT)}"
+    return f"example page: {looked.summary(look)}; wrote {grader.shown(run.out / 'looked.png')}"
 
 
 @check(after_pass=True)

@@ -154,7 +154,7 @@ def observe(ref) -> str:
     v = ref["run"]["values"]
     g = np.load(GOLDEN / "dragonfly_v1.npz")
     cols, rows = g["high_grid"].tolist()
-    lines = [f"The golden v1 image ({g['image_size'][0]}x{g['image_size'][1]}) gets medium grid {tuple(g['medium_grid'])} "
+    lines = [f"The golden v1 image ({g['image_size'][0]}x{g['image_size'][1]}) gets medium grid {tuple(g['medium_grid'].tolist())} "
              f"and high grid {(cols, rows)}: 24 high crops, row-major. Kept (the numbers are high-crop indices):", "",
              "| rule | regions | kept |", "|---|---|---|",
              f"| release | runs [0..5], [6..11], [12..17], [18..23] | {v['release']} |",
