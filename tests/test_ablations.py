@@ -125,8 +125,10 @@ def study(tmp_path, *extra):
     from conftest import ROOT
     argv = [sys.executable, "-m", "data.zoom.ablations", "--steps", "300", "--train", "32", "--test", "4", "--seeds", "0",
             "--runs", "L", "--out", str(tmp_path / "out"), "--results", str(tmp_path / "res"), *extra]
+    # Ctrl-C at its default, as a terminal starts a program: the runner of this suite may be ignoring
+    # SIGINT (a background job's is), and an ignored SIGINT is inherited across exec
     return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for_training(proc, log):

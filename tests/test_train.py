@@ -487,7 +487,8 @@ def test_ctrl_c_saves_a_checkpoint_and_exits(zoom_data, tmp_path):
     # as a terminal sends it: to the whole process group, DataLoader workers included
     cmd = [sys.executable, str(ROOT / "train.py"), *COMMON, "--workers", "1", "--max-steps", "200",
            "--data", str(zoom_data / "train.jsonl"), "--out", str(tmp_path)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as from a terminal
     deadline = time.time() + 300
     while not ((tmp_path / "log.jsonl").exists() and (tmp_path / "log.jsonl").read_text()) and time.time() < deadline:
         time.sleep(0.2)

@@ -58,7 +58,8 @@ def run(args, name=None, quiet=False):
     code = proc.returncode
     if code in STOPPED or (signalled and code):
         what = "the training (train.py)" if name == "train.py" else name
-        print(f"error: {what} was interrupted ({STOPPED.get(code, 'Ctrl-C')}): the study stops here; "
+        how = "Ctrl-C" if signalled else STOPPED.get(code, "Ctrl-C")  # our SIGTERM to the child is not the cause
+        print(f"error: {what} was interrupted ({how}): the study stops here; "
               "rerun the same command to continue (finished runs are kept)", file=sys.stderr)
         raise SystemExit(130 if signalled or STOPPED.get(code) == "Ctrl-C" else 143)
     if code:
