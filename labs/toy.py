@@ -39,6 +39,15 @@ def answer(model, tok, image=EXAMPLE, question=QUESTION) -> str:
     return tok.decode(M.greedy_ids(model, [tok.encode_prompt(question)], [crops], 4, tok.stop_ids)[0]).strip()
 
 
+def reads_its_page(run):
+    """The check several labs end with: the trained toy, running the student's function, still
+    answers "7" about data/zoom/example.png (the answer is recorded)."""
+    model, tok = trained()
+    said = answer(model, tok)
+    run.record("toy_answer", said)
+    assert said == "7", f"the trained toy answered {said!r} about data/zoom/example.png, not '7'"
+
+
 def pages(folder: Path, n_test: int, n_train: int = 0) -> list:
     """Held-out pages of the study (prepare.py, seed 0: the same bytes every time) in `folder`,
     made once; the training split too when n_train > 0. Returns the test records."""
