@@ -38,6 +38,22 @@ def _rng(seed, i, purpose):
     return random.Random(f"{seed}/{i}/{purpose}")
 
 
+def open_crops(image: str, images_dir, images_anywhere: bool, crop_cfg, i: int):
+    """Record i's image -> (pixels (N, 3, S, S), grids (medium, high)), or a Skipped saying why not:
+    a path leaving `images_dir` (unless images_anywhere), a missing file, an unreadable one."""
+    # opened as judged: `..` taken away in the text, as _inside counts it
+    path = Path(os.path.normpath(images_dir / image if images_dir is not None else image))
+    if images_dir is not None and not images_anywhere and not _inside(image):
+        return Skipped("image outside the images folder", i, str(path))
+    if not path.is_file():
+        return Skipped("missing image", i, str(path))
+    try:
+        crops = crop_image(path, crop_cfg)
+    except Exception as e:              # PIL raises many types on hostile files
+        return Skipped("bad image", i, f"{path}: {e}")
+    return torch.from_numpy(crops.pixels), (crops.medium_grid, crops.high_grid)
+
+
 class VLDataset(torch.utils.data.Dataset):
     """records_path: LLaVA/ShareGPT JSON or release JSONL (formats.py), or its RecordFile; image paths in it are
     relative to images_dir, and must stay inside it unless images_anywhere. JSONL is memory-mapped; a JSON list is parsed whole at start, so
@@ -92,18 +108,10 @@ class VLDataset(torch.utils.data.Dataset):
 
         pixels = grids = None
         if image is not None:
-            # opened as judged: `..` taken away in the text, as _inside counts it
-            path = Path(os.path.normpath(self.images_dir / image if self.images_dir is not None else image))
-            if self.images_dir is not None and not self.images_anywhere and not _inside(image):
-                return Skipped("image outside the images folder", i, str(path))
-            if not path.is_file():
-                return Skipped("missing image", i, str(path))
-            try:
-                crops = crop_image(path, self.crop_cfg)
-            except Exception as e:              # PIL raises many types on hostile files
-                return Skipped("bad image", i, f"{path}: {e}")
-            pixels = torch.from_numpy(crops.pixels)                       # (N, 3, S, S)
-            grids = (crops.medium_grid, crops.high_grid)
+            opened = open_crops(image, self.images_dir, self.images_anywhere, self.crop_cfg, i)
+            if isinstance(opened, Skipped):
+                return opened
+            pixels, grids = opened
         return {"tokens": torch.tensor(tokens, dtype=torch.long), "labels": torch.tensor(labels, dtype=torch.long),
                 "pixels": pixels, "grids": grids, "truncated": truncated, "index": i}
 

@@ -22,16 +22,14 @@ docs/release-facts.md#training-recipe:
 The image block (2098 positions for the release's crops) is not part of these ids: as in our
 default it goes in front of them, and its labels are -100.
 """
-import os
 import random
 from collections import Counter
 from pathlib import Path
 
 import torch
 
-from data.dataset import Skipped, _inside, _rng
+from data.dataset import Skipped, _rng, open_crops
 from data.formats import IGNORE, RecordFile
-from lib.images import crop_image
 
 # D:37-60, verbatim, the stray quote of "about'?" included (D:47)
 CAPTION_INSTRUCTIONS = (
@@ -165,16 +163,10 @@ class ReleaseDataset(torch.utils.data.Dataset):
             return Skipped("malformed record", i, str(e))
         image, pixels, grids = image_of(record), None, None
         if image is not None and self.load_images:
-            path = Path(os.path.normpath(self.images_dir / image if self.images_dir is not None else image))
-            if self.images_dir is not None and not self.images_anywhere and not _inside(image):
-                return Skipped("image outside the images folder", i, str(path))
-            if not path.is_file():
-                return Skipped("missing image", i, str(path))
-            try:
-                crops = crop_image(path, self.crop_cfg)
-            except Exception as e:              # PIL raises many types on hostile files
-                return Skipped("bad image", i, f"{path}: {e}")
-            pixels, grids = torch.from_numpy(crops.pixels), (crops.medium_grid, crops.high_grid)
+            opened = open_crops(image, self.images_dir, self.images_anywhere, self.crop_cfg, i)
+            if isinstance(opened, Skipped):
+                return opened
+            pixels, grids = opened
         return {"prompt": text, "instruction": instruction, "image": image, "pixels": pixels, "grids": grids,
                 "index": i}
 
