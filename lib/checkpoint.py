@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from lib import locks
 from lib import pretrained
+from lib import weights
 from lib.tokenizer import Tokenizer
 
 MARKER = "complete.json"
@@ -292,16 +293,9 @@ def check_out(out: Path, inputs: dict):
     """Refuse, before anything is written, an --out that cannot hold a run or would write over
     an input. inputs: flag -> (path, whether an --out inside it is refused too: a model folder)."""
     try:
-        where = out.resolve()
-    except RuntimeError:  # a symbolic link loop (Python < 3.13)
-        raise SystemExit(f"error: --out {out}: a loop of symbolic links (a link that leads back to itself); "
-                         "give a real path") from None
-    for flag, (path, inside) in inputs.items():
-        p = Path(path).resolve()
-        how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""
-        if how:
-            raise SystemExit(f"error: --out {out} {how} {flag} {path}: training would write over its input; "
-                             "choose another --out")
+        weights.refuse_input_overlap(out, inputs, "training")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     if out.exists() and not out.is_dir():
         raise SystemExit(f"error: --out {out} is a file; give a folder (new or empty) for the run")
     try:

@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+from lib import weights
+
 
 def claim_out(out: Path, identity: dict, restart: bool) -> Path:
     """OUT's predictions file, once its answers are known to come from a run like this one
@@ -35,16 +37,7 @@ def claim_out(out: Path, identity: dict, restart: bool) -> Path:
 def check_out(out: Path, inputs: dict):
     """Refuse an --out that would write over an input or another tool's run (train.py's OUT holds
     run.json too). inputs: flag -> (path, whether an --out inside it is refused too: a model folder)."""
-    try:
-        where = out.resolve()
-    except RuntimeError:  # a symbolic link loop (Python < 3.13)
-        raise ValueError(f"--out {out}: a loop of symbolic links (a link that leads back to itself); "
-                         "give a real path") from None
-    for flag, (path, inside) in inputs.items():
-        p = Path(path).resolve()
-        how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""
-        if how:
-            raise ValueError(f"--out {out} {how} {flag} {path}: eval would write over its input; choose another --out")
+    weights.refuse_input_overlap(out, inputs, "eval")
     try:
         recorded = json.loads((out / "run.json").read_text())
     except (OSError, ValueError):

@@ -299,6 +299,23 @@ def read_config(file) -> dict:
     return cfg
 
 
+def refuse_input_overlap(out: Path, inputs: dict, tool: str) -> Path:
+    """--out resolved, after refusing (ValueError) one that is, holds or, for a model folder, sits
+    inside an input. inputs: flag -> (path, whether an --out inside it is refused too); tool: who
+    would write ("training", "eval"). Shared by train.py's and eval's output checks."""
+    try:
+        where = out.resolve()
+    except RuntimeError:  # a symbolic link loop (Python < 3.13)
+        raise ValueError(f"--out {out}: a loop of symbolic links (a link that leads back to itself); "
+                         "give a real path") from None
+    for flag, (path, inside) in inputs.items():
+        p = Path(path).resolve()
+        how = "is" if where == p else "holds" if where in p.parents else "is inside" if inside and p in where.parents else ""
+        if how:
+            raise ValueError(f"--out {out} {how} {flag} {path}: {tool} would write over its input; choose another --out")
+    return where
+
+
 def require_checkpoint(path) -> Path:
     """`path` if it holds a config.json and weights, else CheckpointError saying what is missing,
     so a wrong directory is reported as such and not as the first file some loader looks for."""
