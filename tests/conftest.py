@@ -1,4 +1,5 @@
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -23,6 +24,15 @@ def script(path: str) -> list:
     other one as a module from the repository root (`tools/eval.py` -> `-m tools.eval`): run the
     command with cwd=ROOT."""
     return [str(ROOT / path)] if "/" not in path else ["-m", path[:-3].replace("/", ".")]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, from the kernel, for a test's torchrun or gloo rendezvous:
+    a fixed port collides with another run of the suite on the same machine."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -47,11 +48,10 @@ def step(model, optim, batch):
     optim.zero_grad(set_to_none=True)
 
 
-def run(rank, world, stage, grad_checkpoint, port):
+def run(rank, world, stage, grad_checkpoint, store):
     torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+    if world > 1:  # a file rendezvous: no TCP port that another test's run could hold, no store server to outlive
+        dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world)
     torch.manual_seed(0)
     cfg = small_config()
     model = M.Dragonfly(cfg)
@@ -88,9 +88,10 @@ if __name__ == "__main__":
     p.add_argument("--world", type=int, default=1)
     p.add_argument("--stage", default="sft")
     p.add_argument("--grad-checkpoint", action="store_true")
-    p.add_argument("--port", type=int, default=29533)
     a = p.parse_args()
-    if a.world == 1:
-        run(0, 1, a.stage, a.grad_checkpoint, a.port)
-    else:
-        mp.spawn(run, args=(a.world, a.stage, a.grad_checkpoint, a.port), nprocs=a.world)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = os.path.join(tmp, "rendezvous")
+        if a.world == 1:
+            run(0, 1, a.stage, a.grad_checkpoint, store)
+        else:
+            mp.spawn(run, args=(a.world, a.stage, a.grad_checkpoint, store), nprocs=a.world)

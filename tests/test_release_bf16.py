@@ -13,7 +13,7 @@ import torch
 import llama
 import model
 from lib import pretrained
-from conftest import DEVICE, GOLDEN
+from conftest import DEVICE, GOLDEN, free_port
 import tiny_checkpoints as tiny
 from lib.images import crop_image
 
@@ -80,7 +80,7 @@ def test_fsdp_bf16_training_rotates_in_bf16(monkeypatch):
     import torch.distributed as dist
     from lib import training
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29650 + os.getpid() % 300))
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
         torch.manual_seed(0)

@@ -20,7 +20,7 @@ import train
 from lib import training
 from lib.images import crop_image
 from lib.train_config import TrainConfig, fields
-from conftest import ROOT
+from conftest import ROOT, free_port
 
 COMMON = ["--model", "tiny", "--batch-size", "4", "--micro-batch", "2", "--lr", "1e-3", "--workers", "0",
           "--no-grad-checkpoint", "--save-every", "100"]
@@ -43,7 +43,7 @@ def run_single(zoom_data, out, *extra):
 
 
 def run_two(zoom_data, out, *extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(ROOT / "train.py"), *COMMON, "--data", str(zoom_data / "train.jsonl"), "--out", str(out), *extra]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
@@ -562,7 +562,7 @@ def test_sigterm_to_torchrun_saves_every_rank_at_one_step(zoom_data, tmp_path):
     # the signal comes while both ranks wait for data (a stalled pipeline), the case that saved nothing
     trigger, log, script = tmp_path / "stall", tmp_path / "out" / "log.jsonl", tmp_path / "stalling_train.py"
     script.write_text(STALL.format(root=str(ROOT), trigger=str(trigger)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29518", str(script),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}", str(script),
            *COMMON, "--max-steps", "400", "--data", str(zoom_data / "train.jsonl"), "--out", str(tmp_path / "out")]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
