@@ -19,6 +19,7 @@ import random
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -191,16 +192,24 @@ def release_streams(cfg: TrainConfig, tok, mcfg, rank, world) -> dict:
     return streams
 
 
-def micro_batches(loader, sampler, consumed: dict):
+def micro_batches(loader, sampler, consumed: dict, stop=None):
     """The loader's batches epoch after epoch. Workers prefetch ahead of the loop, so
-    consumed["n"] counts what the loop took (the data position a checkpoint saves)."""
+    consumed["n"] counts what the loop took (the data position a checkpoint saves). Only the wait
+    for a batch can be cut short by a signal (`stop`): while the loader forks its workers or
+    turns an epoch, a signal is a request the loop reads after the step."""
+    waiting = stop.waiting_for_data if stop else nullcontext
+    epoch = iter(loader)
     while True:
-        for batch in loader:
-            parts = [p for p in (batch["image"], batch["text"]) if p]
-            consumed["n"] += sum(batch["skipped"].values()) + sum(len(p["index"]) for p in parts)
-            yield batch
-        sampler.set_epoch(sampler.epoch + 1)
-        consumed["n"] = 0
+        with waiting():
+            batch = next(epoch, None)
+        if batch is None:
+            sampler.set_epoch(sampler.epoch + 1)
+            consumed["n"] = 0
+            epoch = iter(loader)    # the same workers (persistent_workers), the new epoch's order
+            continue
+        parts = [p for p in (batch["image"], batch["text"]) if p]
+        consumed["n"] += sum(batch["skipped"].values()) + sum(len(p["index"]) for p in parts)
+        yield batch
 
 
 def forward_backward(model, parts, n_tokens, world, device, autocast):
@@ -266,11 +275,11 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
     loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.micro_batch, sampler=sampler, num_workers=cfg.workers,
                                          collate_fn=partial(release_data.collate, tok=tok, max_length=cfg.max_seq)
                                          if cfg.recipe == "release" else partial(collate, pad_id=tok.eos_id),
-                                         persistent_workers=False,
+                                         persistent_workers=cfg.workers > 0,
                                          worker_init_fn=checkpoint.ignore_stop_signals if cfg.workers else None)
     extras = release_streams(cfg, tok, mcfg, rank, world) if cfg.recipe == "release" else {}
     consumed = {"n": sampler.position}
-    batches = micro_batches(loader, sampler, consumed)
+    batches = micro_batches(loader, sampler, consumed, stop)
     log = open(out / "log.jsonl", "a") if rank == 0 else None
     bar = tqdm(total=total, initial=step, dynamic_ncols=True, desc=cfg.stage) if rank == 0 else None
     health = SkipCount(len(dataset), cfg.max_skip)
@@ -288,8 +297,7 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
         while step < total and not interrupted:
             t0 = time.time()
             try:
-                with stop.waiting_for_data():
-                    group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
+                group = [next(batches) for _ in range(accum)]  # the whole global step, to count its tokens first
             except checkpoint.Interrupted:
                 group = None
             # Every process agrees before the step's collectives: a signal while one waited for data

@@ -29,6 +29,7 @@ import uuid
 import shutil
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -243,11 +244,17 @@ class Stop:
     which the loop reads after the step, so the step is finished and saved; while the loop waits
     for data (a stalled worker, a slow disk) it raises Interrupted at once, since the wait may
     never end. A second Ctrl-C is Python's KeyboardInterrupt again: it aborts without saving.
-    `close` puts the previous handlers back."""
+    `close` puts the previous handlers back.
+
+    Python runs a handler wherever the main thread is, and where it cannot pass an exception on
+    (a __del__ the garbage collector runs during the wait, a fork's callback) it prints it and
+    drops it: `_dropped` sees that and sends the signal again, so the wait still ends. train.py
+    keeps the loader's own starts and stops outside the wait (micro_batches)."""
 
     def __init__(self):
         self.requested, self.waiting, self.pid, self.signum = False, False, os.getpid(), None
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self.previous_hook, sys.unraisablehook = sys.unraisablehook, self._dropped
 
     def _handle(self, signum, frame):
         if os.getpid() != self.pid:     # a forked DataLoader worker before ignore_stop_signals ran
@@ -260,9 +267,21 @@ class Stop:
         if self.waiting:
             raise Interrupted()
 
+    def _dropped(self, info):
+        if not isinstance(info.exc_value, Interrupted):
+            return self.previous_hook(info)
+        again = threading.Timer(0.1, self._again)    # after the callback has returned
+        again.daemon = True
+        again.start()
+
+    def _again(self):
+        if self.waiting:    # SIGTERM, whatever came first: a second SIGINT would abort without saving
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+
     def close(self):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+        sys.unraisablehook = self.previous_hook
 
     @contextmanager
     def waiting_for_data(self):
@@ -279,9 +298,18 @@ def ignore_stop_signals(worker_id=None):
     """A DataLoader worker's start (worker_init_fn): a scheduler, torchrun and a terminal signal
     the whole process group, and a worker that died of it would take the trainer down before it
     saves. A worker ignores Ctrl-C and its first SIGTERM, so the trainer decides; a second
-    SIGTERM (the loader's own shutdown of a worker that is stuck) ends it as usual."""
+    SIGTERM (the loader's own shutdown of a worker that is stuck) ends it as usual. A trainer
+    stopped while it received a batch hangs up on the worker's handoff of the batch's shared
+    memory (multiprocessing's resource sharer prints errors through sys.excepthook): that broken
+    connection is the stop, not a fault, and is not printed."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _next_sigterm_ends)
+    sys.excepthook = _quiet_hangup
+
+
+def _quiet_hangup(kind, value, tb):
+    if not issubclass(kind, ConnectionError):
+        sys.__excepthook__(kind, value, tb)
 
 
 def _next_sigterm_ends(signum, frame):

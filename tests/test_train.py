@@ -586,6 +586,70 @@ def test_sigterm_to_torchrun_saves_every_rank_at_one_step(zoom_data, tmp_path):
     assert sorted(p.name for p in saved.glob("extra_rank*")) == ["extra_rank0.pt", "extra_rank1.pt"]
 
 
+def test_a_stop_signal_that_lands_where_python_drops_exceptions_still_ends_the_wait(capfd):
+    # A handler runs wherever the main thread is; inside a __del__ (or the loader's fork callbacks,
+    # as CI once saw) Python prints its exception and drops it, and the wait for data went on
+    from lib import checkpoint
+
+    class SignalledWhileCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):   # bytecodes for the handler to run in, inside __del__
+                pass
+
+    handler, hook = signal.getsignal(signal.SIGTERM), sys.unraisablehook
+    stop, t0 = checkpoint.Stop(), time.time()
+    try:
+        with pytest.raises(checkpoint.Interrupted), stop.waiting_for_data():
+            SignalledWhileCollected()
+            time.sleep(20)          # a loader that never answers
+    finally:
+        stop.close()
+    assert time.time() - t0 < 5 and stop.requested and stop.signum == signal.SIGTERM
+    assert "Exception ignored" not in capfd.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) is handler and sys.unraisablehook is hook
+
+
+def test_only_the_wait_for_a_batch_is_interruptible_not_the_loader_turning_an_epoch():
+    # an exception raised inside the loader's fork of its workers or its shutdown of them was
+    # dropped there (the wait went on) or left a worker that the trainer's exit waited on forever
+    from lib import checkpoint
+    from data.dataset import ShardedSampler
+    stop, seen = checkpoint.Stop(), []
+
+    class Loader:
+        def __iter__(self):
+            seen.append(("iter", stop.waiting))
+            return self.batches()
+
+        def batches(self):
+            for i in range(2):
+                seen.append(("next", stop.waiting))
+                yield {"image": None, "text": {"index": [i]}, "skipped": {}}
+            seen.append(("end", stop.waiting))
+
+    sampler, consumed = ShardedSampler(2), {"n": 0}
+    try:
+        batches = train.micro_batches(Loader(), sampler, consumed, stop)
+        got = [next(batches) for _ in range(3)]
+    finally:
+        stop.close()
+    assert [b["text"]["index"] for b in got] == [[0], [1], [0]] and sampler.epoch == 1 and consumed["n"] == 1
+    assert seen == [("iter", False), ("next", True), ("next", True), ("end", True), ("iter", False), ("next", True)]
+
+
+def test_a_worker_does_not_print_the_trainer_hanging_up_on_it():
+    # a trainer stopped while it received a batch breaks the worker's handoff of its shared memory
+    code = """if True:
+        import sys
+        from lib import checkpoint
+        checkpoint.ignore_stop_signals(0)
+        for e in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset"), ValueError("a real fault")):
+            sys.excepthook(type(e), e, None)"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stderr.strip().splitlines() == ["ValueError: a real fault"], r.stderr
+
+
 def test_a_save_past_the_file_size_limit_is_one_error_line(zoom_data, tmp_path):
     # `ulimit -f` (RLIMIT_FSIZE): SIGXFSZ killed train.py; ignored, the save fails: one line, no step_*.tmp
     import resource
