@@ -111,7 +111,15 @@ def step_counts(parts, group, world):
 
 
 def main(argv=None):
-    """Check the flags, data and --out, claim --out for this run, train, release --out."""
+    """Check the flags, data and --out, claim --out for this run, train, release --out. A run that
+    cannot go on (checkpoint.RunError) ends in one `error:` line and exit status 1."""
+    try:
+        return run(argv)
+    except checkpoint.RunError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def run(argv):
     cfg = parse_config(argv, __doc__)
     records = open_records(cfg)
     tok_path = find_tokenizer(cfg)

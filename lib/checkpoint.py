@@ -117,9 +117,9 @@ def save(out: Path, step, model, optim, scheduler, sampler_state, rank, run_id="
         shutil.rmtree(tmp, ignore_errors=True)  # zip writer says only "unexpected pos"): one line, no half-written step
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]  # DCP's: each rank's traceback
         why = e.strerror if isinstance(e, OSError) and e.strerror else (lines or [type(e).__name__])[-1][:200]
-        raise SystemExit(f"error: cannot write the checkpoint of step {step} in {out} ({why}): is the disk full, "
-                         f"or a file size limit (ulimit -f) reached? Free space, then --resume continues from "
-                         f"the newest checkpoint") from None
+        raise RunError(f"cannot write the checkpoint of step {step} in {out} ({why}): is the disk full, "
+                       f"or a file size limit (ulimit -f) reached? Free space, then --resume continues from "
+                       f"the newest checkpoint") from None
     barrier()
     mine = {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
             for p in sorted(tmp.iterdir()) if p.is_file() and writer(p.name, world) == rank}
@@ -175,8 +175,8 @@ def load(path: Path, model, optim, scheduler, rank):
     try:   # the project's own file holds no code: a pickle that asks to run some is refused, not run
         extra = torch.load(path / f"extra_rank{rank}.pt", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: {path / f'extra_rank{rank}.pt'}: not a checkpoint this train.py wrote "
-                         f"({str(e).splitlines()[0][:200]}); delete {path.name} to resume from an older one") from None
+        raise RunError(f"{path / f'extra_rank{rank}.pt'}: not a checkpoint this train.py wrote "
+                       f"({str(e).splitlines()[0][:200]}); delete {path.name} to resume from an older one") from None
     scheduler.load_state_dict(extra["scheduler"])
     set_rng_state(extra["rng"])
     return extra["step"], extra["sampler"]
@@ -193,8 +193,8 @@ def resume(out: Path, model, optim, scheduler, rank, run_id=None, world=1):
         say(rank, f"checkpoint {path} is damaged ({why}); trying an older one")
     else:
         if found:
-            raise SystemExit(f"error: no intact checkpoint in {out} (all {len(found)} damaged, see above); "
-                             "delete them to start over, or train without --resume")
+            raise RunError(f"no intact checkpoint in {out} (all {len(found)} damaged, see above); "
+                           "delete them to start over, or train without --resume")
         say(rank, f"no checkpoint in {out}: starting at step 0")
         return 0, None
     step, sampler_state = load(path, model, optim, scheduler, rank)
@@ -232,6 +232,11 @@ def export(final: Path, model, mcfg, tokenizer_path, rank, dtype):
 def say(rank, message):
     if rank == 0 and message:
         print(message, file=sys.stderr)
+
+
+class RunError(Exception):
+    """A run that cannot go on, said in one line: train.py prints it as `error: ...` and exits 1.
+    Not a ValueError, so that no `except ValueError` on its way up can take it for bad input."""
 
 
 class Interrupted(BaseException):
@@ -323,15 +328,15 @@ def check_out(out: Path, inputs: dict):
     try:
         weights.refuse_input_overlap(out, inputs, "training")
     except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+        raise RunError(str(e)) from None
     if out.exists() and not out.is_dir():
-        raise SystemExit(f"error: --out {out} is a file; give a folder (new or empty) for the run")
+        raise RunError(f"--out {out} is a file; give a folder (new or empty) for the run")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise SystemExit(f"error: --out {out}: cannot create it ({e.strerror}); choose another folder") from None
+        raise RunError(f"--out {out}: cannot create it ({e.strerror}); choose another folder") from None
     if not os.access(out, os.W_OK | os.X_OK):
-        raise SystemExit(f"error: --out {out} is not writable; choose another folder")
+        raise RunError(f"--out {out} is not writable; choose another folder")
 
 
 def claim(out: Path, identity: dict, resume: bool, force: bool, rank: int) -> str:
@@ -341,7 +346,7 @@ def claim(out: Path, identity: dict, resume: bool, force: bool, rank: int) -> st
         try:
             locks.lock(out, "train.py", "train into another --out")
         except locks.InUse as e:
-            raise SystemExit(f"error: {e}") from None
+            raise RunError(str(e)) from None
         try:
             own(out, identity, resume, force)
         except BaseException:
@@ -351,40 +356,48 @@ def claim(out: Path, identity: dict, resume: bool, force: bool, rank: int) -> st
     return json.loads((out / RUN).read_text())["run_id"]
 
 
+def difference(key: str, recorded: dict, identity: dict) -> str:
+    """One setting a --resume changes, as the user knows it: a flag, or the content of a file."""
+    name = key[:-len("_sha256")] if key.endswith("_sha256") else key
+    flag = ("" if key == "processes" else "--") + name.replace("_", "-")
+    if key not in recorded:     # run.json of a train.py that did not record it yet
+        return f"{'the content of ' if key.endswith('_sha256') else ''}{flag}: not recorded by the train.py that started it"
+    if key.endswith("_sha256"):
+        return f"the content of {flag} (sha256 {recorded[key]}, now {identity.get(key)})"
+    return f"{flag} {recorded[key]}, now {identity.get(key)}"
+
+
 def own(out: Path, identity: dict, resume: bool, force: bool):
     """Check that this run may write out, and record it in OUT/run.json (a fresh run: a new id)."""
     held = [name for name in OUTPUTS if (out / name).exists()] + [p.name for p in checkpoints(out)]
     try:
         record = json.loads((out / RUN).read_text()) if (out / RUN).exists() else None
         if isinstance(record, dict) and "run_id" not in record and ("task" in record or (out / "predictions.jsonl").exists()):
-            raise SystemExit(f"error: --out {out} holds an eval run (tools/eval.py's run.json and answers), not a "
-                             "training run; train into a new --out")
+            raise RunError(f"--out {out} holds an eval run (tools/eval.py's run.json and answers), not a "
+                           "training run; train into a new --out")
         recorded = record and record["identity"]
     except (ValueError, KeyError, TypeError):
-        raise SystemExit(f"error: {out / RUN} is unreadable, so whose run {out} holds is unknown; "
-                         "train into a new --out") from None
+        raise RunError(f"{out / RUN} is unreadable, so whose run {out} holds is unknown; "
+                       "train into a new --out") from None
     if resume and record and (out / "final").exists():
-        raise SystemExit(f"error: --resume: the run in {out} has finished ({out / 'final'} is its export): nothing to "
-                         "continue; train into a new --out, or pass --force instead to start it over")
+        raise RunError(f"--resume: the run in {out} has finished ({out / 'final'} is its export): nothing to "
+                       "continue; train into a new --out, or pass --force instead to start it over")
     if resume and record:
         changed = [k for k in sorted(identity.keys() | recorded.keys()) if identity.get(k) != recorded.get(k)]
         if changed:
-            said = "; ".join(f"the content of {'--' + k[:-len('_sha256')].replace('_', '-')} (sha256 {recorded.get(k)}, "
-                             f"now {identity.get(k)})" if k.endswith("_sha256") else
-                             f"{'' if k == 'processes' else '--'}{k.replace('_', '-')} {recorded.get(k)}, now {identity.get(k)}"
-                             for k in changed[:3])
-            raise SystemExit(f"error: --resume: the run in {out} was started with other settings ({said}): "
-                             "resume with its flags, or train into a new --out")
+            said = "; ".join(difference(k, recorded, identity) for k in changed[:3])
+            raise RunError(f"--resume: the run in {out} was started with other settings ({said}): "
+                           "resume with its flags, or train into a new --out")
         return
     if resume and held:
-        raise SystemExit(f"error: --resume: {out} holds {', '.join(held[:3])} but no {RUN}, so which run they "
-                         "belong to is unknown (an older train.py's, or no run's); train into a new --out")
+        raise RunError(f"--resume: {out} holds {', '.join(held[:3])} but no {RUN}, so which run they "
+                       "belong to is unknown (an older train.py's, or no run's); train into a new --out")
     a_run = bool({RUN, "log.jsonl"} & set(held) or checkpoints(out))
     if held and not a_run:
-        raise SystemExit(f"error: --out {out} holds {', '.join(held)}, not a training run's; choose a new --out")
+        raise RunError(f"--out {out} holds {', '.join(held)}, not a training run's; choose a new --out")
     if held and not force:
-        raise SystemExit(f"error: --out {out} already holds a run: continue it with --resume, train into a new --out, "
-                         "or pass --force to delete that run and start over")
+        raise RunError(f"--out {out} already holds a run: continue it with --resume, train into a new --out, "
+                       "or pass --force to delete that run and start over")
     for name in held + [p.name for p in out.glob("step_*.tmp")]:
         path = out / name
         shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()

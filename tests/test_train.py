@@ -327,6 +327,16 @@ def test_resume_refuses_another_schedule(zoom_data, tmp_path):
         run_single(zoom_data, tmp_path, "--max-steps", "8", "--resume")
 
 
+def test_resume_of_a_run_whose_train_py_recorded_no_data_digest_says_so(zoom_data, tmp_path):
+    run_single(zoom_data, tmp_path, "--max-steps", "4", "--stop-after", "2")
+    record = json.loads((tmp_path / "run.json").read_text())
+    del record["identity"]["data_sha256"]   # run.json as train.py wrote it before it hashed the data
+    (tmp_path / "run.json").write_text(json.dumps(record))
+    with pytest.raises(SystemExit, match=r"started with other settings \(the content of --data: not recorded by the "
+                                         r"train.py that started it\): resume with its flags, or train into a new --out"):
+        run_single(zoom_data, tmp_path, "--max-steps", "4", "--resume")
+
+
 def test_fresh_run_into_an_out_holding_another_run_is_refused_and_leaves_it_whole(zoom_data, tmp_path):
     run_single(zoom_data, tmp_path, "--max-steps", "6", "--save-every", "3")
     before = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
