@@ -26,6 +26,7 @@ import json
 import os
 import random
 import uuid
+import warnings
 import shutil
 import signal
 import sys
@@ -110,7 +111,8 @@ def save(out: Path, step, model, optim, scheduler, sampler_state, rank, run_id="
     barrier()
     msd, osd = get_state_dict(model, optim)
     try:
-        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+        with one_process_is_meant():
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
         extra = {"step": step, "sampler": sampler_state, "scheduler": scheduler.state_dict(), "rng": rng_state()}
         torch.save(extra, tmp / f"extra_rank{rank}.pt")
     except (OSError, RuntimeError, CheckpointException) as e:  # a full disk, a file past `ulimit -f` (torch's
@@ -167,10 +169,20 @@ def checkpoints(out: Path) -> list:
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
+@contextmanager
+def one_process_is_meant():
+    """DCP warns at every save and load of a run without torch.distributed that it assumes one
+    process: a run of one process is one of train.py's two ways, not a mistake to warn about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
 def load(path: Path, model, optim, scheduler, rank):
     msd, osd = get_state_dict(model, optim)
     state = {"model": msd, "optim": osd}
-    dcp.load(state, checkpoint_id=str(path))
+    with one_process_is_meant():
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optim, model_state_dict=state["model"], optim_state_dict=state["optim"])
     try:   # the project's own file holds no code: a pickle that asks to run some is refused, not run
         extra = torch.load(path / f"extra_rank{rank}.pt", weights_only=True)
