@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import pool
+import release_rules
 
 
 def grid_tokens(g, D=2):
@@ -69,18 +70,6 @@ def test_region_topk_keeps_the_most_similar_crops_in_index_order():
     assert idx.tolist() == [1, 2, 4, 5]
 
 
-def release_zoom_selection(medium, high, k=3, run=6):
-    """The released v1 rule, restated: medium crop i scores all high crops with one product,
-    adds a float32 mask (-inf outside [run*i, run*i + run)) and takes top-k over the whole list."""
-    picks = []
-    for i in range(medium.shape[0]):
-        scores = torch.matmul(high, medium[i].unsqueeze(-1)).squeeze(-1)
-        mask = torch.zeros(high.shape[0])
-        mask[[j for j in range(high.shape[0]) if not run * i <= j < run * (i + 1)]] = float("-inf")
-        picks.append(torch.topk(scores + mask, k).indices)
-    return torch.sort(torch.cat(picks)).values
-
-
 def test_region_topk_breaks_exact_bf16_ties_as_the_release():
     g = torch.Generator().manual_seed(0)
     for _ in range(50):
@@ -89,7 +78,7 @@ def test_region_topk_breaks_exact_bf16_ties_as_the_release():
         scores = high.float() @ medium.float().T
         assert any(len(set(scores[6 * i:6 * i + 6, i].tolist())) < 6 for i in range(4))  # ties present
         ours = pool.select_region_topk(medium, high, pool.release_regions(24, 4), k=3)
-        assert ours.tolist() == release_zoom_selection(medium, high).tolist()
+        assert ours.tolist() == release_rules.zoom_selection(medium, high).tolist()
 
 
 def test_global_topk_may_take_all_crops_from_one_region():

@@ -25,6 +25,7 @@ from labs.grader import check
 
 sys.path.insert(0, str(grader.ROOT / "tests"))
 import tiny_checkpoints  # noqa: E402  the golden's tiny v1 checkpoint, written from its seed
+import release_rules  # noqa: E402  the released selection rule, restated
 
 TITLE = "v1's zoom-in selection"
 PAPER = "v1 §3.2, Figure 1"
@@ -41,18 +42,6 @@ def region_only(medium, high, regions, k=3):
         index = torch.tensor(region)
         chosen.append(index[(high[index] @ medium[i][:, None])[:, 0].topk(k).indices])
     return torch.cat(chosen).sort().values
-
-
-def release_rule(medium, high, k=3, run=6):
-    """The released v1 code, restated: medium crop i scores all high crops in one product, adds a
-    float32 mask (-inf outside [run*i, run*i + run)) and takes top-k over the whole list."""
-    picks = []
-    for i in range(medium.shape[0]):
-        scores = torch.matmul(high, medium[i].unsqueeze(-1)).squeeze(-1)
-        mask = torch.zeros(high.shape[0])
-        mask[[j for j in range(high.shape[0]) if not run * i <= j < run * (i + 1)]] = float("-inf")
-        picks.append(torch.topk(scores + mask, k).indices)
-    return torch.sort(torch.cat(picks)).values
 
 
 @check
@@ -96,7 +85,7 @@ def ties_break_as_the_release(run):
         medium = torch.randint(-2, 3, (4, 8), generator=gen).to(torch.bfloat16)
         high = torch.randint(-1, 2, (24, 8), generator=gen).to(torch.bfloat16)  # few distinct scores: ties
         ours = pool.select_region_topk(medium, high, pool.release_regions(24, 4), k=3).tolist()
-        want = release_rule(medium, high).tolist()
+        want = release_rules.zoom_selection(medium, high).tolist()
         assert ours == want, f"bf16 scores with ties: kept {ours}, the release's top-k over the masked list keeps {want}"
         scores = high.float() @ medium.float().T
         tied += any(len(set(scores[6 * i:6 * i + 6, i].tolist())) < 6 for i in range(4))
