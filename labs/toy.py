@@ -8,6 +8,7 @@ train.py's `main`), so a function the grader swapped in is the one that runs.
 """
 import functools
 import json
+import math
 import runpy
 import statistics
 import subprocess
@@ -93,7 +94,8 @@ for argv in {argvs!r}:
 def train_rows(run, rows: dict, steps: int, n_train: int, n_test: int) -> dict:
     """Train each row (name -> train.py flags of recipe.RUNS) for `steps` steps of 16 on the
     study's pages with the run's implementation, then score each on n_test held-out pages.
-    name -> positions, losses, step seconds (median), accuracy, answers."""
+    name -> positions, losses (each finite, or an AssertionError), step seconds (median),
+    accuracy, answers."""
     data = run.out.parent / f"pages-{n_train}-{n_test}"
     records = pages(data, n_test, n_train)
     argvs = [[*TRAIN, *flags, "--max-steps", str(steps), "--force", "--data",
@@ -109,9 +111,11 @@ def train_rows(run, rows: dict, steps: int, n_train: int, n_test: int) -> dict:
     for (name, _), argv in zip(rows.items(), argvs):
         folder = Path(argv[-1])
         log = [json.loads(line) for line in (folder / "log.jsonl").read_text().splitlines()]
+        losses = [round(r["loss"], 4) for r in log]
+        assert all(math.isfinite(x) for x in losses), f"{name}: a loss is not finite: {losses}"
         model, tok = pretrained.load(folder / "final"), Tokenizer.from_file(folder / "final")
         accuracy, answers = score(model, tok, records, data)
-        out[name] = dict(positions=M.image_positions(model.cfg), losses=[round(r["loss"], 4) for r in log],
+        out[name] = dict(positions=M.image_positions(model.cfg), losses=losses,
                          step_s=round(statistics.median(16 / r["samples_per_s"] for r in log), 3),
                          accuracy=accuracy, answers=answers)
     return out

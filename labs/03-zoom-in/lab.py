@@ -107,7 +107,6 @@ def train_l_lm_lh(run):
     budget = STUDY if run.full else SMOKE
     rows = toy.train_rows(run, {name: RUNS[name][1] for name in ROWS}, **budget)
     for name, r in rows.items():
-        assert all(np.isfinite(r["losses"])), f"{name}: a loss is not finite: {r['losses']}"
         top, count = collections.Counter(r["answers"]).most_common(1)[0]
         run.record(name, {k: r[k] for k in ("positions", "accuracy", "step_s")} | {
             "last_loss": r["losses"][-1], "top_answer": top, "top_share": round(100 * count / len(r["answers"]), 1)}, stable=False)
