@@ -238,6 +238,23 @@ def forward_backward(model, parts, n_tokens, world, device, autocast):
     return loss_sum, positions
 
 
+def gradients(cfg, model, step, parts, extras, n_tokens, world, device, autocast):
+    """One global step's clipped gradients, by our recipe or the release's (--recipe release):
+    (the loss summed over every process's tokens, the positions this process ran, the gradient
+    norm before clipping)."""
+    if cfg.recipe == "release":    # the release's passes and logged loss; step_record divides by n_tokens
+        passes = release_recipe.step_passes(step, parts, extras)
+        logged, positions = release_recipe.forward_backward(model, passes, len(parts), device, autocast)
+        loss_sum = logged * n_tokens / world
+    else:
+        loss_sum, positions = forward_backward(model, parts, n_tokens, world, device, autocast)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    if world > 1:
+        dist.all_reduce(loss_sum)
+    return loss_sum, positions, grad_norm
+
+
 def step_record(cfg, step, loss_sum, n_tokens, n_samples, positions, grad_norm, lr, dt, parts, world, device, dtype,
                 mcfg, health) -> dict:
     """One line of OUT/log.jsonl: loss, lr, speed, skipped data; on CUDA also MFU and peak memory."""
@@ -263,8 +280,8 @@ def stop_everywhere(interrupted, world, device) -> bool:
 
 
 def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, rank, world, device):
-    # Over 100 lines on purpose: the loop reads top to bottom as one training step (data, forward
-    # and backward, the finite check, the optimiser, the log, the checkpoint), as nanoGPT's does.
+    # About 90 lines on purpose: the loop reads top to bottom as one training step (data, the
+    # gradients, the finite check, the optimiser, the log, the checkpoint), as nanoGPT's does.
     data, out = records.path, Path(cfg.out)
     start(cfg, rank)
     model, optim, dtype = prepare_model(cfg, device, world)
@@ -318,16 +335,7 @@ def train(cfg: TrainConfig, records: RecordFile, tok_path: Path, run_id: str, ra
             health.add(n_samples, skipped, truncated)
             if health.problem():
                 raise SystemExit(f"error: --data {data}: {health.problem()}")
-            if cfg.recipe == "release":    # the release's passes and logged loss; step_record divides by n_tokens
-                passes = release_recipe.step_passes(step, parts, extras)
-                logged, positions = release_recipe.forward_backward(model, passes, len(parts), device, autocast)
-                loss_sum = logged * n_tokens / world
-            else:
-                loss_sum, positions = forward_backward(model, parts, n_tokens, world, device, autocast)
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if world > 1:
-                dist.all_reduce(loss_sum)
+            loss_sum, positions, grad_norm = gradients(cfg, model, step, parts, extras, n_tokens, world, device, autocast)
             if not (torch.isfinite(loss_sum) and torch.isfinite(grad_norm)):   # not applied: the weights stay finite
                 raise SystemExit(diverged(step + 1, f"the loss is {loss_sum.item() / max(1, n_tokens):.4g} and the gradient "
                                                     f"norm {grad_norm.item():.4g}", out, saved))
